@@ -1,0 +1,90 @@
+"""Presets, overrides, type checks and the config round trip."""
+
+import dataclasses
+
+import pytest
+
+from ncis_core.config import (ConfigError, ExperimentConfig, available_presets, config_from_yaml,
+                              config_to_yaml, load_config, preset_summary)
+
+
+def test_presets_are_the_four_named_ones():
+    assert available_presets() == ["cifar100", "demo", "imagenet100", "smoke"]
+    for name in available_presets():
+        assert preset_summary(name), f"preset {name} has no one-line description"
+
+
+@pytest.mark.parametrize("name", ["smoke", "demo", "cifar100", "imagenet100"])
+def test_every_preset_resolves_and_round_trips(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.run.preset == name
+    assert config_from_yaml(config_to_yaml(cfg)) == cfg
+
+
+def test_config_is_frozen():
+    cfg = load_config("smoke")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.cvpn.epochs = 5
+
+
+def test_paper_values_of_the_cifar100_preset():
+    cfg = load_config("cifar100")
+    # METHOD.md §1–6, spot checks of every stage.
+    assert (cfg.embed.steps, cfg.embed.lr, cfg.embed.noise_batch, cfg.embed.resolution) == (3, 1e-2, 32, 512)
+    assert (cfg.embed.timestep_first, cfg.embed.timestep_stride) == (1, 20)
+    assert (cfg.cvpn.num_layers, cfg.cvpn.lr, cfg.cvpn.batch_size, cfg.cvpn.epochs) == (4, 1e-4, 64, 200)
+    assert (cfg.cvpn.final_lr_factor, cfg.cvpn.variance_pct, cfg.cvpn.selection_points) == (0.1, 5.0, 1000)
+    assert (cfg.sample.reg_weight, cfg.sample.rounds, cfg.sample.draws_per_round,
+            cfg.sample.keep_per_round) == (1e-5, 10, 3330, 10)
+    assert (cfg.generate.guidance_scale, cfg.generate.steps, cfg.generate.height, cfg.generate.output_size,
+            cfg.generate.seed, cfg.generate.num_batches, cfg.generate.batch_size) == (7.5, 50, 512, 256, 42, 400, 8)
+    assert cfg.generate.embedding_per == "batch" and cfg.diffusion.class_token == "first_piece"
+    assert (cfg.classifier.arch, cfg.classifier.epochs, cfg.classifier.batch_size, cfg.classifier.lr,
+            cfg.classifier.weight_decay, cfg.classifier.num_outliers) == ("resnet34", 250, 256, 0.1, 5e-4, 6400)
+    assert cfg.classifier.energy_head == "linear" and cfg.classifier.head_hidden == 0
+    assert cfg.data.ood_subset_size == 2000 and cfg.evaluate.positive == "id"
+    inet = load_config("imagenet100")
+    assert (inet.classifier.epochs, inet.classifier.batch_size, inet.classifier.head_hidden) == (20, 80, 512)
+    assert (inet.data.resize, inet.data.image_size, inet.data.ood_subset_size) == (256, 224, 1000)
+
+
+def test_overrides_are_type_checked_and_applied():
+    cfg = load_config("smoke", ["cvpn.epochs=7", "run.seed=3", "data.ood_sets=[digits]",
+                                "classifier.outliers_with_replacement=true"])
+    assert cfg.cvpn.epochs == 7 and cfg.run.seed == 3 and cfg.data.ood_sets == ["digits"]
+    assert cfg.classifier.outliers_with_replacement is True
+    with pytest.raises(ConfigError, match="cvpn.epochs"):
+        load_config("smoke", ["cvpn.epochs=seven"])
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config("cifar10")
+    assert "unknown preset 'cifar10'" in str(err.value)
+    for name in available_presets():
+        assert name in str(err.value)
+
+
+def test_unknown_key_lists_the_valid_keys_of_its_section():
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", ["cvpn.layers=3"])
+    assert "unknown config key 'cvpn.layers'" in str(err.value)
+    assert "cvpn.num_layers" in str(err.value) and "cvpn.epochs" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", ["cvnp.epochs=3"])
+    assert "cvpn" in str(err.value) and "classifier" in str(err.value)
+
+
+def test_choices_and_malformed_overrides():
+    with pytest.raises(ConfigError, match="auto, cpu, cuda, mps"):
+        load_config("smoke", ["run.device=tpu"])
+    with pytest.raises(ConfigError, match="linear, monotone"):
+        load_config("smoke", ["classifier.energy_head=relu"])
+    with pytest.raises(ConfigError, match="stage.key=value"):
+        load_config("smoke", ["cvpn.epochs"])
+
+
+def test_out_argument_and_override_of_run_out():
+    assert load_config("smoke", out="/tmp/a").run.out == "/tmp/a"
+    assert load_config("smoke", ["run.out=/tmp/b"], out="/tmp/a").run.out == "/tmp/b"

@@ -1,0 +1,146 @@
+"""The run folder: atomic writes, the manifest, skip-when-done, and the stale-input refusal."""
+
+import json
+import os
+
+import pytest
+
+from ncis_core.config import load_config
+from ncis_core.runs import (ARTEFACTS, STAGES, MissingArtefactError, RunDir, StaleArtefactError,
+                            atomic_path, atomic_write_json, atomic_write_text, content_hash)
+
+
+@pytest.fixture
+def run(tmp_path):
+    return RunDir.create(load_config("smoke", out=str(tmp_path / "run")))
+
+
+def _fake_stage(run, name, payload="x"):
+    """Write every output of ``name`` with ``payload`` inside the stage context."""
+    with run.stage(name) as rec:
+        if not rec.done:
+            for artefact in STAGES[name].outputs:
+                path = run.path(artefact)
+                if artefact.endswith("_dir"):
+                    atomic_write_text(path / "0" / "a.txt", payload)
+                else:
+                    atomic_write_text(path, payload)
+    return rec
+
+
+def test_create_writes_config_and_manifest(run):
+    assert run.path("config").read_text().startswith("run:")
+    manifest = run.manifest()
+    assert manifest["preset"] == "smoke" and manifest["seed"] == 0
+    assert manifest["packages"]["torch"].startswith("2.13.0")
+    assert "git" in manifest and "created" in manifest
+    assert RunDir.open(run.root).cfg == run.cfg
+
+
+def test_open_refuses_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(MissingArtefactError, match="not a run folder"):
+        RunDir.open(tmp_path)
+
+
+def test_every_stage_artefact_has_a_path(run):
+    for stage in STAGES.values():
+        for artefact in (*stage.inputs, *stage.outputs):
+            assert run.path(artefact).relative_to(run.root).as_posix() == ARTEFACTS[artefact]
+    with pytest.raises(KeyError, match="known"):
+        run.path("nope")
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "a.json"
+    atomic_write_json(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_content_hash_of_files_and_folders(tmp_path):
+    (tmp_path / "d" / "s").mkdir(parents=True)
+    (tmp_path / "d" / "s" / "f.png").write_bytes(b"abc")
+    h = content_hash(tmp_path / "d")
+    (tmp_path / "d" / ".x.png.1.tmp").write_bytes(b"in flight")
+    assert content_hash(tmp_path / "d") == h
+    (tmp_path / "d" / "s" / "f.png").write_bytes(b"abd")
+    assert content_hash(tmp_path / "d") != h
+    with pytest.raises(FileNotFoundError):
+        content_hash(tmp_path / "missing")
+
+
+def test_stage_records_times_and_hashes_and_skips_when_done(run):
+    rec = _fake_stage(run, "embed")
+    assert not rec.done
+    entry = run.manifest()["stages"]["embed"]
+    assert entry["status"] == "complete" and entry["started"] <= entry["ended"]
+    assert entry["outputs"]["embeddings"] == content_hash(run.path("embeddings"))
+    assert {"config:run.seed", "config:embed", "config:diffusion", "config:data"} <= set(entry["inputs"])
+    assert _fake_stage(run, "embed").done
+    assert run.manifest()["stages"]["embed"]["runs"] == 1
+
+
+def test_missing_input_names_the_stage_to_run(run):
+    with pytest.raises(MissingArtefactError, match=r"embeddings.safetensors .* run stage 1 \(embed\)"):
+        with run.stage("cvpn"):
+            pass
+
+
+def test_failed_stage_is_recorded_and_not_complete(run):
+    with pytest.raises(ValueError):
+        with run.stage("embed"):
+            raise ValueError("boom")
+    assert run.manifest()["stages"]["embed"]["status"] == "failed"
+    with pytest.raises(MissingArtefactError):
+        run.require("embeddings")
+
+
+def test_stage_that_forgets_an_output_is_an_error(run):
+    with pytest.raises(RuntimeError, match="without writing embeddings.safetensors"):
+        with run.stage("embed"):
+            pass
+
+
+def test_refuses_an_artefact_built_from_different_inputs(run):
+    _fake_stage(run, "embed", "v1")
+    _fake_stage(run, "cvpn", "model-from-v1")
+    _fake_stage(run, "sample", "outliers-from-v1")
+    run.require("outlier_embeddings")
+    # Stage 2 is rerun with a new config: the cVPN changes, the outlier embeddings are now stale.
+    run2 = RunDir.create(load_config("smoke", ["cvpn.epochs=9"], out=str(run.root)))
+    _fake_stage(run2, "cvpn", "model-from-v1-9-epochs")
+    with pytest.raises(StaleArtefactError, match=r"rerun stage 3 \(sample\)") as err:
+        run2.require("outlier_embeddings")
+    assert "cvpn/best.safetensors" in str(err.value)
+    with pytest.raises(StaleArtefactError, match="stage 3"):
+        with run2.stage("generate"):
+            pass
+
+
+def test_refuses_an_artefact_edited_after_its_stage(run):
+    _fake_stage(run, "embed", "v1")
+    run.path("embeddings").write_text("edited by hand")
+    with pytest.raises(StaleArtefactError, match=r"changed after stage 1 \(embed\) wrote it"):
+        run.require("embeddings")
+
+
+def test_config_change_makes_a_stage_rerun_and_not_resumable(run):
+    _fake_stage(run, "embed", "v1")
+    run2 = RunDir.create(load_config("smoke", ["embed.lr=0.5"], out=str(run.root)))
+    with run2.stage("embed") as rec:
+        assert not rec.done and not rec.resumable
+        atomic_write_text(run2.path("embeddings"), "v2")
+    assert run2.manifest()["stages"]["embed"]["runs"] == 2
+
+
+def test_interrupted_stage_is_resumable_with_same_inputs(run):
+    with pytest.raises(KeyboardInterrupt):
+        with run.stage("embed"):
+            raise KeyboardInterrupt
+    with run.stage("embed") as rec:
+        assert not rec.done and rec.resumable
+        atomic_write_text(run.path("embeddings"), "v1")
