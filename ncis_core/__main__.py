@@ -1,0 +1,108 @@
+"""The command line: ``python -m ncis_core {run,presets,datasets,strip-notebooks}``.
+
+Errors a researcher can fix (an unknown preset or key, a missing dataset, a stale artefact, a
+failing notebook) print one clear message and exit with status 2; no traceback.
+
+Example:
+    python -m ncis_core presets
+    python -m ncis_core datasets --preset demo
+    python -m ncis_core run --preset smoke --out outputs/smoke --set cvpn.epochs=1 --stages 0-2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (kept separate so tests can inspect it)."""
+    parser = argparse.ArgumentParser(prog="python -m ncis_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the notebook series with papermill")
+    run.add_argument("--preset", required=True, help="a preset name (see `presets`)")
+    run.add_argument("--out", required=True, help="the run folder")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                     help="override a config value (repeatable)")
+    run.add_argument("--stages", default=None, help="stages to run, e.g. 1-6 or 0,2-3 (default: all)")
+    run.add_argument("--quiet", action="store_true", help="no per-cell progress bar")
+
+    sub.add_parser("presets", help="list the presets, one line each")
+
+    strip = sub.add_parser("strip-notebooks", help="remove outputs from notebooks before committing")
+    strip.add_argument("folder", nargs="?", default="notebooks")
+
+    data = sub.add_parser("datasets", help="one JSON line per split of a preset")
+    data.add_argument("--preset", required=True)
+    data.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    return parser
+
+
+def _cmd_presets(args) -> int:
+    from .config import available_presets, preset_summary
+
+    names = available_presets()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:<{width}}  {preset_summary(name)}")
+    return 0
+
+
+def _cmd_datasets(args) -> int:
+    from .config import load_config
+    from .data import build_splits
+
+    cfg = load_config(args.preset, args.overrides)
+    for split in build_splits(cfg.data):
+        print(json.dumps(split.describe()), flush=True)
+    return 0
+
+
+def _cmd_strip(args) -> int:
+    from pathlib import Path
+
+    from .notebook import strip_outputs
+
+    for path in sorted(Path(args.folder).rglob("*.ipynb")):
+        if ".ipynb_checkpoints" not in path.parts and strip_outputs(path):
+            print(f"stripped {path}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .runner import run_series
+
+    executed = run_series(args.preset, args.out, args.overrides, stages=args.stages,
+                          progress=not args.quiet)
+    for path in executed:
+        print(f"executed {path}")
+    print(f"run folder: {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+    from .data.base import DataError
+    from .runner import NotebookFailed
+    from .runs import MissingArtefactError, StaleArtefactError
+
+    commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets,
+                "strip-notebooks": _cmd_strip}
+    try:
+        return commands[args.command](args)
+    except (ConfigError, DataError, NotebookFailed, MissingArtefactError, StaleArtefactError,
+            ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

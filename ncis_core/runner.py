@@ -1,0 +1,128 @@
+"""Run the numbered notebook series headlessly with papermill.
+
+The series is whatever ``notebooks/NN_*.ipynb`` holds, in numeric order; notebook ``NN`` is stage
+``NN``. A stage added later appears in batch runs by adding its notebook: nothing here changes.
+Each executed copy lands in ``<run>/notebooks/``; the first failing notebook stops the series with
+a :class:`NotebookFailed` that names the notebook, the cell and the error.
+
+Example:
+    >>> run_series("smoke", "outputs/smoke", stages="0-1")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import re
+from pathlib import Path
+
+from .config import load_config
+from .runs import RunDir
+
+__all__ = ["NOTEBOOK_DIR", "NotebookFailed", "notebook_series", "parse_stages", "run_series"]
+
+log = logging.getLogger(__name__)
+
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+_NUMBERED = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook of the series raised; the message says which notebook and cell, and why."""
+
+
+def notebook_series(folder: str | os.PathLike = NOTEBOOK_DIR) -> list[tuple[int, Path]]:
+    """``[(stage number, path), …]`` of the numbered notebooks in ``folder``, in order."""
+    found = []
+    for path in Path(folder).glob("*.ipynb"):
+        match = _NUMBERED.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def parse_stages(spec: str | None) -> set[int] | None:
+    """``"1-6"``, ``"0,2-3"`` or ``"4"`` → a set of stage numbers; None or ``"all"`` → None (all)."""
+    if spec is None or spec.strip() in ("", "all"):
+        return None
+    numbers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"bad --stages {spec!r}: use e.g. 1-6, 0,2-3 or 4")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"bad --stages {spec!r}: {part} is an empty range")
+        numbers.update(range(lo, hi + 1))
+    return numbers
+
+
+def _describe_failure(exc: Exception, notebook: str, executed: Path) -> str:
+    index = getattr(exc, "cell_index", None)
+    ename, evalue = getattr(exc, "ename", type(exc).__name__), getattr(exc, "evalue", str(exc))
+    source = (getattr(exc, "source", "") or "").strip().splitlines()
+    # Cells are counted from 1 in the executed copy (papermill inserts an injected-parameters cell).
+    where = f"cell {index + 1} of the executed copy" if index is not None else "a cell"
+    if source:
+        where += f" (starting `{source[0][:80]}`)"
+    return f"{notebook} failed in {where}: {ename}: {evalue}\nexecuted copy: {executed}"
+
+
+def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
+               stages: str | None = None, notebooks: str | os.PathLike = NOTEBOOK_DIR,
+               kernel_name: str | None = None, progress: bool = True) -> list[Path]:
+    """Execute the notebook series on ``preset`` into the run folder ``out``.
+
+    The config is resolved (and validated) before any notebook starts, so a bad preset or key fails
+    in a second, not in the middle of a run.
+
+    Args:
+        preset: preset name.
+        out: the run folder.
+        overrides: ``stage.key=value`` strings, passed to every notebook.
+        stages: which stages to run (``"1-6"``, ``"0,2"``); None runs every notebook present.
+        notebooks: the folder of numbered notebooks.
+        kernel_name: Jupyter kernel; None uses the notebook's own (``python3``).
+        progress: papermill's per-cell progress bar.
+
+    Returns:
+        The executed notebooks' paths.
+
+    Raises:
+        NotebookFailed: a notebook raised; the series stops there.
+    """
+    import papermill  # heavy import: only when a series actually runs
+    from papermill.exceptions import PapermillExecutionError
+
+    cfg = load_config(preset, list(overrides), out=str(out))
+    run = RunDir.create(cfg)
+    wanted = parse_stages(stages)
+    series = [(n, p) for n, p in notebook_series(notebooks) if wanted is None or n in wanted]
+    if not series:
+        raise NotebookFailed(f"no notebooks for stages {stages!r} in {notebooks}")
+    out_dir = run.path("notebooks")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parameters = {"preset": preset, "run_dir": str(Path(out).resolve()), "overrides": list(overrides)}
+    executed = []
+    for number, path in series:
+        target = out_dir / path.name
+        log.info("stage %d: executing %s", number, path.name)
+        started = _dt.datetime.now(_dt.timezone.utc)
+        try:
+            papermill.execute_notebook(
+                str(path), str(target), parameters=parameters, kernel_name=kernel_name,
+                progress_bar=progress, cwd=str(path.parent.parent))
+        except PapermillExecutionError as exc:
+            _record(run, path.name, started, "failed")
+            raise NotebookFailed(_describe_failure(exc, path.name, target)) from None
+        _record(run, path.name, started, "complete")
+        executed.append(target)
+    return executed
+
+
+def _record(run: RunDir, notebook: str, started: _dt.datetime, status: str) -> None:
+    run.note("notebooks", notebook, {
+        "status": status, "started": started.isoformat(timespec="seconds"),
+        "ended": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})

@@ -1,0 +1,113 @@
+"""The papermill runner and the command line, including the notebook series on `smoke`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ncis_core.__main__ import main
+from ncis_core.notebook import write_notebook
+from ncis_core.runner import NotebookFailed, notebook_series, parse_stages, run_series
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_parse_stages():
+    assert parse_stages(None) is None and parse_stages("all") is None
+    assert parse_stages("1-6") == {1, 2, 3, 4, 5, 6}
+    assert parse_stages("0,2-3") == {0, 2, 3}
+    for bad in ["a", "3-1", "1-"]:
+        with pytest.raises(ValueError, match="--stages"):
+            parse_stages(bad)
+
+
+def test_notebook_series_is_numbered_and_ordered(tmp_path):
+    for name in ["10_late.ipynb", "02_b.ipynb", "00_a.ipynb", "notes.ipynb", "3_bad.ipynb"]:
+        (tmp_path / name).write_text("{}")
+    assert [(n, p.name) for n, p in notebook_series(tmp_path)] == [
+        (0, "00_a.ipynb"), (2, "02_b.ipynb"), (10, "10_late.ipynb")]
+    assert notebook_series(ROOT / "notebooks")[0][1].name == "00_data.ipynb"
+
+
+def _params_cell():
+    return ("code", 'preset = "smoke"\nrun_dir = "x"\noverrides = []', ["parameters"])
+
+
+def test_first_failing_notebook_stops_the_series_and_names_the_cell(tmp_path):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    write_notebook(folder / "00_ok.ipynb", [_params_cell(), ("code", "x = 1")])
+    write_notebook(folder / "01_fails.ipynb", [_params_cell(), ("code", "y = 2"),
+                                               ("code", "raise ValueError('the reason')")])
+    write_notebook(folder / "02_never.ipynb", [_params_cell(), ("code", "open('ran', 'w')")])
+    out = tmp_path / "run"
+    with pytest.raises(NotebookFailed) as err:
+        run_series("smoke", out, notebooks=folder, progress=False)
+    message = str(err.value)
+    assert "01_fails.ipynb failed in cell 4 of the executed copy" in message
+    assert "(starting `raise ValueError('the reason')`)" in message
+    assert "ValueError: the reason" in message
+    assert (out / "notebooks" / "00_ok.ipynb").exists() and (out / "notebooks" / "01_fails.ipynb").exists()
+    assert not (out / "notebooks" / "02_never.ipynb").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["notebooks"]["00_ok.ipynb"]["status"] == "complete"
+    assert manifest["notebooks"]["01_fails.ipynb"]["status"] == "failed"
+
+
+def test_parameters_reach_the_notebook(tmp_path):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    write_notebook(folder / "00_echo.ipynb", [
+        _params_cell(),
+        ("code", "import json, pathlib\npathlib.Path(run_dir, 'seen.json').write_text("
+                 "json.dumps([preset, overrides]))")])
+    run_series("smoke", tmp_path / "run", ["cvpn.epochs=3"], notebooks=folder, progress=False)
+    assert json.loads((tmp_path / "run" / "seen.json").read_text()) == ["smoke", ["cvpn.epochs=3"]]
+
+
+def test_cli_presets_lists_the_four(capsys):
+    assert main(["presets"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["cifar100", "demo", "imagenet100", "smoke"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--preset", "nope", "--out", "{tmp}"], "unknown preset 'nope'"),
+    (["run", "--preset", "smoke", "--out", "{tmp}", "--set", "cvpn.bogus=1"], "cvpn.num_layers"),
+    (["datasets", "--preset", "cifar100", "--set", "data.root={tmp}/no-cifar"], "cifar-100-python"),
+])
+def test_cli_errors_are_one_clear_message(tmp_path, argv, needle):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "ncis_core", *argv], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("error:") == 1
+
+
+def test_cli_datasets_reports_every_split(capsys):
+    assert main(["datasets", "--preset", "smoke"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["role"] for r in rows[:2]] == ["id-train", "id-test"]
+    assert {r["name"] for r in rows} >= {"demo_near", "digits", "texture_crops", "faces"}
+    assert all(r["image_shape"] == [32, 32, 3] for r in rows)
+
+
+@pytest.mark.slow
+def test_notebook_series_runs_end_to_end_on_smoke(tmp_path):
+    """The path `make demo` takes, on the smoke preset: every notebook present, through papermill."""
+    out = tmp_path / "smoke"
+    executed = run_series("smoke", out, progress=False)
+    present = [p.name for _, p in notebook_series(ROOT / "notebooks")]
+    assert [p.name for p in executed] == present
+    assert (out / "config.yaml").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(manifest["notebooks"][name]["status"] == "complete" for name in present)
+    assert manifest["stages"]["data"]["status"] == "complete"
+    summary = json.loads((out / "data" / "summary.json").read_text())
+    assert summary[0]["name"] == "id-train" and summary[0]["count"] == 6 * 8
+    for figure in ["00_counts.png", "00_id_examples.png", "00_ood_examples.png"]:
+        assert (out / "figures" / figure).stat().st_size > 1000
