@@ -1,0 +1,145 @@
+"""Shared types of the data layer: image datasets, named splits, and the data errors.
+
+Every dataset of the kit, whatever its on-disk format, is an :class:`ImageDataset`: a sized,
+indexable collection whose items are ``(image, label)`` with ``image`` an ``H × W × 3`` ``uint8``
+numpy array (RGB) after the dataset's own loading transform, and ``label`` an ``int`` (the class
+index for ID sets and labelled OOD sets, ``-1`` for unlabelled OOD sets). Stages add their own
+tensor transforms (normalisation, augmentation) on top.
+
+A :class:`Split` names a dataset and gives it a role in the experiment (``id-train``, ``id-test``,
+``ood-near``, ``ood-far``) and its class names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "ImageDataset",
+    "ArrayDataset",
+    "Subset",
+    "Split",
+    "ROLES",
+    "seeded_subset_indices",
+]
+
+ROLES = ("id-train", "id-test", "ood-near", "ood-far")
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class DataError(RuntimeError):
+    """A dataset is missing, laid out wrongly, or unreadable.
+
+    The message says what was expected, where it comes from, and which config key points to it;
+    the command line prints it without a traceback.
+    """
+
+
+class ImageDataset:
+    """Base class: ``len(ds)``, ``ds[i] -> (uint8 H×W×3 array, int label)``, ``ds.labels``.
+
+    Subclasses implement :meth:`_load` (the raw RGB ``uint8`` image of item ``i``) and set
+    ``self.labels`` (an ``int64`` array, one per item). The optional ``transform`` maps a
+    ``uint8`` RGB array to a ``uint8`` RGB array (e.g. resize + centre crop) and is applied on access.
+    """
+
+    labels: np.ndarray
+    transform: Transform | None = None
+
+    def __len__(self) -> int:
+        return int(len(self.labels))
+
+    def _load(self, index: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        image = self._load(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class ArrayDataset(ImageDataset):
+    """An in-memory dataset over a ``N × H × W × 3`` ``uint8`` array.
+
+    Example:
+        >>> ds = ArrayDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
+        >>> ds[1][0].shape, ds[1][1]
+        ((32, 32, 3), 1)
+    """
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Transform | None = None):
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images must be N×H×W×3 uint8, got {images.shape} {images.dtype}")
+        labels = np.asarray(labels, dtype=np.int64)
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def _load(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+
+class Subset(ImageDataset):
+    """The items ``indices`` of ``base``, in that order."""
+
+    def __init__(self, base: ImageDataset, indices: Sequence[int]):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = np.asarray(base.labels)[self.indices]
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
+        return self.base[int(self.indices[index])]
+
+
+def seeded_subset_indices(n: int, size: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded random subset of ``size`` out of ``n`` (all when ``size`` is None
+    or ≥ n). Seeded, so evaluation subsets do not move between runs (METHOD.md defect 3)."""
+    if size is None or size >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, size=size, replace=False))
+
+
+@dataclass
+class Split:
+    """One named split of an experiment.
+
+    Args:
+        name: short identifier (``"id-train"``, ``"svhn"``, ``"demo-near"`` …).
+        role: one of :data:`ROLES`.
+        dataset: the images.
+        classes: class names, indexed by label (empty for unlabelled OOD sets).
+    """
+
+    name: str
+    role: str
+    dataset: ImageDataset
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} is not one of {ROLES}")
+
+    def describe(self) -> dict:
+        """The JSON-able summary printed by ``python -m ncis_core datasets``."""
+        n = len(self.dataset)
+        shape = list(self.dataset[0][0].shape) if n else []
+        return {"name": self.name, "role": self.role, "count": n,
+                "classes": list(self.classes), "image_shape": shape}

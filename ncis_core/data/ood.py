@@ -1,0 +1,185 @@
+"""The far-OOD test sets of the paper presets (METHOD.md §6) and how to find them on disk.
+
+:data:`OOD_SETS` maps a set's name (as in ``data.ood_sets``) to its loader, the layout expected
+under its root (``data.ood_roots.<name>``) and where the usual copy comes from; ``data/README.md``
+repeats these texts. SVHN is read from its ``.mat`` file; every other set is a folder of images,
+scanned recursively (``jpg``/``jpeg``/``png``/``bmp``/``webp``, any case) and sorted. OOD images are
+unlabelled here: every label is ``-1``.
+
+:func:`ood_split` turns a set into an ``ood-far`` :class:`~ncis_core.data.base.Split`: a seeded
+random subset of ``subset_size`` images under the evaluation transform Resize + CenterCrop.
+
+Example:
+    >>> split = ood_split("textures", "data/ood/dtd/images", resize=32, image_size=32,
+    ...                   subset_size=2000, subset_seed=0)  # doctest: +SKIP
+    >>> split.role, len(split.dataset), split.dataset[0][0].shape  # doctest: +SKIP
+    ('ood-far', 2000, (32, 32, 3))
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from .base import ArrayDataset, DataError, ImageDataset, Split, Subset, seeded_subset_indices
+from .folders import ImageFolderFiles, list_images
+from .transforms import eval_transform
+
+__all__ = ["OODSpec", "OOD_SETS", "SVHN", "image_folder", "ood_split"]
+
+log = logging.getLogger(__name__)
+
+
+class SVHN(ArrayDataset):
+    """The SVHN test set (26 032 digits, 32 × 32) from ``test_32x32.mat``; every label is ``-1``.
+
+    Args:
+        root: the folder holding ``test_32x32.mat``, or the file itself.
+
+    The digit classes (the file's 10 means 0) are kept as ``.digit_labels``; OOD use ignores them.
+    A missing file raises ``FileNotFoundError`` (:func:`ood_split` turns it into a DataError).
+    """
+
+    def __init__(self, root: str | Path):
+        from scipy.io import loadmat  # scipy is needed for this set only
+
+        root = Path(root)
+        path = root if root.is_file() else root / "test_32x32.mat"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist")
+        try:
+            mat = loadmat(path)
+            x, y = mat["X"], mat["y"]
+        except Exception as exc:
+            raise DataError(f"cannot read SVHN from {path}: {exc}") from exc
+        if x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+            raise DataError(f"{path}: expected X of shape 32×32×3×N, got {x.shape}")
+        images = np.ascontiguousarray(np.moveaxis(x, 3, 0).astype(np.uint8))  # N × 32 × 32 × 3
+        super().__init__(images, np.full(len(images), -1))
+        self.digit_labels = np.asarray(y, dtype=np.int64).reshape(-1) % 10
+
+
+def image_folder(root: str | Path) -> ImageFolderFiles:
+    """Every image file under ``root`` (recursive, sorted), labels ``-1``; an empty folder is
+    an error (FileNotFoundError, turned into a DataError by :func:`ood_split`)."""
+    paths = list_images(root)
+    if not paths:
+        raise FileNotFoundError(f"no image files under {root}")
+    return ImageFolderFiles(paths, [-1] * len(paths))
+
+
+class OODSpec(NamedTuple):
+    """How to read one OOD set: ``loader(root) -> ImageDataset``, the layout under its root, and
+    where the usual copy comes from."""
+
+    loader: Callable[[Path], ImageDataset]
+    layout: str
+    source: str
+
+
+_ODIN = "the ODIN README at github.com/facebookresearch/odin"
+_MOS = "the MOS README at github.com/deeplearning-wisc/large_scale_ood"
+
+OOD_SETS: dict[str, OODSpec] = {
+    "svhn": OODSpec(
+        SVHN,
+        "<root>/test_32x32.mat (or point the key at the .mat file itself)",
+        "http://ufldl.stanford.edu/housenumbers/test_32x32.mat (official SVHN, cropped digits, "
+        "test split)"),
+    "places365": OODSpec(
+        image_folder,
+        "<root>/**/*.jpg: Places365 images at any depth, e.g. <root>/<category>/*.jpg",
+        "official Places365 images from http://places2.csail.mit.edu/download.html (e.g. "
+        "test_256.tar or val_256.tar from http://data.csail.mit.edu/places/places365/); OpenOOD "
+        "v1.5 also distributes a copy"),
+    "lsun_crop": OODSpec(
+        image_folder,
+        "<root>/**/*.jpg: the extracted LSUN.tar.gz (images in <root>/test/)",
+        f"https://www.dropbox.com/s/fhtsw1m3qxlwj6h/LSUN.tar.gz (LSUN-Crop, 10 000 images; "
+        f"linked from {_ODIN})"),
+    "lsun_resize": OODSpec(
+        image_folder,
+        "<root>/**/*.jpg: the extracted LSUN_resize.tar.gz",
+        f"https://www.dropbox.com/s/moqh2wh8696c3yl/LSUN_resize.tar.gz (LSUN-Resize, 10 000 "
+        f"images; linked from {_ODIN})"),
+    "isun": OODSpec(
+        image_folder,
+        "<root>/**/*.jpeg: the extracted iSUN.tar.gz (images in <root>/iSUN_patches/)",
+        f"https://www.dropbox.com/s/ssz7qxfqae0cca5/iSUN.tar.gz (8 925 images; linked from "
+        f"{_ODIN})"),
+    "textures": OODSpec(
+        image_folder,
+        "<root>/<category>/*.jpg with <root> = dtd/images of the extracted DTD archive",
+        "https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz (official "
+        "Describable Textures Dataset, 5 640 images)"),
+    "inaturalist": OODSpec(
+        image_folder,
+        "<root>/images/*.jpg: the extracted iNaturalist.tar.gz",
+        f"http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/iNaturalist.tar.gz (10 000 "
+        f"images of concepts disjoint from ImageNet-1k, selected by MOS; see {_MOS})"),
+    "sun": OODSpec(
+        image_folder,
+        "<root>/images/*.jpg: the extracted SUN.tar.gz",
+        f"http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/SUN.tar.gz (10 000 images "
+        f"of concepts disjoint from ImageNet-1k, selected by MOS; see {_MOS})"),
+    "places": OODSpec(
+        image_folder,
+        "<root>/images/*.jpg: the extracted Places.tar.gz",
+        f"http://pages.cs.wisc.edu/~huangrui/imagenet_ood_dataset/Places.tar.gz (10 000 images "
+        f"of concepts disjoint from ImageNet-1k, selected by MOS; see {_MOS})"),
+}
+
+
+def _error(name: str, root, what: str) -> DataError:
+    spec = OOD_SETS[name]
+    return DataError(f"OOD set {name!r} not found: {what}. Expected layout: {spec.layout}. Get it "
+                     f"from {spec.source}, and point the config key data.ood_roots.{name} at it "
+                     f"(now: {str(root or '')!r}).")
+
+
+def ood_split(name: str, root: str | Path | None, *, resize: int, image_size: int,
+              subset_size: int | None, subset_seed: int, skip_unreadable: bool = False) -> Split:
+    """One OOD test set as an ``ood-far`` split.
+
+    Args:
+        name: a key of :data:`OOD_SETS`.
+        root: its root (``data.ood_roots.<name>``).
+        resize, image_size: the evaluation transform ``Resize(resize)`` +
+            ``CenterCrop(image_size)``.
+        subset_size: images kept, a random subset seeded by ``subset_seed``; ``None``: all.
+        subset_seed: seed of the subset (the same seed gives the same images on every machine).
+        skip_unreadable: drop unreadable files of the subset (checked after drawing it, so a
+            large set is not read in full; the set may then come out a few images short).
+
+    Raises:
+        DataError: unknown name, or a missing, empty or unreadable root; the message gives the
+            layout, the source and the config key.
+    """
+    if name not in OOD_SETS:
+        raise DataError(f"unknown OOD set {name!r}; known sets: {', '.join(OOD_SETS)} "
+                        f"(config key data.ood_sets)")
+    if root is None or not str(root).strip():
+        raise _error(name, root, f"data.ood_roots has no entry for {name!r}")
+    if not Path(root).exists():
+        raise _error(name, root, f"{str(root)!r} does not exist")
+    try:
+        full = OOD_SETS[name].loader(Path(root))
+    except FileNotFoundError as exc:
+        raise _error(name, root, str(exc)) from None
+    indices = seeded_subset_indices(len(full), subset_size, subset_seed)
+    if subset_size is not None and len(full) < subset_size:
+        log.warning("OOD set %s has %d images, fewer than the %d asked for; using all",
+                    name, len(full), subset_size)
+    transform = eval_transform(resize, image_size)
+    if isinstance(full, ImageFolderFiles):
+        # Re-index the chosen files only, so skip mode checks just those.
+        dataset: ImageDataset = ImageFolderFiles([full.paths[i] for i in indices],
+                                                 full.labels[indices], transform, skip_unreadable)
+    else:
+        full.transform = transform
+        dataset = Subset(full, indices)
+    log.info("OOD set %s: %d images from %s", name, len(dataset), root)
+    return Split(name=name, role="ood-far", dataset=dataset, classes=[])
