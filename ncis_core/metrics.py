@@ -1,0 +1,160 @@
+"""OOD detection metrics with an explicit positive class: FPR95, AUROC, AUPR-In, AUPR-Out.
+
+Scores follow one rule throughout: **higher score = more in-distribution** (e.g. the energy score
+``logsumexp`` of the logits). Two conventions differ in which class is "positive" for FPR95:
+
+* ``positive="id"`` — the convention of this paper line (Dream-OOD, NCIS, BOOD): keep 95 % of the
+  ID test set, report the fraction of OOD still accepted.
+* ``positive="ood"`` — OpenOOD's: catch 95 % of the OOD set, report the fraction of ID wrongly
+  flagged.
+
+AUROC, AUPR-In and AUPR-Out do not depend on the convention: AUROC is symmetric under swapping the
+positive class *and* negating the scores (AUROC(ID+, s) = AUROC(OOD+, −s), ties counted as ½ both
+ways), AUPR-In always takes ID as positive on ``s`` and AUPR-Out always takes OOD as positive on
+``−s``. Only ``fpr95`` changes with ``positive``. Every table states its convention
+(:data:`CONVENTIONS`). All values are fractions in [0, 1].
+
+Example:
+    >>> m = ood_metrics([0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.65])
+    >>> m["auroc"], m["fpr95"]
+    (0.9166666666666667, 0.3333333333333333)
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+__all__ = ["METRIC_KEYS", "CONVENTIONS", "ood_metrics", "mean_row"]
+
+METRIC_KEYS = ("fpr95", "auroc", "aupr_in", "aupr_out")
+
+#: One line per positive-class convention; tables print the one they use.
+CONVENTIONS = {
+    "id": "ID positive (this paper line): FPR95 = fraction of OOD with score >= the threshold that "
+          "keeps 95% of ID (higher score = more ID)",
+    "ood": "OOD positive (OpenOOD): FPR95 = fraction of ID with score <= the threshold that "
+           "flags 95% of OOD (higher score = more ID)",
+}
+
+# 95 % as an exact ratio, so "at least 95 % kept" is decided in integer arithmetic (19·n ≤ 20·k)
+# and never by a float comparison that could round 0.95·n the wrong way.
+_RECALL_NUM, _RECALL_DEN = 19, 20
+
+
+def ood_metrics(id_scores: Any, ood_scores: Any, positive: str = "id") -> dict[str, float]:
+    """FPR95, AUROC, AUPR-In and AUPR-Out of one ID/OOD pair of score arrays.
+
+    Threshold rule of ``fpr95`` (exact, including ties):
+
+    * ``positive="id"``: τ = the largest score value t such that the fraction of ID scores
+      ``≥ t`` is at least 95 %; FPR95 = fraction of OOD scores ``≥ τ``. Scores equal to τ are all
+      accepted as ID, on both sides. This is the first point of sklearn's
+      ``roc_curve(is_id, s, drop_intermediate=False)`` with TPR ≥ 0.95, and FPR95 is its FPR.
+    * ``positive="ood"``: the same rule with OOD as the positive class on ``−s``: τ = the smallest
+      score value t such that the fraction of OOD scores ``≤ t`` is at least 95 %; FPR95 = fraction
+      of ID scores ``≤ τ``. Scores equal to τ are all flagged as OOD, on both sides.
+
+    Hence all-equal scores give FPR95 = 1 under either convention, and perfectly separated
+    scores give 0.
+
+    Args:
+        id_scores: 1-D scores of the ID test set (numpy array, list, or a torch tensor, which is
+            detached and moved to the CPU; bfloat16 tensors must be cast first).
+        ood_scores: 1-D scores of one OOD set, of the same dtype as ``id_scores``.
+        positive: ``"id"`` or ``"ood"``: which class is positive for FPR95 (see above).
+
+    Returns:
+        ``{"fpr95", "auroc", "aupr_in", "aupr_out"}`` as Python floats in [0, 1]. ``auroc`` is
+        ``roc_auc_score(is_id, s)``; ``aupr_in`` is ``average_precision_score(is_id, s)``;
+        ``aupr_out`` is ``average_precision_score(is_ood, −s)``.
+
+    Raises:
+        ValueError: an empty, non-1-D, non-numeric or non-finite array, different dtypes, or an
+            unknown ``positive``.
+
+    Example:
+        >>> ood_metrics([3.0, 2.0, 1.0], [0.0, 2.5], positive="ood")["fpr95"]
+        0.6666666666666666
+    """
+    if positive not in CONVENTIONS:
+        raise ValueError(f"positive must be one of {list(CONVENTIONS)}, got {positive!r}")
+    id_scores = _as_scores(id_scores, "id_scores")
+    ood_scores = _as_scores(ood_scores, "ood_scores")
+    if id_scores.dtype != ood_scores.dtype:
+        raise ValueError(f"id_scores and ood_scores have different dtypes ({id_scores.dtype} vs "
+                         f"{ood_scores.dtype}); cast both to the same dtype so that ties compare exactly")
+    # float64 for sklearn: negation and comparisons are then exact for every accepted input dtype
+    scores = np.concatenate([id_scores, ood_scores]).astype(np.float64)
+    is_id = np.concatenate([np.ones(len(id_scores), np.int64), np.zeros(len(ood_scores), np.int64)])
+    if positive == "id":
+        fpr95 = _fpr_at_95_tpr(is_id, scores)
+    else:
+        fpr95 = _fpr_at_95_tpr(1 - is_id, -scores)
+    return {
+        "fpr95": fpr95,
+        "auroc": float(roc_auc_score(is_id, scores)),
+        "aupr_in": float(average_precision_score(is_id, scores)),
+        "aupr_out": float(average_precision_score(1 - is_id, -scores)),
+    }
+
+
+def _fpr_at_95_tpr(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """FPR at the first ROC point (largest threshold, ties included) whose TPR is ≥ 95 %."""
+    fpr, tpr, _ = roc_curve(is_positive, scores, drop_intermediate=False)
+    n_pos = int(is_positive.sum())
+    # back to exact counts (tpr = count / n_pos) so the 95 % test is done on integers
+    kept = np.rint(tpr * n_pos).astype(np.int64)
+    first = int(np.argmax(kept * _RECALL_DEN >= _RECALL_NUM * n_pos))  # exists: the last TPR is 1
+    return float(fpr[first])
+
+
+def _as_scores(values: Any, name: str) -> np.ndarray:
+    """A finite, non-empty, 1-D real numpy array, or a ValueError that says what is wrong."""
+    if type(values).__module__.startswith("torch"):
+        try:
+            values = values.detach().cpu().numpy()
+        except TypeError as err:  # e.g. bfloat16 has no numpy dtype
+            raise ValueError(f"{name}: cannot convert the tensor to numpy ({err}); cast it with "
+                             f".float() first") from err
+    array = np.asarray(values)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be real numbers (int or float), got dtype {array.dtype}")
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty")
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise ValueError(f"{name} holds {int(np.isnan(array).sum())} NaN and "
+                             f"{int(np.isinf(array).sum())} infinite values (first at index "
+                             f"{int(np.argmax(bad))})")
+    return array
+
+
+def mean_row(rows: list[dict]) -> dict[str, float]:
+    """The unweighted mean over OOD sets of every numeric entry of the first row.
+
+    Each set counts once whatever its size (the convention of the published tables). Entries that
+    are not numbers (e.g. a set name) are left out; a numeric entry missing from a later row is
+    an error rather than a silently shorter mean.
+
+    Args:
+        rows: one metrics dict per OOD set (e.g. :func:`ood_metrics` results).
+
+    Example:
+        >>> mean_row([{"set": "a", "fpr95": 0.2, "auroc": 0.9}, {"set": "b", "fpr95": 0.4, "auroc": 0.7}])
+        {'fpr95': 0.30000000000000004, 'auroc': 0.8}
+    """
+    if not rows:
+        raise ValueError("mean_row needs at least one row")
+    keys = [k for k, v in rows[0].items() if isinstance(v, Real) and not isinstance(v, bool)]
+    for i, row in enumerate(rows):
+        missing = [k for k in keys if not isinstance(row.get(k), Real) or isinstance(row.get(k), bool)]
+        if missing:
+            raise ValueError(f"row {i} lacks numeric {missing}, which row 0 has")
+    return {k: float(np.mean([row[k] for row in rows])) for k in keys}
