@@ -2,6 +2,8 @@
 
 The series is whatever ``notebooks/NN_*.ipynb`` holds, in numeric order; notebook ``NN`` is stage
 ``NN``. A stage added later appears in batch runs by adding its notebook: nothing here changes.
+A notebook whose input artefact comes from a stage that has no notebook yet (e.g. stage 2 before
+stage 1 is built) is skipped with a warning and recorded as ``skipped`` in the manifest.
 Each executed copy lands in ``<run>/notebooks/``; the first failing notebook stops the series with
 a :class:`NotebookFailed` that names the notebook, the cell and the error.
 
@@ -18,7 +20,7 @@ import re
 from pathlib import Path
 
 from .config import load_config
-from .runs import RunDir
+from .runs import ARTEFACTS, STAGES, RunDir
 
 __all__ = ["NOTEBOOK_DIR", "NotebookFailed", "notebook_series", "parse_stages", "run_series"]
 
@@ -88,7 +90,7 @@ def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple
         progress: papermill's per-cell progress bar.
 
     Returns:
-        The executed notebooks' paths.
+        The executed notebooks' paths (skipped ones are not listed).
 
     Raises:
         NotebookFailed: a notebook raised; the series stops there.
@@ -105,9 +107,15 @@ def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple
     out_dir = run.path("notebooks")
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"preset": preset, "run_dir": str(Path(out).resolve()), "overrides": list(overrides)}
+    available = {n for n, _ in notebook_series(notebooks)}
     executed = []
     for number, path in series:
         target = out_dir / path.name
+        reason = _unbuilt_input(run, number, available)
+        if reason:
+            log.warning("stage %d: %s skipped: %s", number, path.name, reason)
+            run.note("notebooks", path.name, {"status": "skipped", "reason": reason})
+            continue
         log.info("stage %d: executing %s", number, path.name)
         started = _dt.datetime.now(_dt.timezone.utc)
         try:
@@ -120,6 +128,19 @@ def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple
         _record(run, path.name, started, "complete")
         executed.append(target)
     return executed
+
+
+def _unbuilt_input(run: RunDir, number: int, available: set[int]) -> str | None:
+    """Why stage ``number`` cannot run yet: an input is missing AND the stage that makes it has no
+    notebook in the kit. (A missing input whose notebook exists is left to fail in the notebook
+    with its clear "run stage N first" message: the user chose to skip that stage.)"""
+    stage = next((s for s in STAGES.values() if s.number == number), None)
+    for artefact in stage.inputs if stage else ():
+        producer = next(s for s in STAGES.values() if artefact in s.outputs)
+        if not run.path(artefact).exists() and producer.number not in available:
+            return (f"it needs {ARTEFACTS[artefact]} from stage {producer.number} ({producer.name}), "
+                    f"which has no notebook in this kit yet")
+    return None
 
 
 def _record(run: RunDir, notebook: str, started: _dt.datetime, status: str) -> None:

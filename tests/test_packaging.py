@@ -78,3 +78,16 @@ def test_strip_outputs_removes_outputs(tmp_path):
     assert strip_outputs(tmp_path / "a.ipynb")
     assert not notebook_has_outputs(tmp_path / "a.ipynb")
     assert not strip_outputs(tmp_path / "a.ipynb")
+
+
+def test_installed_set_is_pip_check_clean_but_for_animal_mnist_declared_deps():
+    """`pip check` on the installed set: only animal-mnist's declared TensorFlow/pandas may be absent
+    (installed with --no-deps on purpose; the kit reads its data files directly)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    problems = [line for line in proc.stdout.splitlines()
+                if line.strip() and not line.lower().startswith("animal-mnist")
+                and "no broken requirements" not in line.lower()]
+    assert not problems, "\n".join(problems)
