@@ -49,11 +49,13 @@ def plot_counts(summary: list[dict]):
     return fig
 
 
-def split_examples(split: Split, per_group: int = 8, seed: int = 0) -> tuple[list[str], list[list[np.ndarray]]]:
-    """Up to ``per_group`` seeded example images per class (labelled splits) or for the whole set."""
+def split_examples(split: Split, per_group: int = 8, seed: int = 0, by_class: bool = True
+                   ) -> tuple[list[str], list[list[np.ndarray]]]:
+    """Up to ``per_group`` seeded example images per class (``by_class`` and a labelled split) or
+    for the whole set; returns ``(row names, rows of images)`` for :func:`image_grid`."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(split.dataset.labels)
-    if split.classes:
+    if by_class and split.classes:
         groups = [(name, np.flatnonzero(labels == i)) for i, name in enumerate(split.classes)]
     else:
         groups = [(split.name, np.arange(len(labels)))]
@@ -81,5 +83,5 @@ def image_grid(row_names: list[str], rows: list[list[np.ndarray]], title: str = 
         axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]) if title else None)
     return fig
