@@ -334,12 +334,24 @@ class RunDir:
                 return stage
         raise KeyError(artefact)
 
-    def _input_hashes(self, stage: Stage) -> dict[str, str]:
-        hashes = {f"config:{s}": _section_hash(self.cfg, s)
-                  for s in (*_COMMON_SECTIONS, *stage.config_sections)}
-        for artefact in stage.inputs:
-            hashes[artefact] = content_hash(self.path(artefact))
-        return hashes
+    def _hash_of(self, key: str) -> str:
+        """The current hash of one recorded input key: ``config:<section>``, an artefact name, or
+        ``path:<absolute path>`` (an outside file or folder, e.g. a folder of outlier images)."""
+        if key.startswith("config:"):
+            return _section_hash(self.cfg, key[len("config:"):])
+        path = Path(key[len("path:"):]) if key.startswith("path:") else self.path(key)
+        return content_hash(path) if path.exists() else "missing"
+
+    def _input_keys(self, stage: Stage, inputs: tuple[str, ...] | None = None,
+                    extra: tuple[str | os.PathLike, ...] = ()) -> list[str]:
+        keys = [f"config:{s}" for s in (*_COMMON_SECTIONS, *stage.config_sections)]
+        keys += list(stage.inputs if inputs is None else inputs)
+        keys += [f"path:{Path(p).resolve()}" for p in extra]
+        return keys
+
+    def _input_hashes(self, stage: Stage, inputs: tuple[str, ...] | None = None,
+                      extra: tuple[str | os.PathLike, ...] = ()) -> dict[str, str]:
+        return {key: self._hash_of(key) for key in self._input_keys(stage, inputs, extra)}
 
     # -- the checks
     def require(self, artefact: str) -> Path:
@@ -360,8 +372,9 @@ class RunDir:
         if record.get("outputs", {}).get(artefact) != content_hash(file):
             raise StaleArtefactError(
                 f"{ARTEFACTS[artefact]} changed after {where} wrote it; rerun {where}")
-        recorded, current = record.get("inputs", {}), self._input_hashes(producer)
-        changed = [k for k in current if recorded.get(k) != current[k]]
+        # recompute exactly what the producer recorded (its inputs may differ by config, e.g. stage 5)
+        recorded = record.get("inputs", {})
+        changed = [k for k in recorded if recorded[k] != self._hash_of(k)]
         if changed:
             what = ", ".join(ARTEFACTS.get(k, k) for k in changed)
             raise StaleArtefactError(
@@ -370,18 +383,25 @@ class RunDir:
         return file
 
     @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[StageRecord]:
+    def stage(self, name: str, inputs: tuple[str, ...] | None = None,
+              extra: tuple[str | os.PathLike, ...] = ()) -> Iterator[StageRecord]:
         """Run a stage: check its inputs, say whether it is done, record hashes and times.
 
         Only a stage that leaves the ``with`` block without an exception is recorded as complete.
+
+        Args:
+            name: a key of :data:`STAGES`.
+            inputs: the artefacts this run of the stage reads, when they depend on the config
+                (stage 5 reads ``outliers_dir`` only for NCIS outliers); default: the stage's own.
+            extra: files or folders outside the run folder that the stage reads (hashed too).
         """
         try:
             stage = STAGES[name]
         except KeyError:
             raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
-        for artefact in stage.inputs:
+        for artefact in stage.inputs if inputs is None else inputs:
             self.require(artefact)
-        inputs = self._input_hashes(stage)
+        inputs = self._input_hashes(stage, inputs, extra)
         manifest = self.manifest()
         previous = manifest.get("stages", {}).get(name, {})
         same_inputs = previous.get("inputs") == inputs

@@ -144,3 +144,20 @@ def test_interrupted_stage_is_resumable_with_same_inputs(run):
     with run.stage("embed") as rec:
         assert not rec.done and rec.resumable
         atomic_write_text(run.path("embeddings"), "v1")
+
+
+def test_stage_inputs_can_depend_on_the_config_and_outside_folders(run, tmp_path):
+    outside = tmp_path / "my_outliers"
+    outside.mkdir()
+    (outside / "a.png").write_bytes(b"1")
+    with run.stage("classifier", inputs=(), extra=(outside,)) as rec:
+        assert not rec.done
+        for artefact in STAGES["classifier"].outputs:
+            atomic_write_text(run.path(artefact), "w")
+    assert f"path:{outside.resolve()}" in run.manifest()["stages"]["classifier"]["inputs"]
+    run.require("classifier_best")  # no outliers_dir needed: it was not an input of this run
+    with run.stage("classifier", inputs=(), extra=(outside,)) as rec:
+        assert rec.done
+    (outside / "b.png").write_bytes(b"2")
+    with pytest.raises(StaleArtefactError, match=r"my_outliers.*rerun stage 5 \(classifier\)"):
+        run.require("classifier_best")

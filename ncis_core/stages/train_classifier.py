@@ -1,0 +1,423 @@
+"""Stage 5: train the classifier with synthetic outliers (METHOD.md §5).
+
+Loss per step, over one forward pass through the joint batch of ID and outlier images:
+
+    L = CE(f(x_in), y_in) + w · CE(φ(s(x)), b),   s(x) = logsumexp_k f_k(x),  b = 1 (ID) / 0 (outlier)
+
+SGD with Nesterov momentum, a cosine schedule per step from ``lr`` to ``final_lr``, an epoch = one pass
+over ID while the outlier loader cycles. ``outliers: none`` drops the energy term (the plain
+cross-entropy baseline, scored with the energy score at test time).
+
+Outlier sources (``classifier.outliers``): ``ncis`` — the run's ``outliers/`` tree from stage 4;
+``linear`` / ``idgen`` — the trees ``outliers_linear/`` / ``outliers_idgen/`` of the run (rendered by
+``compare``), or ``classifier.outlier_folder`` when set; ``folder`` — any folder of images
+(``classifier.outlier_folder``).
+
+Reproducible and resumable: every epoch draws its shuffling and augmentation from generators seeded
+by ``(run.seed, epoch)``, and a checkpoint (``classifier/last.safetensors`` + ``last.json``) is
+written after each epoch, so an interrupted run continues where it stopped and reaches the state of
+an uninterrupted one. ``accelerate`` shards the batches across processes (``accelerate launch``).
+
+Example:
+    >>> history = run(cfg, run_dir)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig
+from ..data import get_split, list_images, with_transform
+from ..data.base import DataError, ImageDataset, Subset
+from ..data.folders import ImageFolderFiles
+from ..data.transforms import (Compose, Normalize, RandomChoiceResize, RandomCrop,
+                               RandomHorizontalFlip, RandomResizedCrop, ToTensor)
+from ..device import resolve_device
+from ..models.resnet import EnergyHead, build_classifier, remap_ood_checkpoint
+from ..runs import RunDir, atomic_path, atomic_write_json
+
+__all__ = [
+    "train_transforms",
+    "outlier_dataset",
+    "energy_loss",
+    "cosine_lr",
+    "ClassifierBundle",
+    "save_classifier",
+    "load_classifier",
+    "train",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- data
+def train_transforms(cfg: ExperimentConfig) -> tuple[Compose, Compose]:
+    """(ID transform, outlier transform) of METHOD.md §5 for the preset's image size.
+
+    32 × 32 (CIFAR, demo): RandomCrop(32, pad 4) + HFlip + Normalize; outliers first get resized
+    to 32 with a random choice of nearest or bilinear. 224 (ImageNet-100): RandomResizedCrop(224)
+    + HFlip + Normalize for both.
+    """
+    size, c = cfg.data.image_size, cfg.classifier
+    tail = [RandomHorizontalFlip(), ToTensor(), Normalize(c.mean, c.std)]
+    if size <= 64:
+        crop = RandomCrop(size, padding=size // 8)
+        return Compose([crop, *tail]), Compose([RandomChoiceResize(size), crop, *tail])
+    crop = RandomResizedCrop(size)
+    return Compose([crop, *tail]), Compose([crop, *tail])
+
+
+class _Tensors(Dataset):
+    """An :class:`ImageDataset` whose transform ends in a tensor, as a torch ``Dataset``."""
+
+    def __init__(self, images: ImageDataset):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        image, label = self.images[i]
+        return image, label
+
+
+def _outlier_folder(cfg: ExperimentConfig, run_dir: RunDir) -> Path:
+    kind, folder = cfg.classifier.outliers, cfg.classifier.outlier_folder
+    if kind == "folder" or (kind in ("linear", "idgen") and folder):
+        if not folder:
+            raise DataError("classifier.outliers=folder needs classifier.outlier_folder (a folder of images)")
+        return Path(folder)
+    if kind == "ncis":
+        return run_dir.require("outliers_dir")
+    path = run_dir.root / f"outliers_{kind}"
+    if not path.exists():
+        raise DataError(f"classifier.outliers={kind} needs the images in {path}; render them with "
+                        f"`python -m ncis_core compare` or point classifier.outlier_folder at them")
+    return path
+
+
+def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | None:
+    """The outlier images of ``classifier.outliers`` (None for ``none``), cut to ``num_outliers``.
+
+    Raises:
+        DataError: no images; or more outliers asked for than exist (both counts in the message)
+            unless ``outliers_with_replacement``.
+    """
+    c = cfg.classifier
+    if c.outliers == "none":
+        return None
+    folder = _outlier_folder(cfg, run_dir)
+    paths = list_images(folder)
+    if not paths:
+        raise DataError(f"no images in the outlier folder {folder} (classifier.outliers={c.outliers})")
+    images: ImageDataset = ImageFolderFiles(paths, [-1] * len(paths), None, skip_unreadable=False)
+    wanted = c.num_outliers
+    if wanted is None or wanted == len(paths):
+        return images
+    rng = np.random.default_rng(cfg.run.seed)
+    if wanted > len(paths):
+        if not c.outliers_with_replacement:
+            raise DataError(f"classifier.num_outliers={wanted} but {folder} holds {len(paths)} images; "
+                            f"lower num_outliers, generate more, or set "
+                            f"classifier.outliers_with_replacement=true")
+        return Subset(images, rng.choice(len(paths), size=wanted, replace=True))
+    return Subset(images, np.sort(rng.choice(len(paths), size=wanted, replace=False)))
+
+
+# ----------------------------------------------------------------------------- loss, schedule
+def energy_loss(logits: torch.Tensor, is_id: torch.Tensor, head: EnergyHead) -> torch.Tensor:
+    """``CE(φ(logsumexp f(x)), b)`` over the joint batch, b = 1 for ID and 0 for outliers."""
+    return F.cross_entropy(head(torch.logsumexp(logits, dim=1)), is_id.long())
+
+
+def cosine_lr(step: int, total: int, lr: float, final_lr: float) -> float:
+    """Cosine annealing per step from ``lr`` (step 0) to ``final_lr`` (step ``total``)."""
+    return final_lr + 0.5 * (lr - final_lr) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+@dataclass
+class ClassifierBundle:
+    """A trained classifier: the network, the energy head, and what stage 6 needs to know."""
+
+    model: nn.Module
+    head: EnergyHead
+    meta: dict
+
+    @property
+    def slope(self) -> float:
+        return float(self.meta.get("slope", 1.0))
+
+
+def save_classifier(path: Path, model: nn.Module, head: EnergyHead, meta: dict) -> None:
+    """Model + head weights as safetensors, ``meta`` (arch, classes, head kind, slope …) in its header."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"ncis": json.dumps(meta)})
+
+
+def load_classifier(path: str | Path, arch: str | None = None, num_classes: int | None = None,
+                    head_kind: str = "linear", head_hidden: int = 0) -> ClassifierBundle:
+    """Load a classifier: one of the kit's (``save_classifier``), a torchvision-layout state dict, or
+    the OOD literature's CIFAR checkpoints (``encoder.*``, ``shortcut.*``, ``module.`` prefixes;
+    third-party ``.pt``/``.pth`` files are read with ``weights_only=True``).
+
+    ``arch``/``num_classes`` are needed for third-party files (the kit's own carry them).
+
+    Raises:
+        ValueError: the file's weights do not fit the architecture (names the architecture and the
+            first mismatching keys).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"classifier checkpoint {path} does not exist")
+    meta: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("ncis", "{}"))
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    arch = meta.get("arch", arch)
+    num_classes = meta.get("num_classes", num_classes)
+    if arch is None or num_classes is None:
+        raise ValueError(f"{path} carries no architecture: pass arch and num_classes")
+    model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")} if meta else \
+        remap_ood_checkpoint(state)
+    head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+    model = build_classifier(arch, num_classes)
+    try:
+        result = model.load_state_dict(model_state, strict=False)
+    except RuntimeError as err:  # same names, other shapes
+        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+        raise ValueError(f"{path} does not fit classifier.arch={arch} with {num_classes} classes: "
+                         f"{first.strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path} does not fit classifier.arch={arch} with {num_classes} classes: "
+                         f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    head = EnergyHead(meta.get("head", head_kind), meta.get("head_hidden", head_hidden))
+    if head_state:
+        head.load_state_dict(head_state)
+    meta = {"arch": arch, "num_classes": num_classes, "slope": float(head.slope()), **meta}
+    return ClassifierBundle(model.eval(), head.eval(), meta)
+
+
+def _save_state(folder: Path, model, head, opt, epoch: int, step: int, history: list) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        buf = opt.state.get(p, {}).get("momentum_buffer")
+        if buf is not None:
+            tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
+    with atomic_path(folder / "last.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    # the JSON is written last: it is what says "this checkpoint is complete"
+    atomic_write_json(folder / "last.json", {"epoch": epoch, "step": step, "history": history})
+
+
+def _load_state(folder: Path, model, head, opt, device) -> tuple[int, int, list]:
+    info = json.loads((folder / "last.json").read_text())
+    tensors = load_file(str(folder / "last.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        if f"momentum.{i}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(device)
+    return info["epoch"], info["step"], info["history"]
+
+
+# ----------------------------------------------------------------------------- training
+def _init_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    c = cfg.classifier
+    model = build_classifier(c.arch, num_classes)
+    if c.pretrained:
+        path = Path(c.pretrained)
+        if not path.exists():
+            raise FileNotFoundError(f"classifier.pretrained={path} does not exist (an ImageNet-pretrained "
+                                    f"ResNet-34 state dict in torchvision's layout)")
+        state = remap_ood_checkpoint(torch.load(str(path), map_location="cpu", weights_only=True))
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # new classes: new fc
+        missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.startswith("fc.")]
+        if missing:
+            raise ValueError(f"{path} does not fit classifier.arch={c.arch}: missing {missing[:3]}")
+    return model
+
+
+def _cycle(loader: DataLoader, epoch: int, seed: int):
+    """The outlier loader, restarted with a new seeded order each time it runs out."""
+    round_ = 0
+    while True:
+        loader.generator.manual_seed(seed * 7919 + epoch * 131 + round_) if loader.generator else None
+        yield from loader
+        round_ += 1
+
+
+def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
+          progress: bool = True, stop_after: int | None = None) -> dict | None:
+    """Train (or resume) the stage-5 classifier into ``folder`` (default ``classifier/``).
+
+    Args:
+        stop_after: train at most this many epochs in this call, then return None (time-boxing
+            long runs; the next call resumes). None: train to the end.
+
+    Returns:
+        The history dict (also written as ``history.json``), or None when stopped early.
+    """
+    from accelerate import Accelerator
+
+    c = cfg.classifier
+    folder = Path(folder or run_dir.path("classifier_dir"))
+    device = resolve_device(cfg.run.device)
+    accelerator = Accelerator(cpu=device.type == "cpu",
+                              mixed_precision="bf16" if device.type == "cuda" else "no")
+    seed = cfg.run.seed
+    torch.manual_seed(seed)
+
+    split = get_split(cfg.data, "id-train")
+    id_tf, out_tf = train_transforms(cfg)
+    id_data = _Tensors(with_transform(split.dataset, id_tf))
+    outliers = outlier_dataset(cfg, run_dir)
+    model = _init_model(cfg, len(split.classes))
+    head = EnergyHead(c.energy_head, c.head_hidden)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                          weight_decay=c.weight_decay)
+
+    id_gen = torch.Generator().manual_seed(seed)
+    id_loader = DataLoader(id_data, batch_size=c.batch_size, shuffle=True, generator=id_gen,
+                           num_workers=c.num_workers, drop_last=len(id_data) > c.batch_size)
+    out_loader = None
+    if outliers is not None:
+        out_gen = torch.Generator().manual_seed(seed + 1)
+        out_data = _Tensors(with_transform(outliers, out_tf))
+        out_loader = DataLoader(out_data, batch_size=c.outlier_batch_size, shuffle=True,
+                                generator=out_gen, num_workers=c.num_workers,
+                                drop_last=len(out_data) > c.outlier_batch_size)
+    model, head, opt, id_loader = accelerator.prepare(model, head, opt, id_loader)
+    if out_loader is not None:
+        out_loader = accelerator.prepare(out_loader)
+    steps_per_epoch = len(id_loader)
+    total = steps_per_epoch * c.epochs
+
+    epoch0, step, history = 0, 0, []
+    if (folder / "last.json").exists():
+        epoch0, step, history = _load_state(folder, accelerator.unwrap_model(model),
+                                            accelerator.unwrap_model(head), opt, accelerator.device)
+        log.info("resuming stage 5 from epoch %d of %d", epoch0, c.epochs)
+
+    last = c.epochs if stop_after is None else min(c.epochs, epoch0 + stop_after)
+    for epoch in range(epoch0, last):
+        # per-epoch seeds: a resumed run draws exactly what an uninterrupted one would
+        torch.manual_seed(seed * 1_000_003 + epoch)
+        id_gen.manual_seed(seed * 1_000_033 + epoch)
+        outlier_iter = _cycle(out_loader, epoch, seed) if out_loader is not None else None
+        model.train(), head.train()
+        sums = {"ce": 0.0, "energy": 0.0, "correct": 0, "seen": 0, "s_id": 0.0, "s_out": 0.0, "n_out": 0}
+        bar = tqdm(id_loader, desc=f"classifier epoch {epoch + 1}/{c.epochs}", leave=False,
+                   disable=not progress or not accelerator.is_main_process)
+        for x_in, y_in in bar:
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(step, total, c.lr, c.final_lr)
+            x = x_in
+            if outlier_iter is not None:
+                x_out, _ = next(outlier_iter)
+                x = torch.cat([x_in, x_out])
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with accelerator.autocast():
+                logits = model(x)
+                ce = F.cross_entropy(logits[: len(x_in)], y_in)
+                loss = ce
+                if outlier_iter is not None:
+                    is_id = torch.zeros(len(x), device=x.device)
+                    is_id[: len(x_in)] = 1
+                    e_loss = energy_loss(logits.float(), is_id, head)
+                    loss = ce + c.energy_weight * e_loss
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            opt.step()
+            step += 1
+            with torch.no_grad():
+                s = torch.logsumexp(logits.float(), dim=1)
+                sums["ce"] += ce.item() * len(x_in)
+                sums["correct"] += (logits[: len(x_in)].argmax(1) == y_in).sum().item()
+                sums["seen"] += len(x_in)
+                sums["s_id"] += s[: len(x_in)].sum().item()
+                if outlier_iter is not None:
+                    sums["energy"] += e_loss.item() * len(x_in)
+                    sums["s_out"] += s[len(x_in):].sum().item()
+                    sums["n_out"] += len(x) - len(x_in)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        slope = float(accelerator.unwrap_model(head).slope())
+        n = max(sums["seen"], 1)
+        history.append({
+            "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "ce": sums["ce"] / n,
+            "energy_loss": sums["energy"] / n if outliers is not None else None,
+            "train_acc": sums["correct"] / n, "slope": slope,
+            "mean_score_id": sums["s_id"] / n,
+            "mean_score_outlier": sums["s_out"] / sums["n_out"] if sums["n_out"] else None,
+        })
+        if outliers is not None and slope < 0:
+            log.warning("epoch %d: the energy head's slope is negative (%.3g): outliers get the higher "
+                        "logsumexp; stage 6 scores with sign(slope)·logsumexp", epoch + 1, slope)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _save_state(folder, accelerator.unwrap_model(model), accelerator.unwrap_model(head), opt,
+                        epoch + 1, step, history)
+        log.info("classifier epoch %d: ce %.4f, acc %.3f, slope %.3g", epoch + 1, history[-1]["ce"],
+                 history[-1]["train_acc"], slope)
+
+    if last < c.epochs:
+        return None
+    model, head = accelerator.unwrap_model(model), accelerator.unwrap_model(head)
+    slope = float(head.slope())
+    result = {"epochs": history, "slope": slope, "slope_negative": slope < 0,
+              "outliers": c.outliers, "num_outliers": len(outliers) if outliers is not None else 0,
+              "energy_head": c.energy_head, "seed": seed}
+    if accelerator.is_main_process:
+        meta = {"arch": c.arch, "num_classes": len(split.classes), "classes": list(split.classes),
+                "head": c.energy_head, "head_hidden": c.head_hidden, "slope": slope,
+                "outliers": c.outliers, "seed": seed}
+        save_classifier(folder / "best.safetensors", model.cpu(), head.cpu(), meta)
+        atomic_write_json(folder / "history.json", result)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
+    """Stage 5 in the run folder: train unless ``classifier/best.safetensors`` is current.
+
+    Stage 5's recorded inputs: the outlier tree of stage 4 for ``outliers=ncis``, the outlier
+    folder's content for the other sources, nothing beyond the config for ``none``.
+    """
+    c = cfg.classifier
+    inputs = ("outliers_dir",) if c.outliers == "ncis" else ()
+    extra = (_outlier_folder(cfg, run_dir),) if c.outliers not in ("ncis", "none") else ()
+    with run_dir.stage("classifier", inputs=inputs, extra=extra) as rec:
+        if rec.done:
+            return json.loads(run_dir.path("classifier_history").read_text())
+        if not rec.resumable:
+            for name in ("last.json", "last.safetensors"):
+                (run_dir.path("classifier_dir") / name).unlink(missing_ok=True)
+        history = train(cfg, run_dir, progress=progress)
+        rec.info.update(slope=history["slope"], outliers=history["outliers"])
+    return history

@@ -1,0 +1,112 @@
+"""Stage 5: the energy loss, the schedule, outlier sources, training, resume and bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ncis_core.config import load_config
+from ncis_core.data.base import DataError
+from ncis_core.models.resnet import EnergyHead
+from ncis_core.runs import RunDir
+from ncis_core.stages import train_classifier as stage5
+
+
+def _folder_of_images(folder, n, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _run(tmp_path, *overrides):
+    cfg = load_config("smoke", ["classifier.epochs=2", *overrides], out=str(tmp_path / "run"))
+    return cfg, RunDir.create(cfg)
+
+
+def test_energy_loss_against_the_direct_formula():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4)
+    is_id = torch.tensor([1, 1, 1, 0, 0, 0.0])
+    head = EnergyHead("linear")
+    w, b = head.net.weight[:, 0], head.net.bias
+    s = torch.log(torch.exp(logits).sum(1))
+    z = torch.stack([w[0] * s + b[0], w[1] * s + b[1]], 1)
+    p = torch.exp(z) / torch.exp(z).sum(1, keepdim=True)
+    direct = -(torch.log(p[:3, 1]).sum() + torch.log(p[3:, 0]).sum()) / 6
+    assert torch.allclose(stage5.energy_loss(logits, is_id, head), direct, atol=1e-6)
+
+
+def test_cosine_schedule_ends_points():
+    assert stage5.cosine_lr(0, 100, 0.1, 1e-6) == pytest.approx(0.1)
+    assert stage5.cosine_lr(50, 100, 0.1, 1e-6) == pytest.approx((0.1 + 1e-6) / 2)
+    assert stage5.cosine_lr(100, 100, 0.1, 1e-6) == pytest.approx(1e-6)
+
+
+def test_outlier_counts_are_checked(tmp_path):
+    folder = _folder_of_images(tmp_path / "out", 5)
+    cfg, run = _run(tmp_path, "classifier.outliers=folder", f"classifier.outlier_folder={folder}",
+                    "classifier.num_outliers=8")
+    with pytest.raises(DataError, match=r"num_outliers=8 but .* holds 5 images"):
+        stage5.outlier_dataset(cfg, run)
+    cfg, run = _run(tmp_path, "classifier.outliers=folder", f"classifier.outlier_folder={folder}",
+                    "classifier.num_outliers=8", "classifier.outliers_with_replacement=true")
+    assert len(stage5.outlier_dataset(cfg, run)) == 8
+    cfg, run = _run(tmp_path, "classifier.outliers=folder", f"classifier.outlier_folder={folder}",
+                    "classifier.num_outliers=3")
+    data = stage5.outlier_dataset(cfg, run)
+    assert len(data) == 3 and data[0][0].shape == (48, 40, 3)
+
+
+def test_empty_outlier_folder_and_missing_ncis_tree_are_clear(tmp_path):
+    (tmp_path / "empty").mkdir()
+    cfg, run = _run(tmp_path, "classifier.outliers=folder", f"classifier.outlier_folder={tmp_path / 'empty'}")
+    with pytest.raises(DataError, match="no images in the outlier folder"):
+        stage5.outlier_dataset(cfg, run)
+    cfg, run = _run(tmp_path, "classifier.outliers=ncis")
+    with pytest.raises(FileNotFoundError, match=r"run stage 4 \(generate\) first"):
+        stage5.outlier_dataset(cfg, run)
+
+
+def test_training_with_folder_outliers_writes_history_and_checkpoint(tmp_path):
+    folder = _folder_of_images(tmp_path / "out", 12)
+    cfg, run = _run(tmp_path, "classifier.outliers=folder", f"classifier.outlier_folder={folder}")
+    history = stage5.run(cfg, run, progress=False)
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    assert all(math.isfinite(e["ce"]) and math.isfinite(e["energy_loss"]) for e in history["epochs"])
+    assert history["slope"] > 0  # the smoke preset's monotone head
+    bundle = stage5.load_classifier(run.path("classifier_best"))
+    assert bundle.meta["arch"] == "small" and bundle.meta["num_classes"] == 6
+    assert bundle.model(torch.zeros(2, 3, 32, 32)).shape == (2, 6)
+    assert json.loads(run.path("classifier_history").read_text())["slope"] == history["slope"]
+    assert stage5.run(cfg, run, progress=False) == history  # complete and current: skipped
+
+
+def test_resume_reaches_the_uninterrupted_state(tmp_path):
+    cfg_full, run_full = _run(tmp_path / "a", "classifier.outliers=none", "classifier.epochs=3")
+    stage5.train(cfg_full, run_full, progress=False)
+    full = stage5.load_classifier(run_full.path("classifier_best"))
+
+    cfg_part, run_part = _run(tmp_path / "b", "classifier.outliers=none", "classifier.epochs=3")
+    assert stage5.train(cfg_part, run_part, progress=False, stop_after=1) is None  # "killed" after epoch 1
+    assert not run_part.path("classifier_best").exists()
+    history = stage5.train(cfg_part, run_part, progress=False)
+    resumed = stage5.load_classifier(run_part.path("classifier_best"))
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+
+
+def test_checkpoint_for_another_architecture_is_refused(tmp_path):
+    cfg, run = _run(tmp_path, "classifier.outliers=none", "classifier.epochs=1")
+    stage5.train(cfg, run, progress=False)
+    state = {k[6:]: v for k, v in __import__("safetensors.torch", fromlist=["load_file"])
+             .load_file(str(run.path("classifier_best"))).items() if k.startswith("model.")}
+    torch.save(state, tmp_path / "small.pt")
+    with pytest.raises(ValueError, match="does not fit classifier.arch=resnet18"):
+        stage5.load_classifier(tmp_path / "small.pt", arch="resnet18", num_classes=6)
+    assert stage5.load_classifier(tmp_path / "small.pt", arch="small", num_classes=6).meta["arch"] == "small"
