@@ -1,4 +1,4 @@
-"""The command line: ``python -m ncis_core {run,presets,datasets,strip-notebooks}``.
+"""The command line: ``python -m ncis_core {run,presets,datasets,evaluate,strip-notebooks}``.
 
 Errors a researcher can fix (an unknown preset or key, a missing dataset, a stale artefact, a
 failing notebook) print one clear message and exit with status 2; no traceback.
@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("presets", help="list the presets, one line each")
 
+    ev = sub.add_parser("evaluate", help="stage 6 on a classifier checkpoint, without training")
+    ev.add_argument("--preset", required=True)
+    ev.add_argument("--checkpoint", required=True,
+                    help="the kit's classifier/best.safetensors, a torchvision-layout state dict, or a "
+                         "released CIFAR checkpoint (encoder.*/shortcut.* keys)")
+    ev.add_argument("--out", default=None, help="run folder for results/ (default outputs/eval-<preset>)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+
     strip = sub.add_parser("strip-notebooks", help="remove outputs from notebooks before committing")
     strip.add_argument("folder", nargs="?", default="notebooks")
 
@@ -60,6 +68,19 @@ def _cmd_datasets(args) -> int:
     cfg = load_config(args.preset, args.overrides)
     for split in build_splits(cfg.data):
         print(json.dumps(split.describe()), flush=True)
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .config import load_config
+    from .runs import RunDir
+    from .stages import evaluate
+
+    cfg = load_config(args.preset, args.overrides, out=args.out or f"outputs/eval-{args.preset}")
+    run = RunDir.create(cfg)
+    evaluate.run(cfg, run, checkpoint=args.checkpoint)
+    print(run.path("table_md").read_text())
+    print(f"results: {run.path('results_dir')}")
     return 0
 
 
@@ -94,12 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     from .runner import NotebookFailed
     from .runs import MissingArtefactError, StaleArtefactError
 
-    commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets,
+    commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate,
                 "strip-notebooks": _cmd_strip}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, NotebookFailed, MissingArtefactError, StaleArtefactError,
-            ValueError) as exc:
+            FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,197 @@
+"""Stage 6: score ID test and every OOD set, compute FPR95 / AUROC / AUPR per set, write the tables.
+
+For each score function (``evaluate.score`` plus ``evaluate.extra_scores``; see
+:mod:`ncis_core.scores`) and each OOD set: :func:`ncis_core.metrics.ood_metrics` with the positive
+class of ``evaluate.positive``, then the unweighted mean rows over near-OOD sets, far-OOD sets and
+all sets. The energy score is multiplied by the sign of the energy head's learned slope, so a
+classifier whose head learned "outliers have the higher logsumexp" (METHOD.md defect 6) is not
+silently ranked backwards; the sign is written in every table.
+
+Writes ``results/metrics.json`` (everything), ``results/metrics.csv`` (one row per score and set),
+``results/table.md`` (the main score's table, convention stated) and ``results/scores.npz`` (raw
+scores, ``<score>/<set>``, so any table can be recomputed without the model).
+
+Example:
+    >>> results = run(cfg, run_dir)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import ExperimentConfig
+from ..data import build_splits, get_split
+from ..data.base import Split
+from ..data.transforms import Compose, Normalize, ToTensor
+from ..device import resolve_device
+from ..metrics import CONVENTIONS, METRIC_KEYS, mean_row, ood_metrics
+from ..runs import RunDir, atomic_path, atomic_write_json, atomic_write_text
+from ..scores import MahalanobisScore, build_score
+from .train_classifier import ClassifierBundle, load_classifier
+
+__all__ = ["score_split", "evaluate", "format_table", "run"]
+
+log = logging.getLogger(__name__)
+
+
+class _Normalised(torch.utils.data.Dataset):
+    """A split's images (after its own evaluation transform) as normalised tensors."""
+
+    def __init__(self, split: Split, cfg: ExperimentConfig):
+        self.dataset = split.dataset
+        self.to_tensor = Compose([ToTensor(), Normalize(cfg.classifier.mean, cfg.classifier.std)])
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.to_tensor(image), label
+
+
+def _loader(split: Split, cfg: ExperimentConfig) -> DataLoader:
+    return DataLoader(_Normalised(split, cfg), batch_size=cfg.evaluate.batch_size, shuffle=False,
+                      num_workers=cfg.classifier.num_workers)
+
+
+def score_split(model: torch.nn.Module, score_fn, split: Split, cfg: ExperimentConfig,
+                device: torch.device, progress: bool = True) -> np.ndarray:
+    """Scores (higher = more ID) of every image of ``split``, in order, as float64."""
+    out = []
+    for images, _ in tqdm(_loader(split, cfg), desc=f"{score_fn.name} · {split.name}", leave=False,
+                          disable=not progress):
+        out.append(score_fn(model, images.to(device)).double().cpu())
+    return torch.cat(out).numpy()
+
+
+@torch.no_grad()
+def _accuracy(model, split: Split, cfg: ExperimentConfig, device) -> float:
+    correct = total = 0
+    for images, labels in _loader(split, cfg):
+        correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+def _mean_rows(rows: list[dict], score: str) -> list[dict]:
+    means = []
+    for label, roles in [("mean (near)", {"ood-near"}), ("mean (far)", {"ood-far"}),
+                         ("mean (all)", {"ood-near", "ood-far"})]:
+        chosen = [{k: r[k] for k in METRIC_KEYS} for r in rows if r["score"] == score and r["role"] in roles]
+        if chosen and not (label == "mean (all)" and len({r["role"] for r in rows if r["role"] in roles}) < 2):
+            means.append({"score": score, "set": label, "role": "mean", **mean_row(chosen)})
+    return means
+
+
+def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = True
+             ) -> tuple[dict, dict[str, np.ndarray]]:
+    """Evaluate a classifier on the preset's ID test and OOD sets.
+
+    Returns:
+        ``(results, raw_scores)``: ``results`` holds the convention, the ID accuracy, the energy
+        sign and one row per (score, set) plus the mean rows; ``raw_scores`` maps ``score/set``
+        to the scores.
+    """
+    device = resolve_device(cfg.run.device)
+    model = bundle.model.to(device).eval()
+    splits = build_splits(cfg.data)
+    id_test = next(s for s in splits if s.role == "id-test")
+    ood = [s for s in splits if s.role.startswith("ood")]
+    sign = 1.0 if bundle.slope >= 0 else -1.0
+    if bundle.meta.get("outliers", "none") != "none" and sign < 0:
+        log.warning("the energy head's slope is negative (%.3g): scoring with −logsumexp", bundle.slope)
+    e = cfg.evaluate
+    names = [e.score] + [n for n in e.extra_scores if n != e.score]
+    rows, raw = [], {}
+    for name in names:
+        score_fn = build_score(name, temperature=e.odin_temperature, epsilon=e.odin_epsilon,
+                               sign=sign if name == "energy" else 1.0)
+        if isinstance(score_fn, MahalanobisScore):
+            train = next(s for s in splits if s.role == "id-train")
+            batches = ((x.to(device), y) for x, y in _loader(train, cfg))
+            score_fn.fit(model, batches, num_classes=len(train.classes))
+        raw[f"{name}/{id_test.name}"] = id_scores = score_split(model, score_fn, id_test, cfg, device, progress)
+        for split in ood:
+            raw[f"{name}/{split.name}"] = ood_scores = score_split(model, score_fn, split, cfg, device, progress)
+            rows.append({"score": name, "set": split.name, "role": split.role,
+                         **ood_metrics(id_scores, ood_scores, positive=e.positive)})
+        rows += _mean_rows(rows, name)
+    results = {
+        "positive": e.positive, "convention": CONVENTIONS[e.positive], "main_score": e.score,
+        "id_accuracy": _accuracy(model, id_test, cfg, device), "energy_sign": sign,
+        "slope": bundle.slope, "classifier": {k: v for k, v in bundle.meta.items() if k != "classes"},
+        "sets": {s.name: {"role": s.role, "count": len(s.dataset)} for s in [id_test, *ood]},
+        "rows": rows,
+    }
+    return results, raw
+
+
+def format_table(results: dict, score: str | None = None) -> str:
+    """The markdown table of one score (default: the main one), metrics in percent, convention stated."""
+    score = score or results["main_score"]
+    sign = " (energy × sign of the head's slope: −1)" if score == "energy" and results["energy_sign"] < 0 else ""
+    lines = [f"Score: **{score}**{sign}. Positive class: {results['convention']}.",
+             f"ID accuracy: {100 * results['id_accuracy']:.2f} %.", "",
+             "| OOD set | role | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---:|---:|---:|---:|"]
+    for row in results["rows"]:
+        if row["score"] == score:
+            name = f"**{row['set']}**" if row["role"] == "mean" else row["set"]
+            lines.append(f"| {name} | {row['role']} | " + " | ".join(
+                f"{100 * row[k]:.2f}" for k in METRIC_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(results: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["score", "set", "role", *METRIC_KEYS, "positive"])
+    writer.writeheader()
+    for row in results["rows"]:
+        writer.writerow({**row, "positive": results["positive"]})
+    return buffer.getvalue()
+
+
+def write_results(folder: Path, results: dict, raw: dict[str, np.ndarray]) -> None:
+    """``metrics.json``, ``metrics.csv``, ``table.md`` and ``scores.npz`` into ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "scores.npz") as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **raw)
+    atomic_write_text(folder / "metrics.csv", _csv(results))
+    tables = [format_table(results)] + [format_table(results, s) for s in
+                                        dict.fromkeys(r["score"] for r in results["rows"])
+                                        if s != results["main_score"]]
+    atomic_write_text(folder / "table.md", "\n".join(tables))
+    atomic_write_json(folder / "metrics.json", results)
+
+
+def run(cfg: ExperimentConfig, run_dir: RunDir, checkpoint: str | Path | None = None,
+        progress: bool = True) -> dict:
+    """Stage 6 in the run folder: evaluate ``classifier/best.safetensors`` (or ``checkpoint``)."""
+    c = cfg.classifier
+    if checkpoint is not None:
+        # the kit's own files carry arch and classes; third-party ones take them from the config
+        num_classes = len(get_split(cfg.data, "id-test").classes)
+        bundle = load_classifier(checkpoint, c.arch, num_classes, c.energy_head, c.head_hidden)
+        results, raw = evaluate(cfg, bundle, progress)
+        write_results(run_dir.path("results_dir"), results, raw)
+        return results
+    with run_dir.stage("evaluate") as rec:
+        if rec.done:
+            return json.loads(run_dir.path("metrics_json").read_text())
+        bundle = load_classifier(run_dir.require("classifier_best"))
+        results, raw = evaluate(cfg, bundle, progress)
+        write_results(run_dir.path("results_dir"), results, raw)
+        main = [r for r in results["rows"] if r["score"] == results["main_score"] and r["role"] == "mean"]
+        rec.info.update(id_accuracy=results["id_accuracy"],
+                        means={r["set"]: {k: r[k] for k in ("fpr95", "auroc")} for r in main})
+    return results
+

@@ -1,0 +1,120 @@
+"""Stage 6: tables, conventions, the energy sign, and a case whose answer is known."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ncis_core.config import load_config
+from ncis_core.data import build_splits
+from ncis_core.metrics import ood_metrics
+from ncis_core.models.resnet import EnergyHead
+from ncis_core.runs import RunDir
+from ncis_core.stages import evaluate as stage6
+from ncis_core.stages import train_classifier as stage5
+from ncis_core.stages.train_classifier import ClassifierBundle
+
+
+class Brightness(nn.Module):
+    """An 'oracle' for the demo world: silhouettes lie on a pure black background (≥ 35 % of the
+    pixels of every ID image), textures and faces only have the 2-px black frame (23.4 %).
+
+    Logit of every class = 10 · fraction of black pixels, so logsumexp ranks every ID test image
+    above every texture crop and face: FPR95 = 0 and AUROC = 1 are known in advance.
+    """
+
+    def __init__(self, classes=6):
+        super().__init__()
+        self.classes = classes
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, return_features=False):
+        black = (x == -1).all(dim=1).float().mean(dim=(1, 2))[:, None]  # Normalize(0.5, 0.5): 0 → −1
+        logits = 10 * black.repeat(1, self.classes) + self.dummy
+        logits = logits + torch.arange(self.classes) * 1e-3  # argmax: the last class
+        return (logits, x.flatten(1)[:, :8]) if return_features else logits
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config("smoke", ["data.ood_sets=[texture_crops,faces]", "data.ood_subset_size=16",
+                                 "evaluate.extra_scores=[msp,maxlogit,mahalanobis]", *overrides],
+                       out=str(tmp_path / "run"))
+
+
+def test_known_answer_and_all_outputs(tmp_path):
+    cfg = _cfg(tmp_path)
+    bundle = ClassifierBundle(Brightness(), EnergyHead("monotone"), {"slope": 1.0, "outliers": "folder"})
+    results, raw = stage6.evaluate(cfg, bundle, progress=False)
+    energy = {r["set"]: r for r in results["rows"] if r["score"] == "energy"}
+    for name in ["texture_crops", "faces"]:
+        assert energy[name]["fpr95"] == 0.0 and energy[name]["auroc"] == 1.0
+    assert energy["mean (far)"]["auroc"] == 1.0
+    # rows equal metrics recomputed from the raw scores
+    again = ood_metrics(raw["energy/id-test"], raw["energy/faces"])
+    assert again == {k: energy["faces"][k] for k in again}
+    assert {r["score"] for r in results["rows"]} == {"energy", "msp", "maxlogit", "mahalanobis"}
+    stage6.write_results(tmp_path / "res", results, raw)
+    table = (tmp_path / "res" / "table.md").read_text()
+    assert "Positive class: ID positive" in table and "| **mean (far)** |" in table
+    rows = list(csv.DictReader(open(tmp_path / "res" / "metrics.csv")))
+    assert all(r["positive"] == "id" for r in rows)
+    assert set(np.load(tmp_path / "res" / "scores.npz").files) == set(raw)
+    assert json.loads((tmp_path / "res" / "metrics.json").read_text())["energy_sign"] == 1.0
+
+
+def test_negative_slope_flips_the_energy_score_and_says_so(tmp_path):
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[]")
+    bundle = ClassifierBundle(Brightness(), EnergyHead("linear"), {"slope": -0.7, "outliers": "ncis"})
+    results, raw = stage6.evaluate(cfg, bundle, progress=False)
+    assert results["energy_sign"] == -1.0
+    assert all(r["auroc"] == 0.0 for r in results["rows"])  # the oracle ranked backwards: reported as such
+    assert "sign of the head's slope: −1" in stage6.format_table(results)
+
+
+def test_ood_positive_convention_changes_only_fpr95(tmp_path):
+    cfg_id = _cfg(tmp_path, "evaluate.extra_scores=[odin]", "data.ood_sets=[digits]")
+    cfg_ood = _cfg(tmp_path, "evaluate.extra_scores=[odin]", "data.ood_sets=[digits]", "evaluate.positive=ood")
+    torch.manual_seed(0)
+    net = stage5.build_classifier("small", 6).eval()
+    bundle = ClassifierBundle(net, EnergyHead("monotone"), {"slope": 1.0})
+    a, _ = stage6.evaluate(cfg_id, bundle, progress=False)
+    b, _ = stage6.evaluate(cfg_ood, bundle, progress=False)
+    for ra, rb in zip(a["rows"], b["rows"]):
+        assert ra["auroc"] == rb["auroc"] and ra["aupr_in"] == rb["aupr_in"]
+    assert {r["score"] for r in a["rows"]} == {"energy", "odin"}
+    assert "OOD positive" in stage6.format_table(b)
+
+
+def test_stage6_in_the_run_folder_after_stage5(tmp_path):
+    cfg = _cfg(tmp_path, "classifier.outliers=none", "classifier.epochs=1", "evaluate.extra_scores=[msp]")
+    run = RunDir.create(cfg)
+    stage5.run(cfg, run, progress=False)
+    results = stage6.run(cfg, run, progress=False)
+    assert 0 <= results["id_accuracy"] <= 1
+    assert run.path("table_md").exists() and run.path("metrics_csv").exists()
+    assert stage6.run(cfg, run, progress=False) == json.loads(run.path("metrics_json").read_text())
+
+
+def test_evaluate_command_on_a_released_style_checkpoint(tmp_path):
+    """The shortest path to a table: a checkpoint in the OOD literature's layout, no training."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    net = stage5.build_classifier("small", 6)
+    torch.save({"module." + k: v for k, v in net.state_dict().items()}, tmp_path / "released.pt")
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "ncis_core", "evaluate", "--preset", "smoke",
+                           "--checkpoint", str(tmp_path / "released.pt"), "--out", str(out),
+                           "--set", "evaluate.extra_scores=[]"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| **mean (far)** |" in proc.stdout
+    assert (out / "results" / "metrics.json").exists()
+    bad = subprocess.run([sys.executable, "-m", "ncis_core", "evaluate", "--preset", "smoke",
+                          "--checkpoint", str(tmp_path / "released.pt"), "--out", str(out),
+                          "--set", "classifier.arch=resnet18"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not fit classifier.arch=resnet18" in bad.stderr
+    assert "Traceback" not in bad.stderr
