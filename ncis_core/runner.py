@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from .config import load_config
-from .runs import ARTEFACTS, STAGES, RunDir
+from .runs import ARTEFACTS, STAGES, RunDir, stage_inputs
 
 __all__ = ["NOTEBOOK_DIR", "NotebookFailed", "notebook_series", "parse_stages", "run_series"]
 
@@ -108,13 +108,15 @@ def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = {"preset": preset, "run_dir": str(Path(out).resolve()), "overrides": list(overrides)}
     available = {n for n, _ in notebook_series(notebooks)}
+    skipped: set[int] = set()
     executed = []
     for number, path in series:
         target = out_dir / path.name
-        reason = _unbuilt_input(run, number, available)
+        reason = _unbuilt_input(run, number, available - skipped)
         if reason:
             log.warning("stage %d: %s skipped: %s", number, path.name, reason)
             run.note("notebooks", path.name, {"status": "skipped", "reason": reason})
+            skipped.add(number)
             continue
         log.info("stage %d: executing %s", number, path.name)
         started = _dt.datetime.now(_dt.timezone.utc)
@@ -132,14 +134,15 @@ def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple
 
 def _unbuilt_input(run: RunDir, number: int, available: set[int]) -> str | None:
     """Why stage ``number`` cannot run yet: an input is missing AND the stage that makes it has no
-    notebook in the kit. (A missing input whose notebook exists is left to fail in the notebook
-    with its clear "run stage N first" message: the user chose to skip that stage.)"""
+    notebook in the kit (or was itself skipped for that reason). A missing input whose notebook
+    exists is left to fail in the notebook with its clear "run stage N first" message: the user
+    chose not to run that stage."""
     stage = next((s for s in STAGES.values() if s.number == number), None)
-    for artefact in stage.inputs if stage else ():
+    for artefact in stage_inputs(run.cfg, stage.name) if stage else ():
         producer = next(s for s in STAGES.values() if artefact in s.outputs)
         if not run.path(artefact).exists() and producer.number not in available:
             return (f"it needs {ARTEFACTS[artefact]} from stage {producer.number} ({producer.name}), "
-                    f"which has no notebook in this kit yet")
+                    f"which cannot run yet (no notebook for it or for a stage before it)")
     return None
 
 

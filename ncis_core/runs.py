@@ -49,6 +49,7 @@ __all__ = [
     "MissingArtefactError",
     "RunDir",
     "StageRecord",
+    "stage_inputs",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -114,6 +115,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage(6, "evaluate", ("data", "evaluate"), ("classifier_best",),
           ("metrics_json", "metrics_csv", "table_md")),
 ]}
+
+def stage_inputs(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
+    """The artefacts stage ``name`` reads under ``cfg``: its own list, except where the config
+    changes it (stage 5 reads stage 4's ``outliers/`` only when ``classifier.outliers=ncis``)."""
+    if name == "classifier" and cfg.classifier.outliers != "ncis":
+        return ()
+    return STAGES[name].inputs
+
 
 # Config sections every stage depends on (the seed changes every random draw).
 _COMMON_SECTIONS = ("run.seed",)

@@ -121,7 +121,23 @@ def test_stage_whose_input_stage_has_no_notebook_is_skipped(tmp_path):
     folder.mkdir()
     write_notebook(folder / "00_ok.ipynb", [_params_cell(), ("code", "x = 1")])
     write_notebook(folder / "02_needs_embeddings.ipynb", [_params_cell(), ("code", "raise SystemExit(3)")])
+    write_notebook(folder / "03_needs_cvpn.ipynb", [_params_cell(), ("code", "raise SystemExit(3)")])
     executed = run_series("smoke", tmp_path / "run", notebooks=folder, progress=False)
     assert [p.name for p in executed] == ["00_ok.ipynb"]
-    entry = json.loads((tmp_path / "run" / "manifest.json").read_text())["notebooks"]["02_needs_embeddings.ipynb"]
-    assert entry["status"] == "skipped" and "stage 1 (embed)" in entry["reason"]
+    notes = json.loads((tmp_path / "run" / "manifest.json").read_text())["notebooks"]
+    assert notes["02_needs_embeddings.ipynb"]["status"] == "skipped"
+    assert "stage 1 (embed)" in notes["02_needs_embeddings.ipynb"]["reason"]
+    # stage 2 has a notebook, but it was skipped: stage 3 waits too
+    assert notes["03_needs_cvpn.ipynb"]["status"] == "skipped"
+
+
+@pytest.mark.slow
+def test_classifier_notebooks_run_without_generated_outliers(tmp_path):
+    """Notebooks 05 and 06 through papermill, with the plain cross-entropy baseline (no stage 4)."""
+    out = tmp_path / "run"
+    executed = run_series("smoke", out, ["classifier.outliers=none", "classifier.epochs=1",
+                                         "evaluate.extra_scores=[msp]"], stages="5-6", progress=False)
+    assert [p.name for p in executed] == ["05_train_classifier.ipynb", "06_evaluate.ipynb"]
+    for figure in ["05_training.png", "06_histograms.png", "06_roc_energy.png", "06_roc_msp.png"]:
+        assert (out / "figures" / figure).stat().st_size > 1000
+    assert "Positive class: ID positive" in (out / "results" / "table.md").read_text()

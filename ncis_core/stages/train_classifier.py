@@ -46,7 +46,7 @@ from ..data.transforms import (Compose, Normalize, RandomChoiceResize, RandomCro
                                RandomHorizontalFlip, RandomResizedCrop, ToTensor)
 from ..device import resolve_device
 from ..models.resnet import EnergyHead, build_classifier, remap_ood_checkpoint
-from ..runs import RunDir, atomic_path, atomic_write_json
+from ..runs import RunDir, atomic_path, atomic_write_json, stage_inputs
 
 __all__ = [
     "train_transforms",
@@ -260,6 +260,14 @@ def _init_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     return model
 
 
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+def _quantiles(chunks: list[torch.Tensor]) -> list[float]:
+    """The 5/25/50/75/95 % quantiles of the training-time energy scores (augmented images)."""
+    return torch.quantile(torch.cat(chunks).float(), torch.tensor(QUANTILES)).tolist()
+
+
 def _cycle(loader: DataLoader, epoch: int, seed: int):
     """The outlier loader, restarted with a new seeded order each time it runs out."""
     round_ = 0
@@ -331,7 +339,8 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
         id_gen.manual_seed(seed * 1_000_033 + epoch)
         outlier_iter = _cycle(out_loader, epoch, seed) if out_loader is not None else None
         model.train(), head.train()
-        sums = {"ce": 0.0, "energy": 0.0, "correct": 0, "seen": 0, "s_id": 0.0, "s_out": 0.0, "n_out": 0}
+        sums = {"ce": 0.0, "energy": 0.0, "correct": 0, "seen": 0}
+        scores_id, scores_out = [], []  # logsumexp per image: the energy distributions of the epoch
         bar = tqdm(id_loader, desc=f"classifier epoch {epoch + 1}/{c.epochs}", leave=False,
                    disable=not progress or not accelerator.is_main_process)
         for x_in, y_in in bar:
@@ -361,11 +370,10 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
                 sums["ce"] += ce.item() * len(x_in)
                 sums["correct"] += (logits[: len(x_in)].argmax(1) == y_in).sum().item()
                 sums["seen"] += len(x_in)
-                sums["s_id"] += s[: len(x_in)].sum().item()
+                scores_id.append(s[: len(x_in)].cpu())
                 if outlier_iter is not None:
                     sums["energy"] += e_loss.item() * len(x_in)
-                    sums["s_out"] += s[len(x_in):].sum().item()
-                    sums["n_out"] += len(x) - len(x_in)
+                    scores_out.append(s[len(x_in):].cpu())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         slope = float(accelerator.unwrap_model(head).slope())
         n = max(sums["seen"], 1)
@@ -373,8 +381,8 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
             "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "ce": sums["ce"] / n,
             "energy_loss": sums["energy"] / n if outliers is not None else None,
             "train_acc": sums["correct"] / n, "slope": slope,
-            "mean_score_id": sums["s_id"] / n,
-            "mean_score_outlier": sums["s_out"] / sums["n_out"] if sums["n_out"] else None,
+            "score_quantiles_id": _quantiles(scores_id),
+            "score_quantiles_outlier": _quantiles(scores_out) if scores_out else None,
         })
         if outliers is not None and slope < 0:
             log.warning("epoch %d: the energy head's slope is negative (%.3g): outliers get the higher "
@@ -410,7 +418,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
     folder's content for the other sources, nothing beyond the config for ``none``.
     """
     c = cfg.classifier
-    inputs = ("outliers_dir",) if c.outliers == "ncis" else ()
+    inputs = stage_inputs(cfg, "classifier")
     extra = (_outlier_folder(cfg, run_dir),) if c.outliers not in ("ncis", "none") else ()
     with run_dir.stage("classifier", inputs=inputs, extra=extra) as rec:
         if rec.done:
