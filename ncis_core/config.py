@@ -32,6 +32,7 @@ __all__ = [
     "GenerateConfig",
     "ClassifierConfig",
     "EvaluateConfig",
+    "GeneratorConfig",
     "ExperimentConfig",
     "PRESET_DIR",
     "available_presets",
@@ -110,11 +111,15 @@ class DiffusionConfig:
         dtype: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``float32``, ``float16`` or ``bfloat16``.
         class_token: ``first_piece`` (paper: the first BPE piece of the short name) or
             ``placeholder`` (one new token per class; METHOD.md defect 1).
+        single_file_config: for an original single-file checkpoint (``.ckpt``/``.safetensors``), a
+            diffusers folder (or hub id) with the matching component configs and tokenizer; empty:
+            diffusers infers one, which needs the hub or its cache.
     """
 
     pipeline: str = "CompVis/stable-diffusion-v1-4"
     dtype: str = "auto"
     class_token: str = "first_piece"
+    single_file_config: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,11 +135,25 @@ class EmbedConfig:
     timestep_stride: int = 20
     images_per_step: int = 8
     shard_size: int = 512
+    # Images per UNet call inside one step (0: all ``images_per_step``); the gradients of the chunks
+    # add up to the same step, so this only bounds accelerator memory.
+    micro_batch: int = 0
 
 
 @dataclass(frozen=True)
 class CVPNConfig:
-    """Stage 2: the conditional volume-preserving network (METHOD.md §2)."""
+    """Stage 2: the conditional volume-preserving network (METHOD.md §2).
+
+    Args (beyond the paper's values):
+        packed_orthogonal: store only the strict upper triangle of each orthogonal layer's matrix
+            (≈34.7 M instead of ≈36.2 M parameters at D=768, C=100; the same function).
+        expm: how the orthogonal layers' exponentials are computed: ``auto`` (``eigh`` on the CPU,
+            ``matrix_exp`` on accelerators), ``eigh`` or ``matrix_exp`` (see ``models/cvpn.py``).
+        mixed_precision: bfloat16 autocast for the coupling MLPs on CUDA; the orthogonal factors
+            always stay float32 (computed in float64).
+        holdout_fraction: per-class fraction of the embeddings kept out of training (and out of
+            stage 3's class Gaussians) for the held-out pictures; 0 (paper) trains on all.
+    """
 
     num_layers: int = 4
     hidden: Optional[int] = None
@@ -145,6 +164,10 @@ class CVPNConfig:
     epochs: int = 200
     center: bool = False
     selection_points: int = 1000
+    packed_orthogonal: bool = False
+    expm: str = "auto"
+    mixed_precision: bool = False
+    holdout_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -198,9 +221,9 @@ class ClassifierConfig:
     num_outliers: Optional[int] = 6400
     outliers_with_replacement: bool = False
     id_generated: str = "none"
+    seed: Optional[int] = None  # the classifier's own seed (compare varies it); null: run.seed
     mean: List[float] = field(default_factory=lambda: [125.3 / 255, 123.0 / 255, 113.9 / 255])
     std: List[float] = field(default_factory=lambda: [63.0 / 255, 62.1 / 255, 66.7 / 255])
-    seeds: List[int] = field(default_factory=lambda: [1])
     num_workers: int = 2
 
 
@@ -217,6 +240,67 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class GeneratorConfig:
+    """The demo world's small SD-architecture generator (``ncis_core/demo_generator.py``).
+
+    Args:
+        out: where ``train-generator`` saves the pipeline (``save_pretrained`` layout).
+        work_dir: checkpoints of an unfinished training (resumed on rerun; git-ignored).
+        image_size: training image side (32: the demo world's images).
+        vae_channels: VAE width per level; ``n`` levels shrink 32 px to 32 / 2^(n-1) latents.
+        vae_layers_per_block, latent_channels, norm_groups: VAE / UNet shape details.
+        unet_channels, unet_layers_per_block, attention_head_dim: the UNet (cross-attention on
+            every level; ``attention_head_dim`` is diffusers' name for the number of heads).
+        text_width, text_layers, text_heads: the CLIP text encoder (``text_width`` is also the
+            UNet's cross-attention width).
+        vae_steps, vae_batch_size, vae_lr, kl_weight: VAE phase (L1 + ``kl_weight`` · KL).
+        unet_steps, unet_batch_size, unet_lr, text_lr: UNet + text encoder phase.
+        warmup_steps: linear warm-up of both phases before a cosine decay to 10 %.
+        ema_decay: EMA of the UNet and text encoder weights (the EMA is what gets saved).
+        empty_prompt_prob: fraction of "" prompts (classifier-free guidance needs them).
+        prompts: training prompt templates, one drawn per image.
+        hflip: mirror training images at random.
+        checkpoint_every: steps between checkpoints.
+        save_dtype: ``float32`` or ``float16`` storage of the saved pipeline.
+        guidance_scale, eval_steps, eval_per_class: the quality check's generation settings.
+        threads: torch intra-op threads while training (0: torch's default).
+    """
+
+    out: str = "data/demo/generator"
+    work_dir: str = "outputs/generator-train"
+    image_size: int = 32
+    vae_channels: List[int] = field(default_factory=lambda: [16, 32, 64])
+    vae_layers_per_block: int = 1
+    latent_channels: int = 4
+    norm_groups: int = 8
+    unet_channels: List[int] = field(default_factory=lambda: [32, 64, 128])
+    unet_layers_per_block: int = 1
+    attention_head_dim: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 2
+    vae_steps: int = 1500
+    vae_batch_size: int = 64
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-4
+    unet_steps: int = 6000
+    unet_batch_size: int = 64
+    unet_lr: float = 1e-3
+    text_lr: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    empty_prompt_prob: float = 0.1
+    prompts: List[str] = field(default_factory=lambda: ["An image of a {}"])
+    hflip: bool = True
+    checkpoint_every: int = 250
+    save_dtype: str = "float32"
+    guidance_scale: float = 5.0
+    eval_steps: int = 25
+    eval_per_class: int = 50
+    threads: int = 1
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """The whole experiment: one section per stage plus the run-level one."""
 
@@ -229,6 +313,7 @@ class ExperimentConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
 # Values a key may take where the type alone does not say (checked after the merge).
@@ -237,12 +322,14 @@ _CHOICES = {
     ("data", "dataset"): ("demo", "cifar100", "imagenet100"),
     ("diffusion", "dtype"): ("auto", "float32", "float16", "bfloat16"),
     ("diffusion", "class_token"): ("first_piece", "placeholder"),
+    ("cvpn", "expm"): ("auto", "eigh", "matrix_exp"),
     ("sample", "method"): ("ncis", "linear"),
     ("generate", "embedding_per"): ("batch", "image"),
     ("classifier", "energy_head"): ("linear", "monotone"),
     ("classifier", "outliers"): ("none", "idgen", "linear", "ncis", "folder"),
     ("classifier", "id_generated"): ("none", "vae_recon", "idgen"),
     ("evaluate", "positive"): ("id", "ood"),
+    ("generator", "save_dtype"): ("float32", "float16"),
 }
 
 
