@@ -1,0 +1,523 @@
+"""Stable Diffusion for stages 1 and 4: loading, class tokens, and per-sample prompt embeddings.
+
+NCIS works in the **input token-embedding table** of SD's CLIP text encoder (METHOD.md §1): stage 1
+optimises one row per training image, stage 4 puts an outlier embedding where the class token's row
+was while the prompt is encoded. This module holds what both stages share:
+
+* :func:`load_pipeline` — a ``StableDiffusionPipeline`` from a hub id, a local diffusers folder
+  (``from_pretrained``: SD 1.4 and the demo generator alike) or an original single-file checkpoint
+  (``from_single_file``), on the configured device and dtype, safety checker off; or, for
+  ``diffusion.pipeline: tiny-random`` (the ``smoke`` preset and the tests), tiny random components
+  built from configs (:func:`build_tiny_pipeline`). Pipelines are cached in-process.
+* :func:`class_tokens` — which row stands for each class, by ``diffusion.class_token``:
+  ``first_piece`` (the paper: the first BPE piece of the short name) or ``placeholder`` (one new
+  token per class, initialised from the mean of its name's pieces; METHOD.md defect 1).
+* :func:`swap_rows` — swap rows of the input-embedding table for the duration of a ``with`` block
+  (restored also on exceptions): the paper's injection mechanism.
+* :func:`encode_prompts` — encode a batch of prompts where **each sample has its own vector** for
+  its class token, so one batch can carry different embeddings (stage 1's per-image rows, stage 4's
+  ``embedding_per: image``). It replaces the token-embedding lookup's output at the class token's
+  positions, which is exactly what a swapped row would give, but per sample and differentiable.
+
+Example:
+    >>> from ncis_core.config import DiffusionConfig
+    >>> pipe = load_pipeline(DiffusionConfig(pipeline="tiny-random", dtype="float32"),
+    ...                      words=["bear", "cat"])
+    >>> tokens = class_tokens(pipe, ["bear", "cat"], "placeholder")
+    >>> ctx = encode_prompts(pipe, ["An image of a <bear>"], [tokens.token_ids[0]],
+    ...                      torch.zeros(1, pipe.text_encoder.config.hidden_size))
+    >>> tuple(ctx.shape)
+    (1, 77, 32)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "TINY_RANDOM",
+    "PROMPT_WORDS",
+    "PipelineLoadError",
+    "resolve_dtype",
+    "load_pipeline",
+    "build_tiny_pipeline",
+    "clear_pipeline_cache",
+    "set_progress",
+    "ClassTokens",
+    "token_pieces",
+    "class_tokens",
+    "generation_names",
+    "tokens_missing_from_prompt",
+    "embedding_table",
+    "embedding_width",
+    "swap_rows",
+    "tokenize",
+    "encode_prompts",
+    "process_state",
+    "broadcast",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``diffusion.pipeline`` value that builds tiny random components from configs (smoke, tests).
+TINY_RANDOM = "tiny-random"
+
+#: Words of the kit's prompts; the tiny tokenizer keeps them whole.
+PROMPT_WORDS: tuple[str, ...] = ("an", "image", "of", "a", "the", "high", "quality")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CACHE: dict[tuple, object] = {}
+_SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
+
+
+class PipelineLoadError(RuntimeError):
+    """The pipeline named by ``diffusion.pipeline`` could not be loaded; the message says how to
+    point the config at a local folder or checkpoint."""
+
+
+# ----------------------------------------------------------------------------- loading
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``auto`` → float16 on CUDA, float32 elsewhere; otherwise the named dtype."""
+    if name == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown diffusion.dtype {name!r}; use auto, {', '.join(_DTYPES)}") from None
+
+
+def _local_path(source: str) -> Path | None:
+    """``source`` as an existing local path (relative to the working directory, then to the
+    project root, where notebooks and the command line run), or None."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    root = Path(__file__).resolve().parent.parent
+    if not path.is_absolute() and (root / path).exists():
+        return root / path
+    return None
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    # "owner/name" with no further slashes and no file suffix; anything else is meant as a path.
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", source) is not None
+            and not source.startswith(".") and not source.endswith(_SINGLE_FILE_SUFFIXES))
+
+
+def _hint(source: str) -> str:
+    return (f"Point the config at a local copy instead: `--set diffusion.pipeline=/path/to/folder` "
+            f"(a diffusers folder holding model_index.json, e.g. a snapshot of {source}) or "
+            f"`--set diffusion.pipeline=/path/to/sd-v1-4.ckpt` (an original single-file checkpoint; "
+            f"add `--set diffusion.single_file_config=/path/to/diffusers-folder` to load it offline).")
+
+
+def build_tiny_pipeline(words: Sequence[str] = (), seed: int = 0, width: int = 32):
+    """A ``StableDiffusionPipeline`` of tiny random components, built from configs (no download).
+
+    The diffusers test pattern: a 2-level ``UNet2DConditionModel`` with cross-attention width =
+    the text encoder's width, a 3-level ``AutoencoderKL`` (32 px → 8 × 8 latents), a 2-layer
+    ``CLIPTextModel``, an offline ``CLIPTokenizer`` whose vocabulary keeps :data:`PROMPT_WORDS` and
+    ``words`` whole, and SD's PNDM scheduler. Weights are drawn from ``seed`` without touching the
+    global random state.
+
+    Args:
+        words: extra words to keep as single tokens (class names).
+        seed: weight initialisation seed.
+        width: text-encoder width ``D`` (= the UNet's cross-attention width).
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .demo_generator import build_pipeline, build_tokenizer
+
+    vocab_words = tuple(dict.fromkeys([*PROMPT_WORDS, *(w.lower() for w in words if w.strip())]))
+    # Multi-word names ("aquarium fish") are kept whole word by word.
+    vocab_words = tuple(dict.fromkeys(p for w in vocab_words for p in re.findall(r"[a-z]+", w)))
+    try:
+        tokenizer = build_tokenizer(vocab_words)
+    except ValueError:
+        # The builder's left-to-right merge chains can collide ("quality" takes the "q u" that
+        # "aquarium" needs): keep the words greedily, in order, while the chains stay intact. The
+        # dropped words split into pieces, which the class-token strategies handle anyway.
+        kept: list[str] = []
+        for word in vocab_words:
+            try:
+                build_tokenizer((*kept, word))
+                kept.append(word)
+            except ValueError:
+                pass
+        log.info("tiny tokenizer: %s split into pieces", sorted(set(vocab_words) - set(kept)))
+        tokenizer = build_tokenizer(tuple(kept))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width,
+            attention_head_dim=4, norm_num_groups=8)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+            layers_per_block=1, norm_num_groups=8, sample_size=32)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=width, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            hidden_act="quick_gelu"))
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return build_pipeline(vae, text_encoder, tokenizer, unet)
+
+
+def _load(source: str, dtype: torch.dtype, single_file_config: str):
+    from diffusers import StableDiffusionPipeline
+
+    common = dict(dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    path = _local_path(source)
+    if path is not None and path.is_dir():
+        if not (path / "model_index.json").exists():
+            raise PipelineLoadError(
+                f"diffusion.pipeline={source!r} is a folder without model_index.json, so it is not a "
+                f"diffusers pipeline (save one with `pipe.save_pretrained(folder)`). " + _hint(source))
+        return StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, **common)
+    if path is not None and path.is_file():
+        kwargs = dict(common)
+        kwargs.pop("requires_safety_checker")
+        if single_file_config:
+            cfg_path = _local_path(single_file_config)
+            kwargs["config"] = str(cfg_path) if cfg_path else single_file_config
+        try:
+            return StableDiffusionPipeline.from_single_file(
+                str(path), local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")), **kwargs)
+        except Exception as exc:  # noqa: BLE001 - many hub/network error types; one message
+            raise PipelineLoadError(
+                f"could not load the single-file checkpoint {path} ({type(exc).__name__}: {exc}). "
+                f"diffusers needs the matching component configs and tokenizer: set "
+                f"diffusion.single_file_config to a local diffusers folder of the same model "
+                f"(e.g. a snapshot of CompVis/stable-diffusion-v1-4).") from exc
+    if not _looks_like_hub_id(source):
+        raise PipelineLoadError(
+            f"diffusion.pipeline={source!r} is neither an existing local folder or file nor a hub id "
+            f"(owner/name). For the demo preset it is the demo generator's folder: train it with "
+            f"ncis_core.demo_generator.train_generator (see notebooks/extras/). " + _hint(source))
+    try:
+        return StableDiffusionPipeline.from_pretrained(source, **common)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo, gated repo: one message
+        raise PipelineLoadError(
+            f"could not load the Stable Diffusion pipeline {source!r} from the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            + _hint(source)) from None
+
+
+def set_progress(pipe, progress: bool) -> None:
+    """The pipeline's own progress bar: off when ``progress`` is false; otherwise tqdm's defaults,
+    so ``TQDM_DISABLE=1`` still silences it (an explicit ``disable=False`` would override that)."""
+    pipe.set_progress_bar_config(**({} if progress else {"disable": True}))
+
+
+def load_pipeline(dcfg, device: torch.device | str = "cpu", words: Sequence[str] = (),
+                  progress: bool = False, seed: int = 0):
+    """The Stable Diffusion pipeline named by ``dcfg.pipeline``, on ``device`` in ``dcfg.dtype``.
+
+    Args:
+        dcfg: a :class:`~ncis_core.config.DiffusionConfig` (or an ``ExperimentConfig``).
+        device: where the components go.
+        words: for ``tiny-random`` only: words its tokenizer keeps whole (the class names).
+        progress: the pipeline's denoising progress bar.
+        seed: for ``tiny-random`` only: the weight seed.
+
+    Returns:
+        A cached ``StableDiffusionPipeline`` (safety checker off). Callers must not change its
+        weights; the class-token helpers here only add placeholder tokens and restore swapped rows.
+
+    Raises:
+        PipelineLoadError: an unreachable hub id, a missing folder or an unreadable checkpoint; the
+            message says how to point the config at a local folder or checkpoint.
+    """
+    dcfg = getattr(dcfg, "diffusion", dcfg)
+    device = torch.device(device)
+    dtype = resolve_dtype(dcfg.dtype, device)
+    if dcfg.pipeline == TINY_RANDOM:
+        key = (TINY_RANDOM, tuple(sorted(set(words))), seed, dtype, str(device))
+    else:
+        path = _local_path(dcfg.pipeline)
+        key = (str(path.resolve()) if path else dcfg.pipeline, dcfg.single_file_config, dtype, str(device))
+    pipe = _CACHE.get(key)
+    if pipe is None:
+        if dcfg.pipeline == TINY_RANDOM:
+            pipe = build_tiny_pipeline(words, seed=seed)
+        else:
+            log.info("loading the diffusion pipeline %s (%s) on %s", dcfg.pipeline, dtype, device)
+            pipe = _load(dcfg.pipeline, dtype, dcfg.single_file_config)
+        pipe = pipe.to(device=device, dtype=dtype)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)  # frozen: stage 1 differentiates w.r.t. its rows only
+        _CACHE[key] = pipe
+    set_progress(pipe, progress)
+    return pipe
+
+
+def clear_pipeline_cache() -> None:
+    """Forget the cached pipelines (frees their memory)."""
+    _CACHE.clear()
+
+
+# ----------------------------------------------------------------------------- class tokens
+def embedding_table(text_encoder) -> torch.nn.Embedding:
+    """The text encoder's input token-embedding table (``vocab × D``)."""
+    return text_encoder.get_input_embeddings()
+
+
+def embedding_width(pipe_or_text_encoder) -> int:
+    """``D``: the width of the input-embedding table."""
+    te = getattr(pipe_or_text_encoder, "text_encoder", pipe_or_text_encoder)
+    return embedding_table(te).weight.shape[1]
+
+
+def token_pieces(tokenizer, name: str) -> list[str]:
+    """The BPE pieces of ``name``, checked to be encodable.
+
+    Raises:
+        ValueError: ``name`` yields no token, or a piece the vocabulary does not know (the unknown
+            token).
+    """
+    pieces = tokenizer.tokenize(name)
+    if not name.strip() or not pieces:
+        raise ValueError(f"class name {name!r} cannot be encoded by the tokenizer: it yields no token")
+    ids = tokenizer.convert_tokens_to_ids(pieces)
+    unk = tokenizer.unk_token_id
+    if any(i is None for i in ids) or (unk is not None and unk in ids
+                                       and tokenizer.unk_token not in name):
+        raise ValueError(f"class name {name!r} cannot be encoded by the tokenizer: its pieces {pieces} "
+                         f"include tokens outside the vocabulary (mapped to {tokenizer.unk_token!r})")
+    return pieces
+
+
+@dataclass(frozen=True)
+class ClassTokens:
+    """Which row of the input-embedding table stands for each class.
+
+    Attributes:
+        strategy: ``first_piece`` or ``placeholder``.
+        names: the classes' short names.
+        token_ids: per class, the row that stage 1 optimises and stage 4 replaces.
+        tokens: per class, that row's token string.
+        pieces: per class, the BPE pieces of the short name.
+        prompt_words: per class, what fills ``{}`` of the embedding prompt (the short name for
+            ``first_piece``, the placeholder for ``placeholder``).
+        generation_words: per class, what fills ``{}`` of the generation prompt (the long name; for
+            ``placeholder`` with the short name replaced by the placeholder).
+        long_names: per class, the long name itself (the ordinary, un-injected class prompt).
+    """
+
+    strategy: str
+    names: list[str]
+    token_ids: list[int]
+    tokens: list[str]
+    pieces: list[list[str]]
+    prompt_words: list[str]
+    generation_words: list[str] = field(default_factory=list)
+    long_names: list[str] = field(default_factory=list)
+
+    @property
+    def multi_piece(self) -> dict[str, list[str]]:
+        """Classes whose short name splits into several BPE pieces → their pieces."""
+        return {n: p for n, p in zip(self.names, self.pieces) if len(p) > 1}
+
+    def summary(self) -> dict:
+        """A JSON-able record (written into the stage-1 file's metadata)."""
+        return {"strategy": self.strategy, "tokens": self.tokens, "token_ids": self.token_ids,
+                "multi_piece": self.multi_piece}
+
+
+def _placeholder(name: str) -> str:
+    return "<" + re.sub(r"\s+", "-", name.strip().lower()) + ">"
+
+
+def generation_names(dataset: str, names: Sequence[str]) -> list[str]:
+    """The long names of the generation prompt for the short ``names`` of ``dataset``
+    (CLASSES.md: CIFAR-100's six exceptions, ImageNet-100's suffixes; the demo's are the same)."""
+    from .data.classes import CIFAR100_LONG, CIFAR100_SHORT, IMAGENET100_NAMES, IMAGENET100_PROMPT_NAMES
+
+    table = {"cifar100": dict(zip(CIFAR100_SHORT, CIFAR100_LONG)),
+             "imagenet100": dict(zip(IMAGENET100_NAMES, IMAGENET100_PROMPT_NAMES))}.get(dataset, {})
+    return [table.get(n, n) for n in names]
+
+
+def class_tokens(pipe, names: Sequence[str], strategy: str,
+                 long_names: Sequence[str] | None = None) -> ClassTokens:
+    """Pick (and for ``placeholder`` create) the class-token rows.
+
+    ``first_piece``: the row of the first BPE piece of each short name (the paper; a multi-piece
+    name optimises a fragment, e.g. cockroach → "co"). ``placeholder``: a new token ``<name>`` per
+    class, added to the tokenizer (the text encoder's table grows by C rows), whose row is set to
+    the mean of the name's pieces' rows; it replaces the short name in both prompts.
+
+    Classes whose names split into several pieces are logged.
+
+    Raises:
+        ValueError: an unknown strategy, or a name the tokenizer cannot encode.
+    """
+    names = [str(n) for n in names]
+    long_names = list(long_names) if long_names is not None else list(names)
+    if len(long_names) != len(names):
+        raise ValueError(f"{len(long_names)} long names for {len(names)} classes")
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    pieces = [token_pieces(tokenizer, n) for n in names]
+    multi = {n: p for n, p in zip(names, pieces) if len(p) > 1}
+    if multi:
+        log.info("%d class names split into several BPE pieces: %s", len(multi),
+                 ", ".join(f"{n} → {'+'.join(p)}" for n, p in multi.items()))
+    if strategy == "first_piece":
+        tokens = [p[0] for p in pieces]
+        ids = [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
+        return ClassTokens(strategy, names, ids, tokens, pieces, list(names), long_names, long_names)
+    if strategy != "placeholder":
+        raise ValueError(f"unknown diffusion.class_token {strategy!r}; use first_piece or placeholder")
+    tokens = [_placeholder(n) for n in names]
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"class names give duplicate placeholder tokens: {tokens}")
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if new:
+        tokenizer.add_tokens(new)
+        if len(tokenizer) > embedding_table(text_encoder).num_embeddings:
+            # mean_resizing=False: the new rows are set just below, no need to sample them
+            text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            text_encoder.requires_grad_(False)
+    ids = [int(i) for i in tokenizer.convert_tokens_to_ids(tokens)]
+    for t, i in zip(tokens, ids):
+        if tokenizer.tokenize(t) != [t] and tokenizer.tokenize(f"a {t}")[-1] != t:
+            raise ValueError(f"the tokenizer does not keep the placeholder {t!r} whole")
+    weight = embedding_table(text_encoder).weight
+    with torch.no_grad():
+        for i, p in zip(ids, pieces):
+            piece_ids = torch.as_tensor(tokenizer.convert_tokens_to_ids(p), device=weight.device)
+            weight[i] = weight[piece_ids].float().mean(0).to(weight.dtype)
+    generation = []
+    for name, long, token in zip(names, long_names, tokens):
+        pattern = r"(?<![\w])" + re.escape(name) + r"(?![\w])"
+        generation.append(re.sub(pattern, token, long, count=1) if re.search(pattern, long) else token)
+    return ClassTokens(strategy, names, ids, tokens, pieces, tokens, generation, long_names)
+
+
+def tokens_missing_from_prompt(pipe, tokens: ClassTokens, template: str) -> list[int]:
+    """Classes whose token does not occur in their generation prompt, so nothing would be injected
+    (the paper's CIFAR class 21: the piece "chimp" is not a piece of "chimpanzee")."""
+    ids = tokenize(pipe.tokenizer, [template.format(w) for w in tokens.generation_words])
+    return [c for c, t in enumerate(tokens.token_ids) if not bool((ids[c] == t).any())]
+
+
+# ----------------------------------------------------------------------------- injection
+@contextlib.contextmanager
+def swap_rows(text_encoder, token_ids: Sequence[int], rows: torch.Tensor) -> Iterator[None]:
+    """Replace rows ``token_ids`` of the input-embedding table by ``rows`` inside the block.
+
+    The original rows are restored when the block ends, also when it raises.
+
+    Example:
+        >>> with swap_rows(pipe.text_encoder, [tokens.token_ids[c]], outlier[None]):  # doctest: +SKIP
+        ...     ctx = pipe.text_encoder(ids)[0]
+    """
+    weight = embedding_table(text_encoder).weight
+    index = torch.as_tensor(list(token_ids), dtype=torch.long, device=weight.device)
+    rows = torch.as_tensor(rows).to(weight.device, weight.dtype).reshape(len(index), weight.shape[1])
+    if len(set(index.tolist())) != len(index):
+        raise ValueError("swap_rows needs distinct token ids (one row can hold one vector)")
+    with torch.no_grad():
+        saved = weight[index].clone()
+        weight[index] = rows
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight[index] = saved
+
+
+def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids ``B × max_length`` exactly as the SD pipeline makes them (padded, truncated)."""
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(pipe, prompts: Sequence[str] | torch.Tensor, token_ids: Sequence[int] | None = None,
+                   vectors: torch.Tensor | None = None) -> torch.Tensor:
+    """The text encoder's ``last_hidden_state`` (``B × L × D``, the UNet's context) for ``prompts``,
+    with sample ``b``'s class token (every occurrence of ``token_ids[b]``) given the vector
+    ``vectors[b]`` instead of its table row.
+
+    Without ``vectors`` this is the pipeline's own prompt encoding. Gradients flow to ``vectors``
+    (stage 1 trains them); the table itself is never written.
+
+    Args:
+        pipe: the pipeline (its tokenizer and text encoder are used).
+        prompts: ``B`` strings, or token ids ``B × L`` from :func:`tokenize`.
+        token_ids: ``B`` token ids, one per sample (required with ``vectors``).
+        vectors: ``B × D`` vectors (any float dtype; cast to the encoder's).
+
+    Raises:
+        ValueError: ``vectors`` whose width differs from the text encoder's, or counts that differ.
+    """
+    text_encoder = pipe.text_encoder
+    table = embedding_table(text_encoder)
+    device = table.weight.device
+    ids = prompts if torch.is_tensor(prompts) else tokenize(pipe.tokenizer, prompts)
+    ids = ids.to(device)
+    if vectors is None:
+        return text_encoder(ids)[0]
+    width = table.weight.shape[1]
+    if vectors.ndim != 2 or vectors.shape[1] != width:
+        raise ValueError(f"embeddings of width {vectors.shape[-1]} (shape {tuple(vectors.shape)}) do not "
+                         f"fit the text encoder, whose input-embedding width is {width}: they were made "
+                         f"with a different diffusion.pipeline")
+    if token_ids is None or len(token_ids) != len(ids) or len(vectors) != len(ids):
+        raise ValueError(f"{len(ids)} prompts need as many token ids and vectors, got "
+                         f"{None if token_ids is None else len(token_ids)} and {len(vectors)}")
+    targets = torch.as_tensor(list(token_ids), dtype=ids.dtype, device=device)
+    mask = (ids == targets[:, None])[..., None]
+    vectors = vectors.to(device=device, dtype=table.weight.dtype)
+
+    def inject(module, args, output):
+        return torch.where(mask, vectors[:, None, :], output)
+
+    handle = table.register_forward_hook(inject)
+    try:
+        return text_encoder(ids)[0]
+    finally:
+        handle.remove()
+
+
+# ----------------------------------------------------------------------------- processes
+def process_state(device_name: str = "auto"):
+    """``(accelerate PartialState, torch.device)`` for a stage that shards across processes.
+
+    Launched by ``accelerate launch`` each process gets its own GPU (``state.device``); on CPUs
+    the processes run accelerate's ``MULTI_CPU`` (gloo) mode. In a plain single process the state
+    is accelerate's no-op and the device is ``run.device`` resolved as everywhere else.
+    """
+    from accelerate import PartialState
+
+    from .device import resolve_device
+
+    device = resolve_device(device_name)
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes > 1 and device.type != "cpu":
+        device = state.device
+    return state, device
+
+
+def broadcast(state, values: list) -> list:
+    """``values`` of the main process, on every process (a no-op in a single process)."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(values)
+    return values

@@ -1,0 +1,366 @@
+"""Stage 1: per-image textual inversion of the class token (METHOD.md §1) ↔ ``01_embed.ipynb``.
+
+For every ID training image of class ``c``: start from the class token's row ``e_c`` (see
+:func:`ncis_core.diffusion.class_tokens`), encode the image to the VAE posterior **mode** ×
+``scaling_factor``, and take ``embed.steps`` Adam steps (lr ``embed.lr``, default betas) on
+``embed.noise_batch`` noised copies of the latent, timesteps drawn uniformly from
+``{first, first + stride, …} < T`` with fresh noise each step, loss ``mean ‖ε_θ(z_t, t, ctx) − ε‖²``
+with the context of ``"An image of a {class}"`` carrying the image's row. No guidance. The result
+is the optimised row: one ``D``-vector per image.
+
+**Batched**: ``embed.images_per_step`` images share one UNet call per step, each with its own row
+and its own Adam state. The rows form one ``B × D`` parameter and the loss is the *sum* of the
+images' own mean losses, so image ``i``'s gradient is exactly its own loss's gradient; Adam is
+element-wise, so one Adam over the ``B × D`` block is ``B`` independent Adams. Each image draws its
+timesteps and noise from its own generator (seeded by ``run.seed`` and the image id), so the result
+does not depend on which images share a batch, on sharding, or on resuming (up to the float
+rounding of batched kernels: ≤ 1e-4, checked by the tests and the benchmark). Only the rows get
+gradients: the UNet, VAE and text encoder are frozen (no weight gradients).
+
+**Resumable, sharded**: images are cut into shards of ``embed.shard_size`` (the same cut for any
+number of processes); each finished shard is written to ``embeddings.parts/`` and skipped on a
+rerun. Under ``accelerate launch`` the shards are split between processes; the main process merges
+them into ``embeddings.safetensors`` (``N × D`` float32, labels, image ids; via
+:mod:`ncis_core.embeddings_io`), the same file a single process writes.
+
+Command line (also under ``accelerate launch``)::
+
+    python -m ncis_core.stages.embed --preset demo --out outputs/demo
+    accelerate launch --multi_gpu --num_processes 2 -m ncis_core.stages.embed --preset P --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .. import diffusion
+from ..config import EmbedConfig, ExperimentConfig
+from ..embeddings_io import load_embeddings, save_embeddings
+from ..runs import RunDir, atomic_path
+
+__all__ = [
+    "timestep_grid",
+    "image_generator",
+    "to_model_range",
+    "encode_latents",
+    "draw_noise",
+    "invert",
+    "prepare",
+    "embed_indices",
+    "shards_dir",
+    "class_token_rows",
+    "run",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+
+def timestep_grid(cfg: EmbedConfig, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """The timesteps a noised copy may get: ``{first, first + stride, …} < T`` (1, 21, …, 981)."""
+    grid = torch.arange(cfg.timestep_first, num_train_timesteps, cfg.timestep_stride)
+    if len(grid) == 0:
+        raise ValueError(f"embed.timestep_first={cfg.timestep_first} leaves no timestep below "
+                         f"T={num_train_timesteps}")
+    return grid
+
+
+def image_generator(seed: int, image_id: int) -> torch.Generator:
+    """The CPU generator of one image's timesteps and noise (independent of batching/sharding)."""
+    state = np.random.SeedSequence([seed, 1, int(image_id)]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """``N × H × W × 3`` uint8 → ``N × 3 × H × W`` float32 in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x.div(127.5).sub(1.0)
+
+
+@torch.no_grad()
+def encode_latents(pipe, images: torch.Tensor) -> torch.Tensor:
+    """VAE posterior **mode** × the VAE's ``scaling_factor`` (float32, on the pipeline's device)."""
+    vae = pipe.vae
+    x = images.to(vae.device, vae.dtype)
+    return vae.encode(x).latent_dist.mode().float() * vae.config.scaling_factor
+
+
+def draw_noise(generators: Sequence[torch.Generator], grid: torch.Tensor, copies: int,
+               latent_shape: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, ``copies`` timesteps from ``grid`` and ``copies`` noise tensors, from its own
+    generator (timesteps first, then noise): ``(B × copies, B × copies × C × h × w)`` on the CPU."""
+    t = torch.stack([grid[torch.randint(len(grid), (copies,), generator=g)] for g in generators])
+    eps = torch.stack([torch.randn((copies, *latent_shape), generator=g) for g in generators])
+    return t, eps
+
+
+def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Sequence[int],
+           init_rows: torch.Tensor, cfg: EmbedConfig, generators: Sequence[torch.Generator]
+           ) -> torch.Tensor:
+    """Textual inversion of a batch of images, each with its own row (METHOD.md §1).
+
+    Args:
+        pipe: the pipeline (UNet, text encoder, scheduler's ``alphas_cumprod``); frozen.
+        latents: ``B × C × h × w`` scaled posterior modes.
+        prompt_ids: ``B × L`` token ids of the images' prompts.
+        token_ids: ``B`` class-token ids (the position that carries each image's row).
+        init_rows: ``B × D`` starting rows.
+        cfg: steps, lr, noise batch, timestep grid, micro batch.
+        generators: ``B`` per-image generators (:func:`image_generator`).
+
+    Returns:
+        ``B × D`` float32 optimised rows (CPU).
+    """
+    unet = pipe.unet
+    device, dtype = unet.device, unet.dtype
+    alphas = pipe.scheduler.alphas_cumprod.to(torch.float32)
+    grid = timestep_grid(cfg, len(alphas))
+    b = len(latents)
+    rows = init_rows.detach().to(device, torch.float32).clone().requires_grad_(True)
+    opt = torch.optim.Adam([rows], lr=cfg.lr)
+    chunk = cfg.micro_batch if cfg.micro_batch > 0 else b
+    n = cfg.noise_batch
+    z0 = latents.to(device, torch.float32)
+    for _ in range(cfg.steps):
+        t, eps = draw_noise(generators, grid, n, latents.shape[1:])
+        opt.zero_grad(set_to_none=True)
+        for lo in range(0, b, chunk):
+            hi = min(lo + chunk, b)
+            ctx = diffusion.encode_prompts(pipe, prompt_ids[lo:hi], token_ids[lo:hi], rows[lo:hi])
+            ctx = ctx.repeat_interleave(n, dim=0)
+            tt = t[lo:hi].reshape(-1)
+            noise = eps[lo:hi].reshape(-1, *latents.shape[1:]).to(device)
+            a = alphas[tt].to(device).view(-1, 1, 1, 1)
+            zt = a.sqrt() * z0[lo:hi].repeat_interleave(n, dim=0) + (1 - a).sqrt() * noise
+            pred = unet(zt.to(dtype), tt.to(device), encoder_hidden_states=ctx).sample.float()
+            # Sum over images of each image's own mean loss: image i's row gets exactly the
+            # gradient it would get alone (a batch mean would scale it by 1/B).
+            loss = (pred - noise).pow(2).reshape(hi - lo, -1).mean(1).sum()
+            loss.backward()
+        opt.step()
+    return rows.detach().cpu()
+
+
+def prepare(cfg: ExperimentConfig, device: torch.device | str = "cpu", progress: bool = False):
+    """The pipeline, the class tokens and the ID training split with stage 1's transform
+    (Resize + CenterCrop to ``embed.resolution``).
+
+    Returns:
+        ``(pipe, tokens, split, dataset)``.
+    """
+    from ..data import CenterCrop, Compose, Resize, get_split, with_transform
+
+    split = get_split(cfg.data, "id-train")
+    names = list(split.classes)
+    if not names:
+        raise ValueError("the ID training split has no class names")
+    long_names = diffusion.generation_names(cfg.data.dataset, names)
+    words = [*names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
+             *cfg.generate.prompt.replace("{}", " ").split()]
+    pipe = diffusion.load_pipeline(cfg.diffusion, device, words=words, progress=progress,
+                                   seed=cfg.run.seed)
+    tokens = diffusion.class_tokens(pipe, names, cfg.diffusion.class_token, long_names)
+    res = cfg.embed.resolution
+    dataset = with_transform(split.dataset, Compose([Resize(res), CenterCrop(res)]))
+    return pipe, tokens, split, dataset
+
+
+def _prompt_ids(pipe, tokens, template: str) -> torch.Tensor:
+    """Token ids of each class's embedding prompt, checked to contain the class token."""
+    if "{}" not in template:
+        raise ValueError(f"embed.prompt {template!r} has no '{{}}' for the class name")
+    ids = diffusion.tokenize(pipe.tokenizer, [template.format(w) for w in tokens.prompt_words])
+    for c, t in enumerate(tokens.token_ids):
+        if not bool((ids[c] == t).any()):
+            raise ValueError(f"the embedding prompt of class {tokens.names[c]!r} does not contain its "
+                             f"class token {tokens.tokens[c]!r} (truncated?)")
+    return ids
+
+
+def embed_indices(pipe, tokens, dataset, indices: Sequence[int], cfg: ExperimentConfig,
+                  bar=None) -> torch.Tensor:
+    """Rows for the images ``indices`` of ``dataset``, ``embed.images_per_step`` at a time."""
+    ecfg = cfg.embed
+    prompt_ids = _prompt_ids(pipe, tokens, ecfg.prompt)
+    table = diffusion.embedding_table(pipe.text_encoder).weight
+    out = []
+    for lo in range(0, len(indices), ecfg.images_per_step):
+        batch = [int(i) for i in indices[lo:lo + ecfg.images_per_step]]
+        items = [dataset[i] for i in batch]
+        labels = [label for _, label in items]
+        latents = encode_latents(pipe, to_model_range(np.stack([im for im, _ in items])))
+        token_ids = [tokens.token_ids[c] for c in labels]
+        init = table[torch.as_tensor(token_ids, device=table.device)].detach().float()
+        gens = [image_generator(cfg.run.seed, i) for i in batch]
+        out.append(invert(pipe, latents, prompt_ids[labels], token_ids, init, ecfg, gens))
+        if bar is not None:
+            bar.update(len(batch))
+    dim = table.shape[1]
+    return torch.cat(out) if out else torch.empty(0, dim)
+
+
+def shards_dir(run_dir: RunDir) -> Path:
+    """Where finished shards wait for the merge: ``embeddings.parts/`` beside the final file."""
+    return run_dir.path("embeddings").with_suffix(".parts")
+
+
+def _shard_file(run_dir: RunDir, k: int) -> Path:
+    return shards_dir(run_dir) / f"shard-{k:05d}.safetensors"
+
+
+def _read_shard(path: Path, expected_ids: np.ndarray) -> dict | None:
+    """A finished shard, or None when absent or not the expected images (then it is redone)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shard = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception:  # noqa: BLE001 - an unreadable shard is simply recomputed
+        return None
+    if shard.get("image_ids") is None or not np.array_equal(shard["image_ids"].numpy(), expected_ids):
+        return None
+    return shard
+
+
+def class_token_rows(cfg: ExperimentConfig, device: torch.device | str = "cpu"
+                     ) -> tuple[torch.Tensor, object]:
+    """The classes' starting rows (``C × D`` float32) and their :class:`~ncis_core.diffusion.ClassTokens`
+    (for the notebook's distance-from-class-token plot)."""
+    pipe, tokens, _, _ = prepare(cfg, device)
+    table = diffusion.embedding_table(pipe.text_encoder).weight
+    rows = table[torch.as_tensor(tokens.token_ids, device=table.device)].detach().float().cpu()
+    return rows, tokens
+
+
+def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
+        on_shard_end: Callable[[int], None] | None = None) -> dict:
+    """Stage 1: write ``embeddings.safetensors``; skipped when complete and current, resumed shard
+    by shard when interrupted, sharded across processes under ``accelerate launch``.
+
+    Args:
+        cfg: the experiment config (``data``, ``diffusion``, ``embed``, ``run.seed``/``device``).
+        run_dir: the run folder.
+        progress: progress bars.
+        on_shard_end: called with the shard number after each shard is written (tests use it to
+            kill a run part-way).
+
+    Returns:
+        The embeddings file as read by :func:`~ncis_core.embeddings_io.load_embeddings`.
+    """
+    state, device = diffusion.process_state(cfg.run.device)
+    main_process = state.is_main_process
+    ecfg = cfg.embed
+    if ecfg.images_per_step < 1 or ecfg.shard_size < 1 or ecfg.noise_batch < 1 or ecfg.steps < 0:
+        raise ValueError("embed.images_per_step, embed.shard_size and embed.noise_batch must be ≥ 1 "
+                         "and embed.steps ≥ 0")
+    parts = shards_dir(run_dir)
+    finished = False
+    with contextlib.ExitStack() as stack:
+        rec = stack.enter_context(run_dir.stage("embed")) if main_process else None
+        done, resumable = diffusion.broadcast(state, [rec.done, rec.resumable] if rec else [None, None])
+        if not done:
+            if main_process and not resumable and parts.exists():
+                log.info("inputs changed since the partial run: discarding %s", parts)
+                shutil.rmtree(parts)
+            state.wait_for_everyone()
+            pipe, tokens, split, dataset = prepare(cfg, device, progress=False)
+            n = len(dataset)
+            if n == 0:
+                raise ValueError("the ID training split is empty: nothing to embed")
+            shards = list(range(math.ceil(n / ecfg.shard_size)))
+            with state.split_between_processes(shards) as mine:
+                mine = list(mine)
+            started = time.time()
+            todo = []
+            for k in mine:
+                ids = np.arange(k * ecfg.shard_size, min((k + 1) * ecfg.shard_size, n))
+                if _read_shard(_shard_file(run_dir, k), ids) is None:
+                    todo.append((k, ids))
+            if len(todo) < len(mine):
+                log.info("resuming: %d of %d shards already done", len(mine) - len(todo), len(mine))
+            total = sum(len(ids) for _, ids in todo)
+            bar = tqdm(total=total, desc="stage 1: textual inversion", unit="img",
+                       **({} if progress and main_process else {"disable": True}))
+            for k, ids in todo:
+                rows = embed_indices(pipe, tokens, dataset, ids, cfg, bar)
+                labels = torch.as_tensor(np.asarray(split.dataset.labels)[ids], dtype=torch.int64)
+                with atomic_path(_shard_file(run_dir, k)) as tmp:
+                    save_file({"embeddings": rows.contiguous(), "labels": labels,
+                               "image_ids": torch.as_tensor(ids, dtype=torch.int64)}, str(tmp))
+                if on_shard_end is not None:
+                    on_shard_end(k)
+            bar.close()
+            elapsed = time.time() - started
+            state.wait_for_everyone()
+            if main_process:
+                merged = {key: [] for key in ("embeddings", "labels", "image_ids")}
+                for k in shards:
+                    ids = np.arange(k * ecfg.shard_size, min((k + 1) * ecfg.shard_size, n))
+                    shard = _read_shard(_shard_file(run_dir, k), ids)
+                    if shard is None:
+                        raise RuntimeError(f"shard {k} of stage 1 is missing after all processes finished")
+                    for key in merged:
+                        merged[key].append(shard[key])
+                summary = tokens.summary()
+                save_embeddings(
+                    run_dir.path("embeddings"), torch.cat(merged["embeddings"]),
+                    torch.cat(merged["labels"]), torch.cat(merged["image_ids"]), tokens.names,
+                    extra={"source": "stage1", "pipeline": cfg.diffusion.pipeline,
+                           "class_token": summary["strategy"], "tokens": json.dumps(summary["tokens"]),
+                           "token_ids": json.dumps(summary["token_ids"]),
+                           "multi_piece": json.dumps(summary["multi_piece"]), "prompt": ecfg.prompt})
+                rec.info.update(count=n, dim=diffusion.embedding_width(pipe), processes=state.num_processes,
+                                class_token=summary["strategy"], multi_piece=summary["multi_piece"],
+                                seconds_main_process=round(elapsed, 2))
+                log.info("stage 1: %d embeddings of width %d (%d processes)", n,
+                         diffusion.embedding_width(pipe), state.num_processes)
+        finished = True
+    if finished and main_process and parts.exists():
+        shutil.rmtree(parts)  # only after the manifest says complete: a kill before keeps the shards
+    state.wait_for_everyone()
+    return load_embeddings(run_dir.require("embeddings"))
+
+
+def _stage_main(argv: Sequence[str] | None, name: str, stage_run) -> int:
+    """Shared command line of the diffusion stages: ``--preset``, ``--out``, ``--set``."""
+    from ..config import load_config
+
+    parser = argparse.ArgumentParser(prog=f"python -m ncis_core.stages.{name}",
+                                     description=f"Run stage {name} (also under accelerate launch).")
+    parser.add_argument("--preset", required=True)
+    parser.add_argument("--out", required=True, help="the run folder")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="STAGE.KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.preset, args.overrides, out=args.out)
+    state, _ = diffusion.process_state(cfg.run.device)
+    if state.is_main_process:
+        RunDir.create(cfg)
+    state.wait_for_everyone()
+    stage_run(cfg, RunDir(cfg.run.out, cfg), progress=not args.no_progress)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ncis_core.stages.embed --preset P --out DIR [--set k=v …]``."""
+    return _stage_main(argv, "embed", run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,317 @@
+"""Stage 4: outlier images (METHOD.md §4) ↔ ``04_generate_outliers.ipynb``.
+
+Stable Diffusion with the class token's row replaced by an outlier embedding of stage 3 while the
+prompt ``generate.prompt`` ("A high-quality image of the {long class name}") is encoded; the
+unconditional prompt ``generate.negative_prompt`` ("") is encoded without replacement. PLMS
+(diffusers' PNDM with ``skip_prk_steps``), ``generate.steps`` steps, guidance
+``generate.guidance_scale``, ``height × width``; decoded images are clamped to [0, 1], resized
+bilinearly to ``output_size`` and saved as PNG.
+
+The plan (:func:`plan`) is fixed by the config alone: batch ``b`` of ``generate.num_batches`` is
+class ``b mod C`` (round-robin) and its ``k = b div C``-th batch; image ``j`` of it is the class's
+image ``n = k · batch_size + j``, file ``outliers/<class>/<name>_<n>.png``, with the outlier
+embedding ``k mod M`` (``embedding_per: batch``, the paper: one embedding per batch) or
+``n mod M`` (``embedding_per: image``, METHOD.md defect 2), and the seed ``generate.seed + g``
+(``g`` = the image's global number) of its own starting noise. So an image can be regenerated alone
+from ``outliers/index.json`` (file → class, embedding index, seed), and neither resuming nor
+sharding changes any image.
+
+Resumable: each PNG is written atomically; a rerun skips batches whose files all exist (stale
+temporary files of a killed run are removed first) and rewrites ``index.json`` last, so the final
+tree equals that of an uninterrupted run. Under ``accelerate launch`` the batches are split between
+processes and the main process writes the index.
+
+Command line (also under ``accelerate launch``)::
+
+    python -m ncis_core.stages.generate --preset demo --out outputs/demo
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .. import diffusion
+from ..config import ExperimentConfig, GenerateConfig
+from ..runs import RunDir, atomic_path, atomic_write_json
+
+__all__ = [
+    "INDEX_FORMAT",
+    "PlannedImage",
+    "plan",
+    "load_outlier_embeddings",
+    "prepare",
+    "generate_images",
+    "ordinary_images",
+    "render_batches",
+    "load_index",
+    "run",
+    "main",
+]
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = "ncis-outlier-images/1"
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """One image of the plan (one entry of ``index.json``)."""
+
+    file: str
+    batch: int
+    class_index: int
+    class_name: str
+    embedding_index: int
+    seed: int
+
+
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^\w-]+", "_", name.strip().lower()) or "class"
+
+
+def plan(num_classes: int, num_embeddings: int, gcfg: GenerateConfig, class_names: Sequence[str]
+         ) -> list[list[PlannedImage]]:
+    """The batches of stage 4, each a list of :class:`PlannedImage` (see the module docstring)."""
+    if num_classes < 1 or num_embeddings < 1:
+        raise ValueError(f"cannot plan outlier images for {num_classes} classes × {num_embeddings} "
+                         f"embeddings")
+    if gcfg.num_batches < 0 or gcfg.batch_size < 1:
+        raise ValueError("generate.num_batches must be ≥ 0 and generate.batch_size ≥ 1")
+    batches = []
+    for b in range(gcfg.num_batches):
+        c, k = b % num_classes, b // num_classes
+        images = []
+        for j in range(gcfg.batch_size):
+            n = k * gcfg.batch_size + j
+            e = (k if gcfg.embedding_per == "batch" else n) % num_embeddings
+            images.append(PlannedImage(f"{c}/{_file_stem(class_names[c])}_{n}.png", b, c,
+                                       class_names[c], e, gcfg.seed + b * gcfg.batch_size + j))
+        batches.append(images)
+    return batches
+
+
+def load_outlier_embeddings(path: str | Path) -> dict:
+    """Stage 3's file, checked: ``{"outliers": C × M × D float32, "class_names": [C], ...}``.
+
+    Raises:
+        ValueError: no ``outliers`` tensor, not ``C × M × D``, or empty (no class or no embedding).
+    """
+    from .sample import load_outliers
+
+    data = load_outliers(path)
+    out = data.get("outliers")
+    if out is None:
+        raise ValueError(f"{path} holds no 'outliers' tensor; rerun stage 3 (sample)")
+    if out.ndim != 3:
+        raise ValueError(f"outlier embeddings must be C × M × D, got shape {tuple(out.shape)} in {path}")
+    if out.numel() == 0:
+        raise ValueError(f"{path} holds no outlier embeddings (shape {tuple(out.shape)}); rerun stage 3 "
+                         f"(sample) with sample.rounds and sample.keep_per_round ≥ 1")
+    if not torch.isfinite(out).all():
+        raise ValueError(f"{path} contains NaN or Inf outlier embeddings; rerun stage 3 (sample)")
+    meta = data.get("metadata", {})
+    names = (json.loads(meta["class_names"]) if "class_names" in meta
+             else [f"class_{i}" for i in range(len(out))])
+    if len(names) != out.shape[0]:
+        raise ValueError(f"{path}: {out.shape[0]} classes of outliers but {len(names)} class names")
+    data["class_names"] = names
+    return data
+
+
+def prepare(cfg: ExperimentConfig, class_names: Sequence[str], device: torch.device | str = "cpu",
+            progress: bool = False):
+    """The pipeline (PNDM with ``skip_prk_steps``) and the class tokens for ``class_names``.
+
+    Returns:
+        ``(pipe, tokens)``.
+    """
+    from diffusers import PNDMScheduler
+
+    long_names = diffusion.generation_names(cfg.data.dataset, class_names)
+    words = [*class_names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
+             *cfg.generate.prompt.replace("{}", " ").split()]
+    pipe = diffusion.load_pipeline(cfg.diffusion, device, words=words, progress=progress,
+                                   seed=cfg.run.seed)
+    if not (isinstance(pipe.scheduler, PNDMScheduler) and pipe.scheduler.config.skip_prk_steps):
+        # METHOD.md §4: PLMS = PNDM without the Runge-Kutta warm-up steps
+        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
+    tokens = diffusion.class_tokens(pipe, class_names, cfg.diffusion.class_token, long_names)
+    return pipe, tokens
+
+
+def _to_uint8(images: torch.Tensor, size: int) -> np.ndarray:
+    """``B × 3 × H × W`` in [0, 1] → clamp, bilinear resize to ``size``, ``B × size × size × 3`` uint8."""
+    x = images.float().clamp(0, 1)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def generate_images(pipe, tokens, class_index: int, vectors: torch.Tensor | None, seeds: Sequence[int],
+                    gcfg: GenerateConfig) -> np.ndarray:
+    """One batch of images of class ``class_index``; image ``j`` carries ``vectors[j]`` in place of the
+    class token's row. ``vectors=None``: the ordinary class prompt with the long name (no placeholder,
+    nothing injected).
+
+    Returns:
+        ``B × output_size × output_size × 3`` uint8.
+    """
+    b = len(seeds)
+    if vectors is None:
+        ctx = diffusion.encode_prompts(pipe, [gcfg.prompt.format(tokens.long_names[class_index])] * b)
+    else:
+        prompts = [gcfg.prompt.format(tokens.generation_words[class_index])] * b
+        ctx = diffusion.encode_prompts(pipe, prompts, [tokens.token_ids[class_index]] * b, vectors)
+    negative = diffusion.encode_prompts(pipe, [gcfg.negative_prompt] * b)
+    # One CPU generator per image: its starting noise depends on its seed only, on any device.
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    out = pipe(prompt_embeds=ctx, negative_prompt_embeds=negative, height=gcfg.height, width=gcfg.width,
+               num_inference_steps=gcfg.steps, guidance_scale=gcfg.guidance_scale, eta=gcfg.eta,
+               generator=generators, output_type="pt").images
+    return _to_uint8(out, gcfg.output_size)
+
+
+def ordinary_images(pipe, tokens, class_index: int, seeds: Sequence[int], gcfg: GenerateConfig
+                    ) -> np.ndarray:
+    """Generations from the plain class prompt (long name, nothing injected) with the given seeds:
+    the notebook's comparison row."""
+    return generate_images(pipe, tokens, class_index, None, seeds, gcfg)
+
+
+def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Sequence[int],
+                   outliers: torch.Tensor | None, out_dir: Path, gcfg: GenerateConfig,
+                   progress: bool = True, on_batch_end: Callable[[int], None] | None = None,
+                   desc: str = "stage 4: outlier images") -> float:
+    """Render the batches ``which`` of the plan into ``out_dir``, skipping batches whose files all
+    exist (resume). ``outliers`` (C × M × D) are injected per the plan; ``None`` renders the plain
+    class prompt with the same seeds (the ``idgen`` control).
+
+    Returns:
+        Seconds spent.
+    """
+    todo = [b for b in which if not all((out_dir / im.file).exists() for im in batches[b])]
+    if len(todo) < len(which):
+        log.info("resuming: %d of %d batches already done", len(which) - len(todo), len(which))
+    bar = tqdm(total=sum(len(batches[b]) for b in todo), desc=desc, unit="img",
+               **({} if progress else {"disable": True}))
+    started = time.time()
+    for b in todo:
+        images = batches[b]
+        c = images[0].class_index
+        vectors = None if outliers is None else outliers[c, [im.embedding_index for im in images]]
+        pixels = generate_images(pipe, tokens, c, vectors, [im.seed for im in images], gcfg)
+        for im, px in zip(images, pixels):
+            _save_png(out_dir / im.file, px)
+        bar.update(len(images))
+        if on_batch_end is not None:
+            on_batch_end(b)
+    bar.close()
+    return time.time() - started
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def load_index(path: str | Path) -> dict:
+    """``outliers/index.json``: settings plus ``images`` (file, class, embedding index, seed)."""
+    return json.loads(Path(path).read_text())
+
+
+def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
+        on_batch_end: Callable[[int], None] | None = None) -> dict:
+    """Stage 4: write ``outliers/<class>/*.png`` and ``outliers/index.json``; skipped when complete
+    and current, resumed batch by batch when interrupted, sharded under ``accelerate launch``.
+
+    Args:
+        on_batch_end: called with the batch number after each batch is saved (tests kill a run there).
+
+    Returns:
+        The index (:func:`load_index`).
+
+    Raises:
+        ValueError: an empty outlier file, or outlier embeddings whose width differs from the text
+            encoder's (made with another ``diffusion.pipeline``).
+    """
+    state, device = diffusion.process_state(cfg.run.device)
+    main_process = state.is_main_process
+    gcfg = cfg.generate
+    out_dir = run_dir.path("outliers_dir")
+    with contextlib.ExitStack() as stack:
+        rec = stack.enter_context(run_dir.stage("generate")) if main_process else None
+        done, resumable = diffusion.broadcast(state, [rec.done, rec.resumable] if rec else [None, None])
+        if not done:
+            data = load_outlier_embeddings(run_dir.require("outlier_embeddings"))
+            outliers, names = data["outliers"], data["class_names"]
+            num_classes, num_embeddings, dim = outliers.shape
+            batches = plan(num_classes, num_embeddings, gcfg, names)
+            if main_process:
+                if out_dir.exists() and not resumable:
+                    log.info("inputs changed since the partial run: discarding %s", out_dir)
+                    shutil.rmtree(out_dir)
+                for stale in out_dir.rglob(".*.tmp") if out_dir.exists() else ():
+                    stale.unlink()  # a killed run's half-written file
+                out_dir.mkdir(parents=True, exist_ok=True)
+            state.wait_for_everyone()
+            pipe, tokens = prepare(cfg, names, device)
+            width = diffusion.embedding_width(pipe)
+            if dim != width:
+                raise ValueError(f"the outlier embeddings have width D={dim} but the text encoder of "
+                                 f"diffusion.pipeline={cfg.diffusion.pipeline!r} has input-embedding width "
+                                 f"{width}: stage 3's embeddings must come from stage 1 with the same "
+                                 f"diffusion.pipeline")
+            missing = diffusion.tokens_missing_from_prompt(pipe, tokens, gcfg.prompt)
+            if missing and main_process:
+                log.warning("the class token of %s does not occur in its generation prompt, so no outlier "
+                            "embedding is injected there (METHOD.md defect 1; diffusion.class_token="
+                            "placeholder fixes it)", ", ".join(f"{c} ({names[c]})" for c in missing))
+            with state.split_between_processes(list(range(len(batches)))) as mine:
+                mine = list(mine)
+            elapsed = render_batches(pipe, tokens, batches, mine, outliers, out_dir, gcfg,
+                                     progress and main_process, on_batch_end)
+            state.wait_for_everyone()
+            if main_process:
+                index = {"format": INDEX_FORMAT, "class_token": tokens.strategy,
+                         "embedding_per": gcfg.embedding_per, "classes": list(names),
+                         "prompts": [gcfg.prompt.format(w) for w in tokens.generation_words],
+                         "missing_injection": missing, "settings": asdict(gcfg),
+                         "images": [{"file": im.file, "class": im.class_index, "class_name": im.class_name,
+                                     "embedding_index": im.embedding_index, "seed": im.seed,
+                                     "batch": im.batch} for batch in batches for im in batch]}
+                atomic_write_json(run_dir.path("outliers_index"), index)
+                used = len({(im.class_index, im.embedding_index) for batch in batches for im in batch})
+                rec.info.update(images=sum(len(x) for x in batches), distinct_embeddings=used,
+                                processes=state.num_processes, seconds_main_process=round(elapsed, 2),
+                                missing_injection=missing)
+                log.info("stage 4: %d images from %d distinct outlier embeddings",
+                         sum(len(x) for x in batches), used)
+    state.wait_for_everyone()
+    run_dir.require("outliers_dir")
+    return load_index(run_dir.path("outliers_index"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ncis_core.stages.generate --preset P --out DIR [--set k=v …]``."""
+    from .embed import _stage_main
+
+    return _stage_main(argv, "generate", run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

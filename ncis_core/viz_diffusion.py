@@ -1,0 +1,72 @@
+"""Pictures of stages 1 and 4: how far per-image embeddings moved from their class token, a PCA map
+of the embeddings, and ordinary generations beside NCIS outliers.
+
+Kept apart from :mod:`ncis_core.viz` (data pictures) like :mod:`ncis_core.viz_cvpn`. Every function
+returns a matplotlib ``Figure``; save it with :func:`ncis_core.viz.save_figure`.
+
+Example:
+    >>> fig = plot_token_distances(x, labels, rows, names)   # doctest: +SKIP
+    >>> save_figure(fig, run, "01_token_distances.png")      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .viz import image_grid
+
+__all__ = ["plot_token_distances", "plot_embedding_pca", "plot_outlier_rows"]
+
+
+def plot_token_distances(embeddings, labels, class_rows, names: Sequence[str], max_classes: int = 30):
+    """Per class: the distances ‖x_i − e_c‖ of its images' embeddings from the class token's row
+    (box plot), and, dashed, the norm of the row itself for scale."""
+    x, y, rows = np.asarray(embeddings), np.asarray(labels), np.asarray(class_rows)
+    classes = list(range(min(len(names), max_classes)))
+    dist = [np.linalg.norm(x[y == c] - rows[c], axis=1) for c in classes]
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * len(classes) + 2), 3.4))
+    ax.boxplot(dist, showfliers=False)
+    ax.plot(range(1, len(classes) + 1), np.linalg.norm(rows[classes], axis=1), "k_", ms=14,
+            label="‖e_c‖ (the class token's own norm)")
+    ax.set_xticks(range(1, len(classes) + 1), [names[c] for c in classes], rotation=60, fontsize=8)
+    ax.set_ylabel("‖x_i − e_c‖")
+    ax.set_title("distance of each image's embedding from its class token's row")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_embedding_pca(embeddings, labels, names: Sequence[str], class_rows=None, max_classes: int = 20):
+    """The embeddings on their first two principal components, coloured by class; the class
+    tokens' starting rows (``class_rows``) as black-edged crosses in the same projection."""
+    x, y = np.asarray(embeddings, dtype=np.float64), np.asarray(labels)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    proj = (x - mean) @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    for c in range(min(len(names), max_classes)):
+        color = cmap(c % cmap.N)
+        ax.scatter(*proj[y == c].T, s=8, color=color, alpha=0.6, label=names[c])
+        if class_rows is not None:
+            row = (np.asarray(class_rows[c], dtype=np.float64) - mean) @ vt[:2].T
+            ax.scatter(*row, marker="X", s=90, color=color, edgecolors="black")
+    ax.set_xlabel("PC 1"), ax.set_ylabel("PC 2")
+    ax.set_title("per-image embeddings (PCA); ✕ = class token rows")
+    if len(names) <= 20:
+        ax.legend(fontsize=7, markerscale=2, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_outlier_rows(names: Sequence[str], ordinary: Sequence[Sequence[np.ndarray]],
+                      outliers: Sequence[Sequence[np.ndarray]], title: str = ""):
+    """Per class two rows: ordinary generations from the class prompt, then NCIS outliers."""
+    row_names, rows = [], []
+    for name, plain, odd in zip(names, ordinary, outliers):
+        row_names += [f"{name}: class prompt", f"{name}: NCIS outliers"]
+        rows += [list(plain), list(odd)]
+    return image_grid(row_names, rows, title=title)

@@ -1,0 +1,138 @@
+"""Stage 4 (outlier images) on tiny random components: the plan, kill-and-rerun = uninterrupted,
+clear errors, and two accelerate processes giving the files of one (stages 1 and 4)."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from diffusion_fixtures import ROOT, SMALL, one_thread, subprocess_env, write_outliers  # noqa: F401
+
+from ncis_core.config import load_config
+from ncis_core.embeddings_io import load_embeddings
+from ncis_core.runs import RunDir
+from ncis_core.stages import embed, generate
+
+NAMES = ["bear", "bird", "cat", "dog", "elephant", "giraffe"]
+
+
+def outliers(d=32, m=3, seed=0):
+    return torch.randn(len(NAMES), m, d, generator=torch.Generator().manual_seed(seed))
+
+
+def prepared(path, overrides=(), tensor=None):
+    cfg = load_config("smoke", list(overrides), out=str(path))
+    run = RunDir.create(cfg)
+    write_outliers(run, outliers() if tensor is None else tensor, NAMES)
+    return cfg, run
+
+
+def tree(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_plan_is_round_robin_with_one_embedding_per_batch_or_per_image():
+    gcfg = load_config("cifar100").generate  # the paper: embedding_per batch, seed 42
+    batches = generate.plan(3, 5, gcfg, ["apples", "aquarium fish", "baby"])
+    assert len(batches) == 400 and all(len(b) == 8 for b in batches)
+    assert [b[0].class_index for b in batches[:7]] == [0, 1, 2, 0, 1, 2, 0]
+    assert {im.embedding_index for im in batches[3]} == {1}  # class 0's second batch: embedding 1
+    assert batches[1][0].file == "1/aquarium_fish_0.png" and batches[4][7].file == "1/aquarium_fish_15.png"
+    assert [im.seed for im in batches[1]] == list(range(50, 58))
+    per_image = generate.plan(3, 5, load_config("smoke").generate, ["a", "b", "c"])
+    assert [im.embedding_index for im in per_image[0]] == [0, 1, 2, 3]
+    assert len({(im.class_index, im.embedding_index) for b in per_image for im in b}) == 12
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from ncis_core.config import load_config
+    from ncis_core.runs import RunDir
+    from ncis_core.stages import generate
+    cfg = load_config("smoke", out=sys.argv[1])
+    def kill(batch):
+        if batch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, as a real kill
+    generate.run(cfg, RunDir(cfg.run.out, cfg), progress=False, on_batch_end=kill)
+""")
+
+
+def test_killed_run_rerun_equals_an_uninterrupted_run(tmp_path):
+    cfg, run = prepared(tmp_path / "killed")
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(run.root)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    out = run.path("outliers_dir")
+    assert len(list(out.rglob("*.png"))) == 8 and not run.path("outliers_index").exists()
+    (out / "0" / ".bear_0.png.abc.tmp").write_bytes(b"half")  # a half-written file of the kill
+    index = generate.run(cfg, run, progress=False)
+
+    cfg2, run2 = prepared(tmp_path / "whole")
+    assert generate.run(cfg2, run2, progress=False) == index
+    assert tree(out) == tree(run2.path("outliers_dir"))
+    assert len(index["images"]) == 12 and index["embedding_per"] == "image"
+    entry = index["images"][5]
+    assert entry == {"file": "1/bird_1.png", "class": 1, "class_name": "bird", "embedding_index": 1,
+                     "seed": 47, "batch": 1}
+    assert run.manifest()["stages"]["generate"]["status"] == "complete"
+
+
+def test_injected_embeddings_change_the_image(tmp_path):
+    cfg = load_config("smoke")
+    pipe, tokens = generate.prepare(cfg, NAMES)
+    seeds = [1, 1]
+    plain = generate.ordinary_images(pipe, tokens, 2, seeds, cfg.generate)
+    vectors = outliers(m=2)[2] * 5
+    injected = generate.generate_images(pipe, tokens, 2, vectors, seeds, cfg.generate)
+    assert plain.shape == (2, 32, 32, 3) and plain.dtype.name == "uint8"
+    assert (plain[0] == plain[1]).all() and not (injected[0] == injected[1]).all()
+
+
+@pytest.mark.parametrize("tensor, needle", [
+    (outliers(d=16), "width D=16 but the text encoder .* has input-embedding width 32"),
+    (torch.zeros(6, 0, 32), "holds no outlier embeddings"),
+])
+def test_bad_outlier_files_are_refused(tmp_path, tensor, needle):
+    cfg, run = prepared(tmp_path / "bad", tensor=tensor)
+    with pytest.raises(ValueError, match=needle):
+        generate.run(cfg, run, progress=False)
+    assert not run.path("outliers_index").exists()
+
+
+LAUNCHED = textwrap.dedent("""
+    import sys
+    from ncis_core.stages import embed, generate
+    embed_out, generate_out, *sets = sys.argv[1:]
+    flags = [x for s in sets for x in ("--set", s)]
+    embed.main(["--preset", "smoke", "--out", embed_out, "--no-progress", *flags])
+    generate.main(["--preset", "smoke", "--out", generate_out, "--no-progress"])
+""")
+
+
+def test_two_accelerate_processes_give_the_files_of_one_for_both_stages(tmp_path):
+    """`accelerate launch` with two CPU processes (gloo) runs stage 1 and stage 4; each splits its
+    shards/batches between the processes, and the main process writes the same files as one process.
+    (accelerate's `--cpu` launcher starts one process only; `--multi_gpu` starts torchrun, and the
+    stages ask accelerate for its CPU mode when run.device resolves to the CPU.)"""
+    script = tmp_path / "both.py"
+    script.write_text(LAUNCHED)
+    _, two_run = prepared(tmp_path / "gen-two")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           str(tmp_path / "embed-two"), str(two_run.root), *SMALL]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 processes)" in proc.stderr
+    assert RunDir.open(tmp_path / "embed-two").manifest()["stages"]["embed"]["info"]["processes"] == 2
+
+    cfg = load_config("smoke", SMALL, out=str(tmp_path / "embed-one"))
+    one = embed.run(cfg, RunDir.create(cfg), progress=False)
+    two = load_embeddings(tmp_path / "embed-two" / "embeddings.safetensors")
+    assert torch.equal(one["labels"], two["labels"]) and torch.equal(one["image_ids"], two["image_ids"])
+    assert (one["embeddings"] - two["embeddings"]).abs().max() <= 1e-6
+
+    cfg1, one_run = prepared(tmp_path / "gen-one")
+    generate.run(cfg1, one_run, progress=False)
+    assert tree(one_run.path("outliers_dir")) == tree(two_run.path("outliers_dir"))
+    assert two_run.manifest()["stages"]["generate"]["info"]["processes"] == 2
