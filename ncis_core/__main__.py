@@ -7,6 +7,7 @@ Example:
     python -m ncis_core presets
     python -m ncis_core datasets --preset demo
     python -m ncis_core run --preset smoke --out outputs/smoke --set cvpn.epochs=1 --stages 0-2
+    python -m ncis_core train-generator --preset demo
 """
 
 from __future__ import annotations
@@ -44,6 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     strip = sub.add_parser("strip-notebooks", help="remove outputs from notebooks before committing")
     strip.add_argument("folder", nargs="?", default="notebooks")
+
+    gen = sub.add_parser("train-generator",
+                         help="train the demo world's small SD-architecture generator (resumable)")
+    gen.add_argument("--preset", default="demo")
+    gen.add_argument("--out", default=None, help="pipeline folder (default: generator.out)")
+    gen.add_argument("--work", default=None, help="checkpoint folder (default: generator.work_dir)")
+    gen.add_argument("--fresh", action="store_true", help="delete the checkpoints and start over")
+    gen.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+
+    cmp = sub.add_parser("compare", help="one classifier per outlier method and seed, mean ± std table")
+    cmp.add_argument("--preset", required=True)
+    cmp.add_argument("--out", required=True, help="the run folder holding stages 1-4")
+    cmp.add_argument("--methods", default="none,idgen,linear,ncis",
+                     help="comma-separated: none, idgen, linear, ncis (default: all four)")
+    cmp.add_argument("--seeds", default="0,1,2", help="comma-separated classifier seeds")
+    cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
 
     data = sub.add_parser("datasets", help="one JSON line per split of a preset")
     data.add_argument("--preset", required=True)
@@ -95,6 +112,31 @@ def _cmd_strip(args) -> int:
     return 0
 
 
+def _cmd_train_generator(args) -> int:
+    from .config import load_config
+    from .demo_generator import train_generator
+
+    cfg = load_config(args.preset, args.overrides)
+    out = train_generator(cfg, out=args.out, work=args.work, fresh=args.fresh)
+    print(f"generator: {out}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .compare import compare
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {args.seeds!r}: use comma-separated integers, e.g. 0,1,2") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare(args.preset, args.out, methods, seeds, args.overrides)
+    from pathlib import Path
+
+    print((Path(args.out) / "compare" / "table.md").read_text())
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .runner import run_series
 
@@ -116,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     from .runs import MissingArtefactError, StaleArtefactError
 
     commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate,
-                "strip-notebooks": _cmd_strip}
+                "strip-notebooks": _cmd_strip, "train-generator": _cmd_train_generator,
+                "compare": _cmd_compare}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, NotebookFailed, MissingArtefactError, StaleArtefactError,

@@ -87,11 +87,13 @@ def test_training_with_folder_outliers_writes_history_and_checkpoint(tmp_path):
 
 
 def test_resume_reaches_the_uninterrupted_state(tmp_path):
-    cfg_full, run_full = _run(tmp_path / "a", "classifier.outliers=none", "classifier.epochs=3")
+    folder = _folder_of_images(tmp_path / "out", 12)
+    common = ["classifier.outliers=folder", f"classifier.outlier_folder={folder}", "classifier.epochs=3"]
+    cfg_full, run_full = _run(tmp_path / "a", *common)
     stage5.train(cfg_full, run_full, progress=False)
     full = stage5.load_classifier(run_full.path("classifier_best"))
 
-    cfg_part, run_part = _run(tmp_path / "b", "classifier.outliers=none", "classifier.epochs=3")
+    cfg_part, run_part = _run(tmp_path / "b", *common)
     assert stage5.train(cfg_part, run_part, progress=False, stop_after=1) is None  # "killed" after epoch 1
     assert not run_part.path("classifier_best").exists()
     history = stage5.train(cfg_part, run_part, progress=False)
@@ -99,6 +101,7 @@ def test_resume_reaches_the_uninterrupted_state(tmp_path):
     assert [e["epoch"] for e in history["epochs"]] == [1, 2, 3]
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), k
+    assert resumed.slope == pytest.approx(full.slope, abs=1e-6)
 
 
 def test_checkpoint_for_another_architecture_is_refused(tmp_path):

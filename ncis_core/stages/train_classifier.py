@@ -14,7 +14,7 @@ Outlier sources (``classifier.outliers``): ``ncis`` — the run's ``outliers/`` 
 (``classifier.outlier_folder``).
 
 Reproducible and resumable: every epoch draws its shuffling and augmentation from generators seeded
-by ``(run.seed, epoch)``, and a checkpoint (``classifier/last.safetensors`` + ``last.json``) is
+by ``(seed, epoch)`` (``classifier.seed``, else ``run.seed``), and a checkpoint (``classifier/last.safetensors`` + ``last.json``) is
 written after each epoch, so an interrupted run continues where it stopped and reaches the state of
 an uninterrupted one. ``accelerate`` shards the batches across processes (``accelerate launch``).
 
@@ -127,7 +127,7 @@ def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | No
     wanted = c.num_outliers
     if wanted is None or wanted == len(paths):
         return images
-    rng = np.random.default_rng(cfg.run.seed)
+    rng = np.random.default_rng(c.seed if c.seed is not None else cfg.run.seed)
     if wanted > len(paths):
         if not c.outliers_with_replacement:
             raise DataError(f"classifier.num_outliers={wanted} but {folder} holds {len(paths)} images; "
@@ -268,11 +268,12 @@ def _quantiles(chunks: list[torch.Tensor]) -> list[float]:
     return torch.quantile(torch.cat(chunks).float(), torch.tensor(QUANTILES)).tolist()
 
 
-def _cycle(loader: DataLoader, epoch: int, seed: int):
-    """The outlier loader, restarted with a new seeded order each time it runs out."""
+def _cycle(loader: DataLoader, generator: torch.Generator, epoch: int, seed: int):
+    """The outlier loader, restarted with a new seeded order each time it runs out (seeded by
+    epoch and round, so a resumed run draws the outliers an uninterrupted one would)."""
     round_ = 0
     while True:
-        loader.generator.manual_seed(seed * 7919 + epoch * 131 + round_) if loader.generator else None
+        generator.manual_seed(seed * 7919 + epoch * 131 + round_)
         yield from loader
         round_ += 1
 
@@ -295,7 +296,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     device = resolve_device(cfg.run.device)
     accelerator = Accelerator(cpu=device.type == "cpu",
                               mixed_precision="bf16" if device.type == "cuda" else "no")
-    seed = cfg.run.seed
+    seed = c.seed if c.seed is not None else cfg.run.seed
     torch.manual_seed(seed)
 
     split = get_split(cfg.data, "id-train")
@@ -313,7 +314,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     id_gen = torch.Generator().manual_seed(seed)
     id_loader = DataLoader(id_data, batch_size=c.batch_size, shuffle=True, generator=id_gen,
                            num_workers=c.num_workers, drop_last=len(id_data) > c.batch_size)
-    out_loader = None
+    out_loader, out_gen = None, None
     if outliers is not None:
         out_gen = torch.Generator().manual_seed(seed + 1)
         out_data = _Tensors(with_transform(outliers, out_tf))
@@ -337,7 +338,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
         # per-epoch seeds: a resumed run draws exactly what an uninterrupted one would
         torch.manual_seed(seed * 1_000_003 + epoch)
         id_gen.manual_seed(seed * 1_000_033 + epoch)
-        outlier_iter = _cycle(out_loader, epoch, seed) if out_loader is not None else None
+        outlier_iter = _cycle(out_loader, out_gen, epoch, seed) if out_loader is not None else None
         model.train(), head.train()
         sums = {"ce": 0.0, "energy": 0.0, "correct": 0, "seen": 0}
         scores_id, scores_out = [], []  # logsumexp per image: the energy distributions of the epoch

@@ -1,0 +1,245 @@
+"""The comparison that makes the kit a research tool: one classifier per outlier method and seed on
+the same data, evaluated alike, summarised as mean ± std per OOD set.
+
+``python -m ncis_core compare --preset P --out DIR --methods none,idgen,linear,ncis --seeds 0,1,2``
+
+The run folder ``DIR`` holds stages 1–4 (run them first, e.g. with ``python -m ncis_core run``);
+``compare`` reuses them: ``ncis`` trains on stage 4's ``outliers/``; ``linear`` and ``idgen`` on the
+trees ``outliers_linear/`` and ``outliers_idgen/``, which :func:`render_baseline_outliers` makes with
+the same generator settings and seeds as NCIS's (``linear``: the linear baseline's embeddings, i.e.
+Gaussian tail sampling directly in embedding space; ``idgen``: the plain class prompt, no injected
+embedding — the control that tells whether boundary sampling adds anything beyond "generated images
+are outliers"); ``none`` is the plain cross-entropy baseline. Each (method, seed) trains into
+``DIR/compare/<method>/seed<k>/`` with ``classifier.seed = k`` and is skipped when already complete
+for the same config. Writes ``DIR/compare/table.md`` and ``table.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .config import ExperimentConfig, config_to_yaml, load_config
+from .metrics import METRIC_KEYS
+from .runs import RunDir, atomic_write_json, atomic_write_text
+from .stages import evaluate as stage6
+from .stages import train_classifier as stage5
+
+__all__ = ["METHODS", "render_baseline_outliers", "pixel_shift", "train_and_evaluate", "aggregate",
+           "format_comparison", "compare"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "idgen", "linear", "ncis")
+
+
+def _fingerprint(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()
+
+
+def render_baseline_outliers(cfg: ExperimentConfig, run: RunDir, method: str, progress: bool = True) -> Path:
+    """Render ``outliers_<method>/`` with stage 4's plan, settings and seeds (so image ``n`` of a
+    class starts from the same noise as NCIS's image ``n``).
+
+    ``linear``: the linear baseline's embeddings — stage 3's tail sampling done directly in
+    embedding space on the same training rows; ``idgen``: the plain class prompt, nothing injected.
+    Skipped when the folder holds a complete render of the same inputs.
+    """
+    from dataclasses import asdict, replace
+
+    from .embeddings_io import load_embeddings
+    from .runs import content_hash
+    from .stages import generate as stage4
+    from .stages import sample as stage3
+    from .stages.train_cvpn import holdout_split
+
+    target = run.root / f"outliers_{method}"
+    ncis_file = run.require("outlier_embeddings")
+    inputs = {"ncis": content_hash(ncis_file), "embeddings": content_hash(run.require("embeddings")),
+              # everything stage 4 and the linear sampler read; the classifier sections do not matter
+              "config": hashlib.sha256(json.dumps([asdict(getattr(cfg, k)) for k in (
+                  "diffusion", "generate", "sample", "cvpn", "data")] + [cfg.run.seed],
+                  sort_keys=True).encode()).hexdigest()}
+    index_file = target / "index.json"
+    if index_file.exists() and json.loads(index_file.read_text()).get("inputs") == inputs:
+        return target
+    if target.exists() and index_file.exists():
+        import shutil
+
+        shutil.rmtree(target)  # a complete render of other inputs; partial renders are resumed
+    ncis = stage4.load_outlier_embeddings(ncis_file)
+    names = ncis["class_names"]
+    num_classes, num_embeddings, _ = ncis["outliers"].shape
+    outliers = None
+    if method == "linear":
+        data = load_embeddings(run.path("embeddings"))
+        train_index, _ = holdout_split(data["labels"], cfg.cvpn.holdout_fraction, cfg.run.seed)
+        outliers = stage3.sample_outliers(data["embeddings"][train_index], data["labels"][train_index],
+                                          num_classes, replace(cfg.sample, method="linear"), cfg.run.seed,
+                                          progress=progress)["outliers"]
+    from .device import resolve_device
+
+    pipe, tokens = stage4.prepare(cfg, names, resolve_device(cfg.run.device))
+    batches = stage4.plan(num_classes, num_embeddings, cfg.generate, names)
+    target.mkdir(parents=True, exist_ok=True)
+    stage4.render_batches(pipe, tokens, batches, range(len(batches)), outliers, target, cfg.generate,
+                          progress, desc=f"compare: {method} outlier images")
+    atomic_write_json(index_file, {"method": method, "inputs": inputs, "images": [
+        {"file": im.file, "class": im.class_index, "embedding_index": im.embedding_index, "seed": im.seed}
+        for batch in batches for im in batch]})
+    return target
+
+
+def pixel_shift(run: RunDir, method: str) -> dict:
+    """How far a method's outlier embeddings moved the images: mean squared pixel distance (images in
+    [0, 1]) between each outlier image and the plain-prompt image with the same seed
+    (``outliers_idgen/``), beside the distance between two plain-prompt images of one class."""
+    from PIL import Image
+
+    folder = run.path("outliers_dir") if method == "ncis" else run.root / f"outliers_{method}"
+    plain = run.root / "outliers_idgen"
+    index = json.loads((plain / "index.json").read_text())["images"]
+
+    def load(path):
+        return np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+
+    moved = [np.mean((load(folder / im["file"]) - load(plain / im["file"])) ** 2) for im in index]
+    by_class: dict[int, list[str]] = {}
+    for im in index:
+        by_class.setdefault(im["class"], []).append(im["file"])
+    between = [np.mean((load(plain / a) - load(plain / b)) ** 2)
+               for files in by_class.values() for a, b in zip(files[::2], files[1::2])]
+    return {"method": method, "mse_to_plain_same_seed": float(np.mean(moved)),
+            "mse_between_plain_images": float(np.mean(between)) if between else None, "images": len(moved)}
+
+
+def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool = True) -> dict:
+    """Train the classifier of ``cfg`` into ``folder`` and evaluate it; skipped when ``folder``
+    already holds the results of the same config (resumable: an interrupted training continues)."""
+    done = folder / "results" / "metrics.json"
+    fingerprint = _fingerprint(cfg)
+    if done.exists() and json.loads((folder / "config.json").read_text())["fingerprint"] == fingerprint:
+        return json.loads(done.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "config.json", {"fingerprint": fingerprint})
+    stage5.train(cfg, run, folder=folder, progress=progress)
+    bundle = stage5.load_classifier(folder / "best.safetensors")
+    results, raw = stage6.evaluate(cfg, bundle, progress=progress)
+    stage6.write_results(folder / "results", results, raw)
+    return results
+
+
+def aggregate(per_run: dict[str, list[dict]], score: str) -> list[dict]:
+    """Mean ± std (over seeds) of every metric, per method and OOD set (mean rows included).
+
+    Args:
+        per_run: method → list of stage-6 results (one per seed).
+        score: which score's rows to aggregate.
+    """
+    rows = []
+    for method, results in per_run.items():
+        sets = [r["set"] for r in results[0]["rows"] if r["score"] == score]
+        roles = {r["set"]: r["role"] for r in results[0]["rows"] if r["score"] == score}
+        for name in sets:
+            values = {k: [next(r[k] for r in res["rows"] if r["score"] == score and r["set"] == name)
+                          for res in results] for k in METRIC_KEYS}
+            rows.append({"method": method, "set": name, "role": roles[name], "seeds": len(results),
+                         **{f"{k}_mean": float(np.mean(v)) for k, v in values.items()},
+                         **{f"{k}_std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+                            for k, v in values.items()}})
+        accuracy = [res["id_accuracy"] for res in results]
+        rows.append({"method": method, "set": "ID accuracy", "role": "id", "seeds": len(results),
+                     "accuracy_mean": float(np.mean(accuracy)),
+                     "accuracy_std": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else 0.0})
+    return rows
+
+
+def format_comparison(rows: list[dict], convention: str, score: str, extra: str = "") -> str:
+    """Markdown: near-OOD, far-OOD and the overall mean in separate blocks, mean ± std in percent."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    seeds = max(r["seeds"] for r in rows)
+    out = [f"Score: **{score}**. Positive class: {convention}. Mean ± std over {seeds} seed(s), in %.", ""]
+
+    def cell(row, key):
+        return f"{100 * row[f'{key}_mean']:.1f} ± {100 * row[f'{key}_std']:.1f}"
+
+    for title, keep in [("Near-OOD", lambda r: r["role"] == "ood-near" or r["set"] == "mean (near)"),
+                        ("Far-OOD", lambda r: r["role"] == "ood-far" or r["set"] == "mean (far)"),
+                        ("All OOD sets", lambda r: r["set"] == "mean (all)")]:
+        chosen = [r for r in rows if keep(r)]
+        if not chosen:
+            continue
+        out += [f"### {title}", "", "| OOD set | method | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |",
+                "|---|---|---:|---:|---:|---:|"]
+        for name in dict.fromkeys(r["set"] for r in chosen):
+            for method in methods:
+                row = next((r for r in chosen if r["set"] == name and r["method"] == method), None)
+                if row:
+                    label = f"**{name}**" if name.startswith("mean") else name
+                    out.append(f"| {label} | {method} | " + " | ".join(cell(row, k) for k in METRIC_KEYS) + " |")
+        out.append("")
+    out += ["### ID accuracy", "", "| method | accuracy |", "|---|---:|"]
+    out += [f"| {r['method']} | {100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f} |"
+            for r in rows if r["set"] == "ID accuracy"]
+    return "\n".join(out) + "\n" + (f"\n{extra}\n" if extra else "")
+
+
+def _csv(rows: list[dict]) -> str:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
+            overrides: list[str] | tuple[str, ...] = (), progress: bool = True) -> dict:
+    """Train and evaluate every (method, seed); write ``compare/table.md`` and ``table.csv``.
+
+    Returns:
+        ``{"rows": aggregated rows, "per_run": method → results per seed}``.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; use some of {', '.join(METHODS)}")
+    if not seeds:
+        raise ValueError("compare needs at least one seed")
+    base = load_config(preset, list(overrides), out=str(out))
+    run = RunDir.create(base)
+    folder = run.root / "compare"
+    per_run: dict[str, list[dict]] = {}
+    for method in methods:
+        if method in ("linear", "idgen"):
+            render_baseline_outliers(base, run, method, progress=progress)
+        for seed in seeds:
+            cfg = load_config(preset, [*overrides, f"classifier.outliers={method}", f"classifier.seed={seed}"],
+                              out=str(out))
+            log.info("compare: method %s, seed %d", method, seed)
+            results = train_and_evaluate(cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}", progress)
+            per_run.setdefault(method, []).append(results)
+    score = base.evaluate.score
+    rows = aggregate(per_run, score)
+    convention = next(iter(per_run.values()))[0]["convention"]
+    shifts = []
+    if (run.root / "outliers_idgen" / "index.json").exists():
+        shifts = [pixel_shift(run, m) for m in methods if m in ("ncis", "linear")]
+    extra = ""
+    if shifts:
+        extra = "### How far the outlier embeddings moved the images\n\n" + \
+                "Mean squared pixel distance (images in [0, 1]) to the plain-prompt image with the same seed, " \
+                "beside the distance between two plain-prompt images of one class.\n\n" + \
+                "| method | to plain, same seed | between two plain images |\n|---|---:|---:|\n" + \
+                "".join(f"| {s['method']} | {s['mse_to_plain_same_seed']:.4f} | "
+                        f"{s['mse_between_plain_images']:.4f} |\n" for s in shifts)
+    atomic_write_text(folder / "table.md", format_comparison(rows, convention, score, extra))
+    atomic_write_text(folder / "table.csv", _csv(rows))
+    atomic_write_json(folder / "summary.json", {"methods": methods, "seeds": seeds, "rows": rows,
+                                                "pixel_shift": shifts})
+    return {"rows": rows, "per_run": per_run, "pixel_shift": shifts}
