@@ -113,3 +113,24 @@ def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     with pytest.raises(ValueError, match="does not fit classifier.arch=resnet18"):
         stage5.load_classifier(tmp_path / "small.pt", arch="resnet18", num_classes=6)
     assert stage5.load_classifier(tmp_path / "small.pt", arch="small", num_classes=6).meta["arch"] == "small"
+
+
+def test_vae_reconstructions_join_the_id_side_and_are_cached(tmp_path):
+    folder = _folder_of_images(tmp_path / "out", 12)
+    cfg, run = _run(tmp_path, "classifier.outliers=folder", f"classifier.outlier_folder={folder}",
+                    "classifier.id_generated=vae_recon", "classifier.epochs=1")
+    recon = stage5.id_generated_dataset(cfg, run, progress=False)
+    ids = stage5.get_split(cfg.data, "id-train")
+    assert len(recon) == len(ids.dataset) and recon[0][0].shape == (32, 32, 3)
+    assert list(recon.labels) == list(ids.dataset.labels)
+    assert (run.root / "id_generated" / "vae_recon.npz").exists()
+    again = stage5.id_generated_dataset(cfg, run, progress=False)  # from the cache
+    assert np.array_equal(again.images, recon.images)
+    history = stage5.train(cfg, run, progress=False)
+    assert history["id_generated"] == "vae_recon"
+
+
+def test_idgen_on_the_id_side_needs_its_render(tmp_path):
+    cfg, run = _run(tmp_path, "classifier.id_generated=idgen")
+    with pytest.raises(DataError, match="outliers_idgen"):
+        stage5.id_generated_dataset(cfg, run)

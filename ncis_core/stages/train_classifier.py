@@ -51,6 +51,7 @@ from ..runs import RunDir, atomic_path, atomic_write_json, stage_inputs
 __all__ = [
     "train_transforms",
     "outlier_dataset",
+    "id_generated_dataset",
     "energy_loss",
     "cosine_lr",
     "ClassifierBundle",
@@ -135,6 +136,71 @@ def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | No
                             f"classifier.outliers_with_replacement=true")
         return Subset(images, rng.choice(len(paths), size=wanted, replace=True))
     return Subset(images, np.sort(rng.choice(len(paths), size=wanted, replace=False)))
+
+
+def _vae_reconstructions(cfg: ExperimentConfig, images: np.ndarray, progress: bool) -> np.ndarray:
+    """The generator's VAE round trip (posterior mode → decode) of ``N × H × W × 3`` uint8 images."""
+    from .. import diffusion
+    from .embed import to_model_range
+
+    device = resolve_device(cfg.run.device)
+    pipe = diffusion.load_pipeline(cfg.diffusion, device, seed=cfg.run.seed)
+    vae = pipe.vae
+    out = []
+    for i in tqdm(range(0, len(images), 64), desc="VAE reconstructions of ID images", leave=False,
+                  disable=not progress):
+        x = to_model_range(images[i:i + 64]).to(device, vae.dtype)
+        size = x.shape[-1]
+        side = max(8, cfg.embed.resolution)  # the resolution the generator works at
+        if size != side:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+        if size != side:
+            rec = F.interpolate(rec, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def id_generated_dataset(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True
+                         ) -> ImageDataset | None:
+    """Generated-looking images for the ID side of the energy loss (``classifier.id_generated``).
+
+    ``vae_recon``: the generator's VAE reconstructions of the ID training images (cached in
+    ``id_generated/vae_recon.npz``, keyed by the data and diffusion config); ``idgen``: the
+    plain-prompt generations of ``outliers_idgen/`` (rendered by ``compare``), labelled with their
+    class. Either way "generated vs real" stops being a shortcut the energy head can learn.
+    """
+    import hashlib
+    from dataclasses import asdict
+
+    from ..data.base import ArrayDataset
+
+    kind = cfg.classifier.id_generated
+    if kind == "none":
+        return None
+    if kind == "idgen":
+        folder = run_dir.root / "outliers_idgen"
+        if not (folder / "index.json").exists():
+            raise DataError(f"classifier.id_generated=idgen needs the plain-prompt generations in {folder}; "
+                            f"render them with `python -m ncis_core compare --methods idgen,...`")
+        index = json.loads((folder / "index.json").read_text())["images"]
+        return ImageFolderFiles([folder / im["file"] for im in index], [im["class"] for im in index], None)
+    cache = run_dir.root / "id_generated" / "vae_recon.npz"
+    key = hashlib.sha256(json.dumps([asdict(cfg.data), asdict(cfg.diffusion), cfg.embed.resolution],
+                                    sort_keys=True).encode()).hexdigest()
+    if cache.exists():
+        with np.load(cache) as f:
+            if str(f["key"]) == key:
+                return ArrayDataset(f["images"], f["labels"])
+    split = get_split(cfg.data, "id-train")
+    images = np.stack([split.dataset[i][0] for i in range(len(split.dataset))])
+    labels = np.asarray(split.dataset.labels)
+    recons = _vae_reconstructions(cfg, images, progress)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=recons, labels=labels, key=np.array(key))
+    return ArrayDataset(recons, labels)
 
 
 # ----------------------------------------------------------------------------- loss, schedule
@@ -303,6 +369,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     id_tf, out_tf = train_transforms(cfg)
     id_data = _Tensors(with_transform(split.dataset, id_tf))
     outliers = outlier_dataset(cfg, run_dir)
+    id_generated = id_generated_dataset(cfg, run_dir, progress) if outliers is not None else None
     model = _init_model(cfg, len(split.classes))
     head = EnergyHead(c.energy_head, c.head_hidden)
     if device.type == "cuda":
@@ -321,9 +388,19 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
         out_loader = DataLoader(out_data, batch_size=c.outlier_batch_size, shuffle=True,
                                 generator=out_gen, num_workers=c.num_workers,
                                 drop_last=len(out_data) > c.outlier_batch_size)
+    gen_loader, gen_gen = None, None
+    if id_generated is not None:
+        # as many generated-looking ID images per step as outliers, with the ID augmentation
+        gen_gen = torch.Generator().manual_seed(seed + 2)
+        gen_data = _Tensors(with_transform(id_generated, id_tf))
+        gen_loader = DataLoader(gen_data, batch_size=c.outlier_batch_size, shuffle=True,
+                                generator=gen_gen, num_workers=c.num_workers,
+                                drop_last=len(gen_data) > c.outlier_batch_size)
     model, head, opt, id_loader = accelerator.prepare(model, head, opt, id_loader)
     if out_loader is not None:
         out_loader = accelerator.prepare(out_loader)
+    if gen_loader is not None:
+        gen_loader = accelerator.prepare(gen_loader)
     steps_per_epoch = len(id_loader)
     total = steps_per_epoch * c.epochs
 
@@ -339,6 +416,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
         torch.manual_seed(seed * 1_000_003 + epoch)
         id_gen.manual_seed(seed * 1_000_033 + epoch)
         outlier_iter = _cycle(out_loader, out_gen, epoch, seed) if out_loader is not None else None
+        generated_iter = _cycle(gen_loader, gen_gen, epoch, seed + 17) if gen_loader is not None else None
         model.train(), head.train()
         sums = {"ce": 0.0, "energy": 0.0, "correct": 0, "seen": 0}
         scores_id, scores_out = [], []  # logsumexp per image: the energy distributions of the epoch
@@ -347,10 +425,13 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
         for x_in, y_in in bar:
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, total, c.lr, c.final_lr)
-            x = x_in
+            x, n_id = x_in, len(x_in)  # n_id: images on the ID side of the energy loss
+            if generated_iter is not None:
+                x_gen, _ = next(generated_iter)
+                x, n_id = torch.cat([x, x_gen]), n_id + len(x_gen)
             if outlier_iter is not None:
                 x_out, _ = next(outlier_iter)
-                x = torch.cat([x_in, x_out])
+                x = torch.cat([x, x_out])
             if device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with accelerator.autocast():
@@ -359,7 +440,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
                 loss = ce
                 if outlier_iter is not None:
                     is_id = torch.zeros(len(x), device=x.device)
-                    is_id[: len(x_in)] = 1
+                    is_id[:n_id] = 1
                     e_loss = energy_loss(logits.float(), is_id, head)
                     loss = ce + c.energy_weight * e_loss
             opt.zero_grad(set_to_none=True)
@@ -374,7 +455,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
                 scores_id.append(s[: len(x_in)].cpu())
                 if outlier_iter is not None:
                     sums["energy"] += e_loss.item() * len(x_in)
-                    scores_out.append(s[len(x_in):].cpu())
+                    scores_out.append(s[n_id:].cpu())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         slope = float(accelerator.unwrap_model(head).slope())
         n = max(sums["seen"], 1)
@@ -401,6 +482,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     slope = float(head.slope())
     result = {"epochs": history, "slope": slope, "slope_negative": slope < 0,
               "outliers": c.outliers, "num_outliers": len(outliers) if outliers is not None else 0,
+              "id_generated": c.id_generated if id_generated is not None else "none",
               "energy_head": c.energy_head, "seed": seed}
     if accelerator.is_main_process:
         meta = {"arch": c.arch, "num_classes": len(split.classes), "classes": list(split.classes),
