@@ -1,6 +1,7 @@
 """Devices and seeds: ``device: auto | cpu | cuda | mps`` resolved in one place.
 
-Nothing in the kit calls ``.cuda()``; stages ask :func:`resolve_device` for a ``torch.device``.
+Nothing in the kit calls ``.cuda()``; stages ask :func:`resolve_device` for a ``torch.device``, and
+stages that shard across processes (``accelerate launch``) ask :func:`process_state`.
 
 Example:
     >>> resolve_device("cpu")
@@ -15,7 +16,7 @@ import random
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "seed_everything"]
+__all__ = ["resolve_device", "seed_everything", "process_state", "broadcast"]
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +46,28 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def process_state(device_name: str = "auto"):
+    """``(accelerate PartialState, torch.device)`` for a stage that shards across processes.
+
+    Launched by ``accelerate launch`` each process gets its own GPU (``state.device``); on CPUs
+    the processes run accelerate's ``MULTI_CPU`` (gloo) mode. In a plain single process the state
+    is accelerate's no-op and the device is ``run.device`` resolved as everywhere else.
+    """
+    from accelerate import PartialState
+
+    device = resolve_device(device_name)
+    state = PartialState(cpu=device.type == "cpu")
+    if state.num_processes > 1 and device.type != "cpu":
+        device = state.device
+    return state, device
+
+
+def broadcast(state, values: list) -> list:
+    """``values`` of the main process, on every process (a no-op in a single process)."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(values)
+    return values

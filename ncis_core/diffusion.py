@@ -61,8 +61,6 @@ __all__ = [
     "swap_rows",
     "tokenize",
     "encode_prompts",
-    "process_state",
-    "broadcast",
 ]
 
 log = logging.getLogger(__name__)
@@ -496,28 +494,3 @@ def encode_prompts(pipe, prompts: Sequence[str] | torch.Tensor, token_ids: Seque
 
 
 # ----------------------------------------------------------------------------- processes
-def process_state(device_name: str = "auto"):
-    """``(accelerate PartialState, torch.device)`` for a stage that shards across processes.
-
-    Launched by ``accelerate launch`` each process gets its own GPU (``state.device``); on CPUs
-    the processes run accelerate's ``MULTI_CPU`` (gloo) mode. In a plain single process the state
-    is accelerate's no-op and the device is ``run.device`` resolved as everywhere else.
-    """
-    from accelerate import PartialState
-
-    from .device import resolve_device
-
-    device = resolve_device(device_name)
-    state = PartialState(cpu=device.type == "cpu")
-    if state.num_processes > 1 and device.type != "cpu":
-        device = state.device
-    return state, device
-
-
-def broadcast(state, values: list) -> list:
-    """``values`` of the main process, on every process (a no-op in a single process)."""
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(values)
-    return values

@@ -134,3 +134,30 @@ def test_idgen_on_the_id_side_needs_its_render(tmp_path):
     cfg, run = _run(tmp_path, "classifier.id_generated=idgen")
     with pytest.raises(DataError, match="outliers_idgen"):
         stage5.id_generated_dataset(cfg, run)
+
+
+@pytest.mark.slow
+def test_two_accelerate_processes_train_on_smoke(tmp_path):
+    """`accelerate launch` with two CPU processes (gloo): each step's batch is split between them;
+    the main process writes the checkpoint, history and manifest."""
+    import subprocess
+    import sys
+
+    from diffusion_fixtures import ROOT, subprocess_env
+
+    folder = _folder_of_images(tmp_path / "out", 12)
+    out = tmp_path / "two"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "ncis_core.stages.train_classifier", "--preset", "smoke", "--out", str(out), "--no-progress",
+           "--set", "classifier.outliers=folder", "--set", f"classifier.outlier_folder={folder}",
+           "--set", "classifier.epochs=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = RunDir.open(out)
+    entry = run.manifest()["stages"]["classifier"]
+    assert entry["status"] == "complete" and entry["info"]["processes"] == 2
+    history = json.loads(run.path("classifier_history").read_text())
+    assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+    bundle = stage5.load_classifier(run.path("classifier_best"))
+    assert bundle.model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)

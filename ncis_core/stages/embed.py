@@ -48,6 +48,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .. import diffusion
+from ..device import broadcast, process_state
 from ..config import EmbedConfig, ExperimentConfig
 from ..embeddings_io import load_embeddings, save_embeddings
 from ..runs import RunDir, atomic_path
@@ -261,7 +262,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
     Returns:
         The embeddings file as read by :func:`~ncis_core.embeddings_io.load_embeddings`.
     """
-    state, device = diffusion.process_state(cfg.run.device)
+    state, device = process_state(cfg.run.device)
     main_process = state.is_main_process
     ecfg = cfg.embed
     if ecfg.images_per_step < 1 or ecfg.shard_size < 1 or ecfg.noise_batch < 1 or ecfg.steps < 0:
@@ -271,7 +272,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
     finished = False
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(run_dir.stage("embed")) if main_process else None
-        done, resumable = diffusion.broadcast(state, [rec.done, rec.resumable] if rec else [None, None])
+        done, resumable = broadcast(state, [rec.done, rec.resumable] if rec else [None, None])
         if not done:
             if main_process and not resumable and parts.exists():
                 log.info("inputs changed since the partial run: discarding %s", parts)
@@ -349,7 +350,7 @@ def _stage_main(argv: Sequence[str] | None, name: str, stage_run) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.preset, args.overrides, out=args.out)
-    state, _ = diffusion.process_state(cfg.run.device)
+    state, _ = process_state(cfg.run.device)
     if state.is_main_process:
         RunDir.create(cfg)
     state.wait_for_everyone()

@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .. import diffusion
+from ..device import broadcast, process_state
 from ..config import ExperimentConfig, GenerateConfig
 from ..runs import RunDir, atomic_path, atomic_write_json
 
@@ -249,13 +250,13 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
         ValueError: an empty outlier file, or outlier embeddings whose width differs from the text
             encoder's (made with another ``diffusion.pipeline``).
     """
-    state, device = diffusion.process_state(cfg.run.device)
+    state, device = process_state(cfg.run.device)
     main_process = state.is_main_process
     gcfg = cfg.generate
     out_dir = run_dir.path("outliers_dir")
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(run_dir.stage("generate")) if main_process else None
-        done, resumable = diffusion.broadcast(state, [rec.done, rec.resumable] if rec else [None, None])
+        done, resumable = broadcast(state, [rec.done, rec.resumable] if rec else [None, None])
         if not done:
             data = load_outlier_embeddings(run_dir.require("outlier_embeddings"))
             outliers, names = data["outliers"], data["class_names"]

@@ -59,6 +59,7 @@ __all__ = [
     "load_classifier",
     "train",
     "run",
+    "main",
 ]
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,9 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     c = cfg.classifier
     folder = Path(folder or run_dir.path("classifier_dir"))
     device = resolve_device(cfg.run.device)
-    accelerator = Accelerator(cpu=device.type == "cpu",
+    # split_batches: classifier.batch_size is the global batch, divided between processes, so a
+    # multi-process run follows the single-process schedule (steps per epoch, learning rates)
+    accelerator = Accelerator(cpu=device.type == "cpu", split_batches=True,
                               mixed_precision="bf16" if device.type == "cuda" else "no")
     seed = c.seed if c.seed is not None else cfg.run.seed
     torch.manual_seed(seed)
@@ -498,17 +501,41 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
     """Stage 5 in the run folder: train unless ``classifier/best.safetensors`` is current.
 
     Stage 5's recorded inputs: the outlier tree of stage 4 for ``outliers=ncis``, the outlier
-    folder's content for the other sources, nothing beyond the config for ``none``.
+    folder's content for the other sources, nothing beyond the config for ``none``. Under
+    ``accelerate launch`` only the main process keeps the manifest; all processes train.
     """
+    import contextlib
+
+    from ..device import broadcast, process_state
+
     c = cfg.classifier
+    state, _ = process_state(cfg.run.device)
     inputs = stage_inputs(cfg, "classifier")
     extra = (_outlier_folder(cfg, run_dir),) if c.outliers not in ("ncis", "none") else ()
-    with run_dir.stage("classifier", inputs=inputs, extra=extra) as rec:
-        if rec.done:
-            return json.loads(run_dir.path("classifier_history").read_text())
-        if not rec.resumable:
-            for name in ("last.json", "last.safetensors"):
-                (run_dir.path("classifier_dir") / name).unlink(missing_ok=True)
-        history = train(cfg, run_dir, progress=progress)
-        rec.info.update(slope=history["slope"], outliers=history["outliers"])
-    return history
+    with contextlib.ExitStack() as stack:
+        rec = stack.enter_context(run_dir.stage("classifier", inputs=inputs, extra=extra)) \
+            if state.is_main_process else None
+        done, resumable = broadcast(state, [rec.done, rec.resumable] if rec else [None, None])
+        if not done:
+            if not resumable and state.is_main_process:
+                for name in ("last.json", "last.safetensors"):
+                    (run_dir.path("classifier_dir") / name).unlink(missing_ok=True)
+            state.wait_for_everyone()
+            history = train(cfg, run_dir, progress=progress)
+            if rec is not None:
+                rec.info.update(slope=history["slope"], outliers=history["outliers"],
+                                processes=state.num_processes)
+    state.wait_for_everyone()
+    return json.loads(run_dir.path("classifier_history").read_text())
+
+
+def main(argv=None) -> int:
+    """``python -m ncis_core.stages.train_classifier --preset P --out DIR [--set k=v …]``
+    (also under ``accelerate launch``: the batches of each step are split between processes)."""
+    from .embed import _stage_main
+
+    return _stage_main(argv, "train_classifier", run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
