@@ -138,6 +138,9 @@ class EmbedConfig:
     # Images per UNet call inside one step (0: all ``images_per_step``); the gradients of the chunks
     # add up to the same step, so this only bounds accelerator memory.
     micro_batch: int = 0
+    # Embed only the first N images of each class of the ID training split (null: all); image ids
+    # stay the split's. The demo preset uses it to fit a CPU; the paper embeds every image.
+    max_per_class: Optional[int] = None
 
 
 @dataclass(frozen=True)

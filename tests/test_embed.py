@@ -3,6 +3,7 @@ resumable shards, clear errors."""
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import SMALL, one_thread  # noqa: F401
@@ -79,3 +80,14 @@ def test_bad_prompt_is_refused(setup):
 
 # The two-process accelerate run of this stage is in test_generate.py: one launch runs both
 # diffusion stages (each launch costs two interpreter start-ups).
+
+
+def test_max_per_class_embeds_a_subset_with_the_splits_image_ids(tmp_path):
+    from ncis_core.data import get_split
+
+    cfg = load_config("smoke", [*SMALL, "embed.max_per_class=2"], out=str(tmp_path / "run"))
+    out = embed.run(cfg, RunDir.create(cfg), progress=False)
+    labels = np.asarray(get_split(cfg.data, "id-train").dataset.labels)
+    assert len(out["labels"]) == 2 * 6
+    assert np.array_equal(labels[out["image_ids"].numpy()], out["labels"].numpy())
+    assert np.bincount(out["labels"].numpy()).tolist() == [2] * 6

@@ -51,6 +51,7 @@ from .. import diffusion
 from ..device import broadcast, process_state
 from ..config import EmbedConfig, ExperimentConfig
 from ..embeddings_io import load_embeddings, save_embeddings
+from ..data import first_per_class
 from ..runs import RunDir, atomic_path
 
 __all__ = [
@@ -279,7 +280,10 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
                 shutil.rmtree(parts)
             state.wait_for_everyone()
             pipe, tokens, split, dataset = prepare(cfg, device, progress=False)
-            n = len(dataset)
+            # the images to embed, as indices of the ID training split (all, or the first
+            # embed.max_per_class of each class): image ids stay those of the split
+            selected = first_per_class(split.dataset.labels, ecfg.max_per_class)
+            n = len(selected)
             if n == 0:
                 raise ValueError("the ID training split is empty: nothing to embed")
             shards = list(range(math.ceil(n / ecfg.shard_size)))
@@ -288,7 +292,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
             started = time.time()
             todo = []
             for k in mine:
-                ids = np.arange(k * ecfg.shard_size, min((k + 1) * ecfg.shard_size, n))
+                ids = selected[k * ecfg.shard_size:(k + 1) * ecfg.shard_size]
                 if _read_shard(_shard_file(run_dir, k), ids) is None:
                     todo.append((k, ids))
             if len(todo) < len(mine):
@@ -310,7 +314,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
             if main_process:
                 merged = {key: [] for key in ("embeddings", "labels", "image_ids")}
                 for k in shards:
-                    ids = np.arange(k * ecfg.shard_size, min((k + 1) * ecfg.shard_size, n))
+                    ids = selected[k * ecfg.shard_size:(k + 1) * ecfg.shard_size]
                     shard = _read_shard(_shard_file(run_dir, k), ids)
                     if shard is None:
                         raise RuntimeError(f"shard {k} of stage 1 is missing after all processes finished")
