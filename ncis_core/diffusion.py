@@ -42,6 +42,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .progress import bar_options
+
 __all__ = [
     "TINY_RANDOM",
     "PROMPT_WORDS",
@@ -219,7 +221,7 @@ def _load(source: str, dtype: torch.dtype, single_file_config: str):
 def set_progress(pipe, progress: bool) -> None:
     """The pipeline's own progress bar: off when ``progress`` is false; otherwise tqdm's defaults,
     so ``TQDM_DISABLE=1`` still silences it (an explicit ``disable=False`` would override that)."""
-    pipe.set_progress_bar_config(**({} if progress else {"disable": True}))
+    pipe.set_progress_bar_config(**bar_options(progress))
 
 
 def load_pipeline(dcfg, device: torch.device | str = "cpu", words: Sequence[str] = (),

@@ -47,6 +47,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..progress import bar_options
 from .. import diffusion
 from ..device import broadcast, process_state
 from ..config import EmbedConfig, ExperimentConfig
@@ -299,7 +300,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
                 log.info("resuming: %d of %d shards already done", len(mine) - len(todo), len(mine))
             total = sum(len(ids) for _, ids in todo)
             bar = tqdm(total=total, desc="stage 1: textual inversion", unit="img",
-                       **({} if progress and main_process else {"disable": True}))
+                       **bar_options(progress and main_process))
             for k, ids in todo:
                 rows = embed_indices(pipe, tokens, dataset, ids, cfg, bar)
                 labels = torch.as_tensor(np.asarray(split.dataset.labels)[ids], dtype=torch.int64)

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..progress import bar_options
 from ..config import ExperimentConfig
 from ..data import build_splits, get_split
 from ..data.base import Split
@@ -68,7 +69,7 @@ def score_split(model: torch.nn.Module, score_fn, split: Split, cfg: ExperimentC
     """Scores (higher = more ID) of every image of ``split``, in order, as float64."""
     out = []
     for images, _ in tqdm(_loader(split, cfg), desc=f"{score_fn.name} · {split.name}", leave=False,
-                          disable=not progress):
+                          **bar_options(progress)):
         out.append(score_fn(model, images.to(device)).double().cpu())
     return torch.cat(out).numpy()
 

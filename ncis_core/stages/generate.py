@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..progress import bar_options
 from .. import diffusion
 from ..device import broadcast, process_state
 from ..config import ExperimentConfig, GenerateConfig
@@ -209,7 +210,7 @@ def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Seque
     if len(todo) < len(which):
         log.info("resuming: %d of %d batches already done", len(which) - len(todo), len(which))
     bar = tqdm(total=sum(len(batches[b]) for b in todo), desc=desc, unit="img",
-               **({} if progress else {"disable": True}))
+               **bar_options(progress))
     started = time.time()
     for b in todo:
         images = batches[b]

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..progress import bar_options
 from ..config import ExperimentConfig, SampleConfig
 from ..device import resolve_device
 from ..embeddings_io import load_embeddings
@@ -109,7 +110,7 @@ def tail_sample(z: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: Sa
                           device=device)
     log_density = torch.empty(num_classes, cfg.rounds * cfg.keep_per_round, dtype=torch.float64,
                               device=device)
-    bar = tqdm(total=num_classes, desc="tail sampling", unit="class", disable=not progress or None)
+    bar = tqdm(total=num_classes, desc="tail sampling", unit="class", **bar_options(progress))
     for first in range(0, num_classes, chunk):
         classes = torch.arange(first, min(first + chunk, num_classes), device=device)
         mean, cov = class_gaussians(z, labels, classes, cfg.reg_weight)

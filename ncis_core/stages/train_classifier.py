@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..progress import bar_options
 from ..config import ExperimentConfig
 from ..data import get_split, list_images, with_transform
 from ..data.base import DataError, ImageDataset, Subset
@@ -149,7 +150,7 @@ def _vae_reconstructions(cfg: ExperimentConfig, images: np.ndarray, progress: bo
     vae = pipe.vae
     out = []
     for i in tqdm(range(0, len(images), 64), desc="VAE reconstructions of ID images", leave=False,
-                  disable=not progress):
+                  **bar_options(progress)):
         x = to_model_range(images[i:i + 64]).to(device, vae.dtype)
         size = x.shape[-1]
         side = max(8, cfg.embed.resolution)  # the resolution the generator works at
@@ -424,7 +425,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
         sums = {"ce": 0.0, "energy": 0.0, "correct": 0, "seen": 0}
         scores_id, scores_out = [], []  # logsumexp per image: the energy distributions of the epoch
         bar = tqdm(id_loader, desc=f"classifier epoch {epoch + 1}/{c.epochs}", leave=False,
-                   disable=not progress or not accelerator.is_main_process)
+                   **bar_options(progress and accelerator.is_main_process))
         for x_in, y_in in bar:
             for group in opt.param_groups:
                 group["lr"] = cosine_lr(step, total, c.lr, c.final_lr)

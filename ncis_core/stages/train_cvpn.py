@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from ..progress import bar_options
 from ..config import CVPNConfig, ExperimentConfig
 from ..device import resolve_device, seed_everything
 from ..embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
@@ -304,14 +305,14 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
     log.info("cVPN: D=%d, C=%d, k=%d, %d parameters, %d epochs × %d batches on %s",
              x.shape[1], num_classes, k, param_count, cfg.epochs, batches, device)
     epochs_bar = tqdm(range(start_epoch, cfg.epochs), desc="cVPN epochs", initial=start_epoch,
-                      total=cfg.epochs, disable=not progress or None)
+                      total=cfg.epochs, **bar_options(progress))
     for epoch in epochs_bar:
         started = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=_epoch_generator(seed, epoch)).to(device)
         sums = np.zeros(2)
         bar = tqdm(range(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress or None)
+                   **bar_options(progress))
         for b in bar:
             step = epoch * batches + b
             lr = cfg.lr * lr_factor(step, total_steps, cfg.final_lr_factor)

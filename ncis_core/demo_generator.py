@@ -1,0 +1,699 @@
+"""The demo world's generator: a small Stable-Diffusion-architecture pipeline the kit trains itself.
+
+Without pretrained weights on the demo machines, NCIS's diffusion stages can only run for real on a
+generator trained here. It has SD 1.4's parts and mechanics, only smaller: a diffusers
+``AutoencoderKL`` (32 × 32 RGB ↔ 4 × 8 × 8 latents), a ``UNet2DConditionModel`` with cross-attention
+on a transformers ``CLIPTextModel``, a ``CLIPTokenizer`` built offline, and a PNDM scheduler with
+SD's β schedule. It is saved with ``save_pretrained``, so ``StableDiffusionPipeline.from_pretrained``
+loads it exactly as it loads SD 1.4.
+
+Training (on the ID training split only) is two phases, each seeded, checkpointed and resumable:
+
+1. the VAE (L1 reconstruction + a small KL term); then its ``scaling_factor`` is *measured* as
+   1 / std of the training latents (SD's 0.18215 belongs to SD's VAE, not to this one);
+2. the UNet and the text encoder together on the frozen VAE's latents, with the prompts
+   ``cfg.prompts`` ("An image of a {class}") and ``cfg.empty_prompt_prob`` empty prompts so that
+   classifier-free guidance works; an EMA of both is what gets shipped.
+
+The quality check (:func:`class_consistency`) trains a small classifier on the real ID images plus
+the VAE's reconstructions of them and counts how often it names the class a generated image was
+prompted with.
+
+Example:
+    >>> cfg = load_config("smoke")                                   # doctest: +SKIP
+    >>> folder = train_generator(cfg, out="outputs/tiny-generator")  # doctest: +SKIP
+    >>> pipe = StableDiffusionPipeline.from_pretrained(folder)        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from .progress import bar_options
+from .data.classes import DEMO_ID_CLASSES, DEMO_NEAR_CLASSES
+from .runs import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:
+    from .config import ExperimentConfig, GeneratorConfig
+
+__all__ = [
+    "DEMO_WORDS",
+    "build_tokenizer",
+    "build_vae",
+    "build_text_encoder",
+    "build_unet",
+    "build_scheduler",
+    "build_pipeline",
+    "count_parameters",
+    "training_images",
+    "train_vae",
+    "measure_scaling_factor",
+    "train_unet",
+    "train_generator",
+    "load_pipeline",
+    "generate_per_class",
+    "QualityClassifier",
+    "train_quality_classifier",
+    "class_consistency",
+    "accuracy",
+    "vae_reconstruct",
+]
+
+log = logging.getLogger(__name__)
+
+#: Words the tokenizer keeps whole: every demo class (ID and near-OOD, so stage 1's class tokens and
+#: near-OOD prompts are one token each) and the words of the training and generation prompts.
+DEMO_WORDS: tuple[str, ...] = tuple(DEMO_ID_CLASSES) + tuple(DEMO_NEAR_CLASSES) + (
+    "an", "image", "of", "a", "the", "high", "quality")
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) reversible byte → printable character table, which its BPE vocab uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer(words: Sequence[str] = DEMO_WORDS, max_length: int = 77):
+    """A ``CLIPTokenizer`` built offline whose vocabulary holds every byte and every word in ``words``.
+
+    CLIP's BPE only produces a multi-letter token through a chain of merges, so a vocabulary with
+    the words but no merges splits every word into letters. Each word ``w`` gets the left-to-right
+    chain ``w[0] w[1] → w[:2]``, ``w[:2] w[2] → w[:3]`` … ending in ``w</w>`` (CLIP marks a word's
+    end with ``</w>``). The chains are checked: every word must come out as one token.
+
+    Args:
+        words: lower-case words to keep whole.
+        max_length: ``model_max_length`` (77 like SD 1.4: the pipeline pads prompts to it).
+
+    Example:
+        >>> tok = build_tokenizer(["giraffe"])
+        >>> tok.tokenize("An image of a giraffe")[-1]
+        'giraffe</w>'
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(s, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        if len(word) < 2:
+            continue  # a one-letter word is already the byte token "a</w>"
+        prefix = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            piece = ch + ("</w>" if i == len(word) - 1 else "")
+            merge = (prefix, piece)
+            prefix = prefix + piece
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(prefix, len(vocab))
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    broken = [w for w in words if tok.tokenize(w) != [w.lower() + "</w>"]]
+    if broken:  # another word's chain won over this one's: reorder DEMO_WORDS or add a merge
+        raise ValueError(f"tokenizer splits {broken}: {[tok.tokenize(w) for w in broken]}")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------- models
+
+def build_vae(gcfg: "GeneratorConfig"):
+    """The ``AutoencoderKL``: ``len(vae_channels)`` levels, so 32 px → 32 / 2^(levels-1) latents."""
+    from diffusers import AutoencoderKL
+
+    levels = len(gcfg.vae_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=gcfg.latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(gcfg.vae_channels), layers_per_block=gcfg.vae_layers_per_block,
+        norm_num_groups=gcfg.norm_groups, sample_size=gcfg.image_size)
+
+
+def build_text_encoder(gcfg: "GeneratorConfig", tokenizer):
+    """A ``CLIPTextModel`` over the tokenizer's vocabulary (width ``text_width``)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=gcfg.text_width, intermediate_size=4 * gcfg.text_width,
+        num_hidden_layers=gcfg.text_layers, num_attention_heads=gcfg.text_heads,
+        max_position_embeddings=tokenizer.model_max_length, projection_dim=gcfg.text_width,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu")
+    return CLIPTextModel(config)
+
+
+def build_unet(gcfg: "GeneratorConfig"):
+    """The ``UNet2DConditionModel``: cross-attention on every level, like SD's but smaller."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(gcfg.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=gcfg.image_size // 2 ** (len(gcfg.vae_channels) - 1),
+        in_channels=gcfg.latent_channels, out_channels=gcfg.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * levels,
+        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        block_out_channels=tuple(gcfg.unet_channels), layers_per_block=gcfg.unet_layers_per_block,
+        cross_attention_dim=gcfg.text_width, attention_head_dim=gcfg.attention_head_dim,
+        norm_num_groups=gcfg.norm_groups)
+
+
+def build_scheduler(kind: str = "pndm"):
+    """SD 1.4's scheduler settings: PNDM (PLMS, ``skip_prk_steps``) for sampling, DDPM for training."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear", steps_offset=1)
+    if kind == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False)
+    return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet):
+    """A ``StableDiffusionPipeline`` from the parts (no safety checker: silhouettes need none)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler("pndm"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def count_parameters(*modules: nn.Module) -> int:
+    """Total number of parameters of ``modules``."""
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def load_pipeline(folder: str | Path, device: str | torch.device = "cpu", progress: bool = False):
+    """``StableDiffusionPipeline.from_pretrained(folder)`` in float32 on ``device``, offline."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32,
+                                                   local_files_only=True)
+    if not progress:  # otherwise leave tqdm's own default, so TQDM_DISABLE=1 still silences it
+        pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+def training_images(cfg: "ExperimentConfig") -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """The ID training split as a float tensor ``N × 3 × H × W`` in [-1, 1], labels and class names."""
+    from .data import get_split
+
+    # Only the ID split: building the OOD sets too (textures, faces …) would cost seconds for nothing.
+    split = get_split(dataclasses.replace(cfg.data, ood_sets=[]), "id-train")
+    ds = split.dataset
+    images = np.stack([ds[i][0] for i in range(len(ds))])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    return x, np.asarray(ds.labels), list(split.classes)
+
+
+
+def _step_generator(seed: int, phase: int, step: int) -> torch.Generator:
+    # One generator per (phase, step): a resumed run draws exactly the batches and noise of an
+    # uninterrupted one without saving any RNG state.
+    return torch.Generator().manual_seed((seed * 1_000_003 + phase * 7_919 + step) % 2**63)
+
+
+def _batch(x: torch.Tensor, size: int, g: torch.Generator, hflip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.randint(0, len(x), (size,), generator=g)
+    xb = x[idx]
+    if hflip:  # animals face either way; a mirrored silhouette is the same class
+        flip = torch.rand(size, generator=g) < 0.5
+        xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+    return xb, idx
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    # Linear warm-up, then cosine to 10 %: small models train fast early and settle late.
+    if step < warmup:
+        return (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+               for i, state in sd["state"].items() for k, v in state.items()}
+    return tensors, sd["param_groups"]
+
+
+def _unflat_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _save_checkpoint(folder: Path, name: str, modules: dict[str, nn.Module], opt, state: dict) -> None:
+    """``<name>.safetensors`` (weights, EMA, optimizer) + ``<name>.json`` (step, history, config);
+    written atomically and JSON last, so a kill mid-save leaves the previous checkpoint usable."""
+    tensors = {f"{m}/{k}": v.detach().contiguous() for m, mod in modules.items()
+               for k, v in mod.state_dict().items()}
+    opt_tensors, groups = _flat_optimizer(opt)
+    tensors.update({f"optimizer/{k}": v for k, v in opt_tensors.items()})
+    with atomic_path(folder / f"{name}.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(folder / f"{name}.json", {**state, "optimizer_groups": groups})
+
+
+def _load_checkpoint(folder: Path, name: str, modules: dict[str, nn.Module], opt, config: dict
+                     ) -> dict | None:
+    meta_path = folder / f"{name}.json"
+    if not meta_path.exists():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("config") != config:
+        changed = sorted(k for k in set(config) | set(meta.get("config", {}))
+                         if config.get(k) != meta.get("config", {}).get(k))
+        raise ValueError(f"the checkpoint {meta_path} was made with a different generator config "
+                         f"({', '.join(changed)}); delete {meta_path} and {name}.safetensors beside it "
+                         f"to redo this phase, or pass --fresh to start over")
+    tensors = load_file(str(folder / f"{name}.safetensors"))
+    for m, mod in modules.items():
+        prefix = f"{m}/"
+        mod.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    _unflat_optimizer(opt, {k[len("optimizer/"):]: v for k, v in tensors.items()
+                            if k.startswith("optimizer/")}, meta.pop("optimizer_groups"))
+    log.info("resuming %s from step %d (%s)", name, meta["step"], meta_path)
+    return meta
+
+
+def _phase_config(gcfg: "GeneratorConfig", keys: Sequence[str], seed: int) -> dict:
+    # What a checkpoint must agree with to be resumed (checkpoint_every may change freely).
+    values = dataclasses.asdict(gcfg)
+    return {"seed": seed, **{k: values[k] for k in keys}}
+
+
+_VAE_KEYS = ("image_size", "vae_channels", "vae_layers_per_block", "latent_channels", "norm_groups",
+             "vae_steps", "vae_batch_size", "vae_lr", "kl_weight", "hflip")
+_UNET_KEYS = _VAE_KEYS + ("unet_channels", "unet_layers_per_block", "attention_head_dim", "text_width",
+                          "text_layers", "text_heads", "unet_steps", "unet_batch_size", "unet_lr",
+                          "text_lr", "ema_decay", "empty_prompt_prob", "prompts", "warmup_steps")
+
+
+# -------------------------------------------------------------------------------------- training
+
+def train_vae(vae, x: torch.Tensor, gcfg: "GeneratorConfig", work: Path, seed: int,
+              progress: bool = True) -> list[float]:
+    """Train ``vae`` on images ``x`` (``N × 3 × H × W`` in [-1, 1]) for ``gcfg.vae_steps`` steps.
+
+    Loss: L1 reconstruction of a posterior sample + ``kl_weight`` · KL. Checkpoints every
+    ``gcfg.checkpoint_every`` steps under ``work`` (``vae.safetensors`` + ``vae.json``) and resumes
+    from them. Returns the loss history (one value per step, the resumed part included).
+    """
+    opt = torch.optim.AdamW(vae.parameters(), lr=gcfg.vae_lr, weight_decay=0.0)
+    config = _phase_config(gcfg, _VAE_KEYS, seed)
+    meta = _load_checkpoint(work, "vae", {"vae": vae}, opt, config)
+    start, history = (meta["step"], meta["history"]) if meta else (0, [])
+    vae.train()
+    bar = tqdm(range(start, gcfg.vae_steps), initial=start, total=gcfg.vae_steps, desc="VAE",
+               **bar_options(progress))
+    for step in bar:
+        g = _step_generator(seed, 1, step)
+        xb, _ = _batch(x, gcfg.vae_batch_size, g, gcfg.hflip)
+        for group in opt.param_groups:
+            group["lr"] = gcfg.vae_lr * _lr_factor(step, gcfg.vae_steps, gcfg.warmup_steps)
+        posterior = vae.encode(xb).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        rec = vae.decode(z).sample
+        kl = posterior.kl().mean() / z[0].numel()  # per latent element, so the weight is size-free
+        loss = F.l1_loss(rec, xb) + gcfg.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}")
+        if (step + 1) % gcfg.checkpoint_every == 0 or step + 1 == gcfg.vae_steps:
+            _save_checkpoint(work, "vae", {"vae": vae}, opt,
+                             {"step": step + 1, "history": history, "config": config})
+    bar.close()
+    vae.eval()
+    return history
+
+
+@torch.no_grad()
+def _encode_all(vae, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for i in range(0, len(x), batch):
+        post = vae.encode(x[i:i + batch]).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae, x: torch.Tensor, seed: int = 0) -> float:
+    """1 / std of posterior samples of the images ``x``: the factor that gives the UNet unit-variance
+    latents, as SD's 0.18215 did for SD's own VAE (leaving 0.18215 here would shrink the latents
+    and break the noise schedule's signal-to-noise ratios)."""
+    mean, std = _encode_all(vae, x)
+    g = torch.Generator().manual_seed(seed)
+    z = mean + std * torch.randn(mean.shape, generator=g)
+    return float(1.0 / z.std())
+
+
+@torch.no_grad()
+def vae_reconstruct(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Decode the posterior modes of ``x`` (``N × 3 × H × W`` in [-1, 1]); returns the same range."""
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(vae.decode(vae.encode(x[i:i + batch]).latent_dist.mode()).sample.clamp(-1, 1))
+    return torch.cat(out)
+
+
+class _EMA:
+    """Exponential moving average of a module's parameters (buffers copied as they are)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        # Warm-up of the decay (1+s)/(10+s): early averages would otherwise hold the random init.
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}
+
+
+class _Holder(nn.Module):
+    # Lets an _EMA travel through the checkpoint helpers, which take nn.Modules.
+    def __init__(self, ema: _EMA):
+        super().__init__()
+        self.ema = ema
+
+    def state_dict(self, *args, **kwargs):
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state, strict=True, assign=False):
+        self.ema.load_state_dict(state)
+
+
+def train_unet(unet, text_encoder, tokenizer, latents: tuple[torch.Tensor, torch.Tensor],
+               labels: np.ndarray, classes: Sequence[str], gcfg: "GeneratorConfig", work: Path,
+               seed: int, progress: bool = True) -> tuple[list[float], dict, dict]:
+    """Train the UNet and the text encoder jointly on scaled VAE latents (ε-prediction, SD's DDPM
+    schedule, uniform timesteps).
+
+    Args:
+        latents: ``(mean, std)`` of the VAE posterior of every training image, already multiplied
+            by the scaling factor; each step draws a fresh posterior sample.
+        labels, classes: the images' labels and the class names for the prompts.
+        gcfg: the generator config (steps, batch, learning rates, prompts, empty-prompt rate, EMA).
+        work: checkpoint folder (``unet.safetensors`` + ``unet.json``); resumed when present.
+
+    Returns:
+        ``(loss history, EMA state of the UNet, EMA state of the text encoder)``.
+    """
+    noise_sched = build_scheduler("ddpm")
+    alphas = noise_sched.alphas_cumprod
+    # All prompts are known up front: tokenise them once; the text encoder runs on the distinct
+    # prompts of a batch only, and the rows are gathered per image.
+    prompts = [t.format(c) for t in gcfg.prompts for c in classes] + [""]
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    n_cls, n_tpl, empty = len(classes), len(gcfg.prompts), len(prompts) - 1
+    labels_t = torch.as_tensor(labels)
+    params = [{"params": unet.parameters(), "lr": gcfg.unet_lr},
+              {"params": text_encoder.parameters(), "lr": gcfg.text_lr}]
+    opt = torch.optim.AdamW(params, weight_decay=1e-2)
+    ema_u, ema_t = _EMA(unet, gcfg.ema_decay), _EMA(text_encoder, gcfg.ema_decay)
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": _Holder(ema_u),
+               "ema_text_encoder": _Holder(ema_t)}
+    config = _phase_config(gcfg, _UNET_KEYS, seed)
+    meta = _load_checkpoint(work, "unet", modules, opt, config)
+    start, history = (meta["step"], meta["history"]) if meta else (0, [])
+    mean, std = latents
+    unet.train(), text_encoder.train()
+    bar = tqdm(range(start, gcfg.unet_steps), initial=start, total=gcfg.unet_steps, desc="UNet",
+               **bar_options(progress))
+    for step in bar:
+        g = _step_generator(seed, 2, step)
+        idx = torch.randint(0, len(mean), (gcfg.unet_batch_size,), generator=g)
+        z0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+        tpl = torch.randint(0, n_tpl, (len(idx),), generator=g)
+        which = tpl * n_cls + labels_t[idx]
+        which = torch.where(torch.rand(len(idx), generator=g) < gcfg.empty_prompt_prob,
+                            torch.full_like(which, empty), which)
+        used, inverse = torch.unique(which, return_inverse=True)
+        context = text_encoder(ids[used])[0][inverse]
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)
+        noise = torch.randn(z0.shape, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        pred = unet(zt, t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred, noise)
+        factor = _lr_factor(step, gcfg.unet_steps, gcfg.warmup_steps)
+        opt.param_groups[0]["lr"] = gcfg.unet_lr * factor
+        opt.param_groups[1]["lr"] = gcfg.text_lr * factor
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        ema_u.update(unet, step)
+        ema_t.update(text_encoder, step)
+        history.append(loss.item())
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
+        if (step + 1) % gcfg.checkpoint_every == 0 or step + 1 == gcfg.unet_steps:
+            _save_checkpoint(work, "unet", modules, opt,
+                             {"step": step + 1, "history": history, "config": config})
+    bar.close()
+    unet.eval(), text_encoder.eval()
+    return history, ema_u.state_dict(), ema_t.state_dict()
+
+
+def train_generator(cfg: "ExperimentConfig", out: str | Path | None = None, work: str | Path | None = None,
+                    fresh: bool = False, progress: bool = True) -> Path:
+    """Train the demo generator from ``cfg.generator`` on ``cfg.data``'s ID training split and save
+    the pipeline with ``save_pretrained`` under ``out`` (default ``cfg.generator.out``).
+
+    Both phases checkpoint under ``work`` (default ``cfg.generator.work_dir``) and a rerun resumes
+    them; ``fresh=True`` deletes the checkpoints first. ``out`` also receives ``training.json``
+    (config, seed, parameter counts, wall times, loss histories, the measured scaling factor).
+    """
+    import shutil
+
+    from .device import seed_everything
+
+    gcfg = cfg.generator
+    out = Path(out or gcfg.out)
+    work = Path(work or gcfg.work_dir)
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    seed = cfg.run.seed
+    if gcfg.threads > 0:
+        # On a shared CPU, more intra-op threads than free cores make every op spin-wait: one
+        # thread measured 0.8 s per UNet step where two took 3-15 s beside another job.
+        torch.set_num_threads(gcfg.threads)
+    seed_everything(seed)  # module initialisation below draws from the global generator
+    x, labels, classes = training_images(cfg)
+    log.info("training the demo generator on %d images of %d classes: %s", len(x), len(classes),
+             ", ".join(classes))
+    tokenizer = build_tokenizer(tuple(DEMO_WORDS) + tuple(c.lower() for c in classes
+                                                          if c.lower() not in DEMO_WORDS))
+    vae, text_encoder, unet = build_vae(gcfg), build_text_encoder(gcfg, tokenizer), build_unet(gcfg)
+    log.info("parameters: VAE %d, text encoder %d, UNet %d", count_parameters(vae),
+             count_parameters(text_encoder), count_parameters(unet))
+
+    t0 = time.time()
+    vae_history = train_vae(vae, x, gcfg, work, seed, progress)
+    t_vae = time.time() - t0
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    scale = measure_scaling_factor(vae, x, seed)
+    vae.register_to_config(scaling_factor=scale)
+    log.info("VAE done (%.0f s); measured scaling_factor %.4f", t_vae, scale)
+
+    # Mirrored images are encoded rather than their latents flipped: the VAE's learned kernels are
+    # not mirror-symmetric, so a flipped latent need not decode to the flipped image.
+    x_all = torch.cat([x, x.flip(-1)]) if gcfg.hflip else x
+    labels_all = np.concatenate([labels, labels]) if gcfg.hflip else labels
+    mean, std = _encode_all(vae, x_all)
+    t0 = time.time()
+    unet_history, ema_u, ema_t = train_unet(unet, text_encoder, tokenizer, (mean * scale, std * scale),
+                                            labels_all, classes, gcfg, work, seed, progress)
+    t_unet = time.time() - t0
+    unet.load_state_dict(ema_u)
+    text_encoder.load_state_dict(ema_t)
+
+    pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
+    if gcfg.save_dtype == "float16":
+        pipe.to(torch.float16)  # halves the shipped folder; load_pipeline upcasts to float32
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    pipe.save_pretrained(str(tmp), safe_serialization=True)
+    previous = json.loads((work / "times.json").read_text()) if (work / "times.json").exists() else {}
+    record = {"config": dataclasses.asdict(gcfg), "seed": seed, "classes": classes,
+              "scaling_factor": scale,
+              "parameters": {"vae": count_parameters(vae), "text_encoder": count_parameters(text_encoder),
+                             "unet": count_parameters(unet)},
+              # wall time of this invocation (a resumed run only counts what it did itself)
+              "wall_seconds": {"vae": round(t_vae, 1), "unet": round(t_unet, 1)},
+              "previous_invocations": previous.get("invocations", []),
+              "history": {"vae": vae_history, "unet": unet_history}}
+    atomic_write_json(tmp / "training.json", record)
+    atomic_write_json(work / "times.json",
+                      {"invocations": previous.get("invocations", []) + [record["wall_seconds"]]})
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # the shipped folder changes in one step: never half old, half new
+    log.info("saved the generator to %s", out)
+    return out
+
+
+# ------------------------------------------------------------------------------- quality checks
+
+@torch.no_grad()
+def generate_per_class(pipe, classes: Sequence[str], per_class: int, guidance_scale: float,
+                       steps: int = 25, seed: int = 0, prompt: str = "An image of a {}",
+                       batch_size: int = 64) -> np.ndarray:
+    """``per_class`` images per class from ``prompt``, as ``C × per_class × H × W × 3`` uint8.
+
+    Seeded: image ``j`` of every class starts from the same noise, so rows of a montage compare."""
+    images = []
+    for c in classes:
+        row = []
+        for start in range(0, per_class, batch_size):
+            n = min(batch_size, per_class - start)
+            g = torch.Generator().manual_seed(seed + start)
+            out = pipe([prompt.format(c)] * n, num_inference_steps=steps, guidance_scale=guidance_scale,
+                       generator=g, output_type="np").images
+            row.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+        images.append(np.concatenate(row))
+    return np.stack(images)
+
+
+class QualityClassifier(nn.Module):
+    """A small CNN for 32 × 32 silhouettes (three conv stages, global pool, linear), only used to
+    judge the generator; the kit's real classifiers live in ``ncis_core.models``. Width 16 by
+    default: 4.6 ms per training image on one CPU thread (width 32 took 17 ms).
+
+    Example:
+        >>> QualityClassifier(6)(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 6])
+    """
+
+    def __init__(self, num_classes: int, width: int = 16):
+        super().__init__()
+        layers, c_in = [], 3
+        for c_out in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                       nn.MaxPool2d(2)]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def train_quality_classifier(x: torch.Tensor, y: np.ndarray, num_classes: int, epochs: int = 4,
+                             seed: int = 0, progress: bool = True) -> QualityClassifier:
+    """Train :class:`QualityClassifier` on ``x`` (``N × 3 × 32 × 32`` in [-1, 1]) with flips and
+    ±2 px shifts; Adam, batch 128, one-cycle-ish cosine learning rate."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = QualityClassifier(num_classes)
+    y_t = torch.as_tensor(y)
+    steps = epochs * math.ceil(len(x) / 128)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
+    model.train()
+    bar = tqdm(total=steps, desc="quality classifier", **bar_options(progress))
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g)
+        for i in range(0, len(x), 128):
+            idx = perm[i:i + 128]
+            xb = x[idx]
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
+            xb = torch.roll(xb, (dy, dx), (2, 3))
+            loss = F.cross_entropy(model(xb), y_t[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+    bar.close()
+    return model.eval()
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    return torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).numpy()
+
+
+def class_consistency(classifier: nn.Module, generated: np.ndarray, classes: Sequence[str]) -> dict:
+    """How often ``classifier`` names the class each generated image was prompted with.
+
+    Args:
+        generated: ``C × n × H × W × 3`` uint8, row ``c`` prompted with ``classes[c]``.
+
+    Returns:
+        ``{"class_consistency": overall, "per_class": {name: fraction}, "confusion": C × C list}``.
+    """
+    c, n = generated.shape[:2]
+    pred = _predict(classifier, _to_tensor(generated.reshape(c * n, *generated.shape[2:]))).reshape(c, n)
+    confusion = np.zeros((c, c), dtype=int)
+    for i in range(c):
+        np.add.at(confusion[i], pred[i], 1)
+    per_class = {name: float((pred[i] == i).mean()) for i, name in enumerate(classes)}
+    return {"class_consistency": float((pred == np.arange(c)[:, None]).mean()),
+            "per_class": per_class, "confusion": confusion.tolist()}
+
+
+def accuracy(classifier: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:
+    """Top-1 accuracy of ``classifier`` on uint8 ``N × H × W × 3`` images (or a [-1, 1] tensor)."""
+    x = images if torch.is_tensor(images) else _to_tensor(images)
+    return float((_predict(classifier, x) == np.asarray(labels)).mean())
+

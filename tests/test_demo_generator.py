@@ -1,0 +1,113 @@
+"""The demo generator: offline tokenizer, the train-generator command on a tiny configuration, and
+the shipped pipeline folder (loads with ``StableDiffusionPipeline.from_pretrained`` offline, generates)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in this file may reach the hub
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from diffusers import StableDiffusionPipeline  # noqa: E402
+
+from ncis_core import demo_generator as dg  # noqa: E402
+from ncis_core.config import load_config  # noqa: E402
+from ncis_core.data.classes import DEMO_ID_CLASSES, DEMO_NEAR_CLASSES  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "data" / "demo" / "generator"
+TINY = ["data.max_per_class=4", "generator.vae_steps=2", "generator.unet_steps=3",
+        "generator.checkpoint_every=2"]
+
+
+def _generate(pipe, prompt="An image of a cat", guidance=3.0):
+    g = torch.Generator().manual_seed(0)
+    return pipe(prompt, num_inference_steps=2, guidance_scale=guidance, generator=g, output_type="np").images
+
+
+def test_tokenizer_keeps_class_names_and_prompt_words_whole():
+    tok = dg.build_tokenizer()
+    for word in list(DEMO_ID_CLASSES) + list(DEMO_NEAR_CLASSES) + ["an", "image", "of", "a", "the"]:
+        assert tok.tokenize(word) == [word + "</w>"], word
+    ids = tok("An image of a giraffe").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 7
+    assert tok.model_max_length == 77  # SD 1.4's context length: the pipeline pads to it
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """The command itself, on the smoke preset's tiny generator, for a few steps."""
+    base = tmp_path_factory.mktemp("gen")
+    out, work = base / "pipe", base / "work"
+    cmd = [sys.executable, "-m", "ncis_core", "train-generator", "--preset", "smoke", "--out", str(out),
+           "--work", str(work)] + [a for s in TINY for a in ("--set", s)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, work, cmd, env
+
+
+def test_train_generator_command_makes_a_loadable_pipeline(tiny_folder):
+    out, work, _, _ = tiny_folder
+    for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (out / part).exists(), part
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.__class__.__name__ == "PNDMScheduler" and pipe.scheduler.config.skip_prk_steps
+    image = _generate(pipe)
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    # the measured scaling factor is what was saved, not SD's 0.18215
+    record = json.loads((out / "training.json").read_text())
+    assert pipe.vae.config.scaling_factor == pytest.approx(record["scaling_factor"])
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
+    assert (work / "unet.json").exists() and (work / "vae.safetensors").exists()
+
+
+def test_train_generator_resumes_from_its_checkpoints(tiny_folder, caplog):
+    out, work, _, _ = tiny_folder
+    before = json.loads((work / "unet.json").read_text())
+    assert before["step"] == 3
+    weights = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    # finished checkpoints are resumed: the rerun trains nothing and saves the same weights
+    caplog.set_level(logging.INFO, logger="ncis_core")
+    dg.train_generator(load_config("smoke", TINY), out=out, work=work, progress=False)
+    assert "resuming unet from step 3" in caplog.text
+    record = json.loads((out / "training.json").read_text())
+    assert record["history"]["unet"] == before["history"]
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    # a checkpoint of another configuration is refused, not silently mixed in
+    with pytest.raises(ValueError, match="different generator config"):
+        dg.train_generator(load_config("smoke", TINY + ["generator.unet_lr=0.5"]), out=out, work=work,
+                           progress=False)
+
+
+def test_scaling_factor_is_one_over_latent_std():
+    gcfg = load_config("smoke").generator
+    torch.manual_seed(0)
+    vae = dg.build_vae(gcfg).eval()
+    x = torch.rand(16, 3, 32, 32) * 2 - 1
+    scale = dg.measure_scaling_factor(vae, x)
+    mean, std = dg._encode_all(vae, x)
+    z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    assert scale == pytest.approx(1 / z.std().item(), rel=1e-5)
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="generator not shipped yet")
+def test_shipped_generator_loads_offline_and_generates():
+    pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED), local_files_only=True,
+                                                   dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    for word in list(DEMO_ID_CLASSES) + list(DEMO_NEAR_CLASSES):
+        assert pipe.tokenizer.tokenize(word) == [word + "</w>"], word
+    assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)
+    image = _generate(pipe, "An image of a giraffe", guidance=5.0)
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
+    size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
+    assert size <= 30 * 2**20
