@@ -207,6 +207,7 @@ class ClassifierConfig:
     """Stage 5: classifier training with synthetic outliers (METHOD.md §5)."""
 
     arch: str = "resnet34"
+    width: int = 32  # channels of the first stage of arch=small (the demo network); ResNets ignore it
     pretrained: str = ""
     epochs: int = 250
     batch_size: int = 256

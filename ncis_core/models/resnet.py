@@ -155,13 +155,14 @@ class SmallNet(nn.Module):
         return (logits, feats) if return_features else logits
 
 
-def build_classifier(arch: str, num_classes: int) -> nn.Module:
-    """``resnet34`` / ``resnet18`` (CIFAR stem), ``resnet34_imagenet`` (torchvision stem) or ``small``."""
+def build_classifier(arch: str, num_classes: int, width: int = 32) -> nn.Module:
+    """``resnet34`` / ``resnet18`` (CIFAR stem), ``resnet34_imagenet`` (torchvision stem) or ``small``
+    (``width`` channels in its first stage)."""
     builders = {
         "resnet34": lambda: resnet34(num_classes),
         "resnet18": lambda: resnet18(num_classes),
         "resnet34_imagenet": lambda: resnet34(num_classes, stem="imagenet"),
-        "small": lambda: SmallNet(num_classes),
+        "small": lambda: SmallNet(num_classes, width),
     }
     if arch not in builders:
         raise ValueError(f"unknown classifier.arch {arch!r}; use one of {', '.join(builders)}")

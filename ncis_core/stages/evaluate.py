@@ -181,7 +181,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, checkpoint: str | Path | None = 
     if checkpoint is not None:
         # the kit's own files carry arch and classes; third-party ones take them from the config
         num_classes = len(get_split(cfg.data, "id-test").classes)
-        bundle = load_classifier(checkpoint, c.arch, num_classes, c.energy_head, c.head_hidden)
+        bundle = load_classifier(checkpoint, c.arch, num_classes, c.energy_head, c.head_hidden, c.width)
         results, raw = evaluate(cfg, bundle, progress)
         write_results(run_dir.path("results_dir"), results, raw)
         return results

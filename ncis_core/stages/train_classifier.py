@@ -239,7 +239,7 @@ def save_classifier(path: Path, model: nn.Module, head: EnergyHead, meta: dict) 
 
 
 def load_classifier(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-                    head_kind: str = "linear", head_hidden: int = 0) -> ClassifierBundle:
+                    head_kind: str = "linear", head_hidden: int = 0, width: int = 32) -> ClassifierBundle:
     """Load a classifier: one of the kit's (``save_classifier``), a torchvision-layout state dict, or
     the OOD literature's CIFAR checkpoints (``encoder.*``, ``shortcut.*``, ``module.`` prefixes;
     third-party ``.pt``/``.pth`` files are read with ``weights_only=True``).
@@ -270,7 +270,7 @@ def load_classifier(path: str | Path, arch: str | None = None, num_classes: int 
     model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")} if meta else \
         remap_ood_checkpoint(state)
     head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
-    model = build_classifier(arch, num_classes)
+    model = build_classifier(arch, num_classes, meta.get("width", width))
     try:
         result = model.load_state_dict(model_state, strict=False)
     except RuntimeError as err:  # same names, other shapes
@@ -314,7 +314,7 @@ def _load_state(folder: Path, model, head, opt, device) -> tuple[int, int, list]
 # ----------------------------------------------------------------------------- training
 def _init_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     c = cfg.classifier
-    model = build_classifier(c.arch, num_classes)
+    model = build_classifier(c.arch, num_classes, c.width)
     if c.pretrained:
         path = Path(c.pretrained)
         if not path.exists():
@@ -489,7 +489,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
               "id_generated": c.id_generated if id_generated is not None else "none",
               "energy_head": c.energy_head, "seed": seed}
     if accelerator.is_main_process:
-        meta = {"arch": c.arch, "num_classes": len(split.classes), "classes": list(split.classes),
+        meta = {"arch": c.arch, "width": c.width, "num_classes": len(split.classes), "classes": list(split.classes),
                 "head": c.energy_head, "head_hidden": c.head_hidden, "slope": slope,
                 "outliers": c.outliers, "seed": seed}
         save_classifier(folder / "best.safetensors", model.cpu(), head.cpu(), meta)
