@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in these tests may reach the hub
@@ -17,16 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # Few images and classes, one step: the stage code runs every line in seconds.
 SMALL = ["data.max_per_class=2", "embed.steps=2", "embed.noise_batch=2", "embed.images_per_step=3",
          "embed.shard_size=4"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the test machine's cores are shared, and OpenMP thread teams on a busy
-    machine turn millisecond kernels into tenths of a second."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def subprocess_env() -> dict:

@@ -11,15 +11,6 @@ from ncis_core.models.cvpn import (CVPN, ConditionalAdditiveCoupling, Orthogonal
                                    invariants_per_class, pca_spectra, skew_expm)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads buy nothing, and on oversubscribed cores OpenMP waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _block(kind, dim, dtype=torch.float64, seed=0):
     """(module, forward(x), inverse(y)) for one invertible block or the whole network."""
     torch.manual_seed(seed)

@@ -4,7 +4,6 @@ class tokens, row swaps, per-sample prompt embeddings, two seeded inference step
 import numpy as np
 import pytest
 import torch
-from diffusion_fixtures import one_thread  # noqa: F401 - autouse fixture
 
 from ncis_core import diffusion as D
 from ncis_core.config import DiffusionConfig

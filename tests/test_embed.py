@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from diffusion_fixtures import SMALL, one_thread  # noqa: F401
+from diffusion_fixtures import SMALL
 
 from ncis_core import diffusion as D
 from ncis_core.config import load_config

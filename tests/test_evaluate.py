@@ -4,12 +4,10 @@ import csv
 import json
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
 from ncis_core.config import load_config
-from ncis_core.data import build_splits
 from ncis_core.metrics import ood_metrics
 from ncis_core.models.resnet import EnergyHead
 from ncis_core.runs import RunDir

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from diffusion_fixtures import ROOT, SMALL, one_thread, subprocess_env, write_outliers  # noqa: F401
+from diffusion_fixtures import ROOT, SMALL, subprocess_env, write_outliers
 
 from ncis_core.config import load_config
 from ncis_core.embeddings_io import load_embeddings

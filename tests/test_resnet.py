@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from ncis_core.models.resnet import (EnergyHead, SmallNet, build_classifier, remap_ood_checkpoint,
+from ncis_core.models.resnet import (EnergyHead, build_classifier, remap_ood_checkpoint,
                                      resnet18, resnet34)
 
 

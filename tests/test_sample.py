@@ -13,15 +13,6 @@ from ncis_core.stages.sample import (class_gaussians, draw_standard_normal, samp
                                      tail_sample)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads buy nothing, and on oversubscribed cores OpenMP waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _data(seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 9)[torch.randperm(21, generator=g)]

@@ -16,15 +16,6 @@ from ncis_core.stages.train_cvpn import (fit, holdout_split, load_cvpn, lr_facto
                                          train_step, validate_embeddings)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: threads buy nothing, and on oversubscribed cores OpenMP waits cost seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_lr_factor_decays_linearly_per_step_to_a_tenth():
     total = 782 * 200                                     # the paper's 156 400 steps
     assert lr_factor(0, total) == 1.0
