@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -116,3 +117,11 @@ def test_evaluate_command_on_a_released_style_checkpoint(tmp_path):
                           "--set", "classifier.arch=resnet18"], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not fit classifier.arch=resnet18" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_classifier_of_other_classes_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[]")
+    bundle = ClassifierBundle(Brightness(), EnergyHead("monotone"),
+                              {"slope": 1.0, "classes": ["apple", "bee", "cat", "dog", "emu", "fox"]})
+    with pytest.raises(ValueError, match="trained on the classes"):
+        stage6.evaluate(cfg, bundle, progress=False)

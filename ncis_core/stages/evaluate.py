@@ -106,6 +106,11 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
     model = bundle.model.to(device).eval()
     splits = build_splits(cfg.data)
     id_test = next(s for s in splits if s.role == "id-test")
+    trained_on = bundle.meta.get("classes")
+    if trained_on is not None and list(trained_on) != list(id_test.classes):
+        raise ValueError(f"the classifier was trained on the classes {list(trained_on)[:6]}… "
+                         f"({len(trained_on)}) but preset {cfg.run.preset!r} has {list(id_test.classes)[:6]}… "
+                         f"({len(id_test.classes)}); evaluate it with the preset it was trained for")
     ood = [s for s in splits if s.role.startswith("ood")]
     sign = 1.0 if bundle.slope >= 0 else -1.0
     if bundle.meta.get("outliers", "none") != "none" and sign < 0:
