@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from .diffusion import vae_reconstruct
 from .progress import bar_options
 from .data.classes import DEMO_ID_CLASSES, DEMO_NEAR_CLASSES
 from .runs import atomic_path, atomic_write_json
@@ -70,6 +71,7 @@ __all__ = [
     "class_consistency",
     "accuracy",
     "vae_reconstruct",
+    "reconstruction_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -385,12 +387,23 @@ def measure_scaling_factor(vae, x: torch.Tensor, seed: int = 0) -> float:
 
 
 @torch.no_grad()
-def vae_reconstruct(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Decode the posterior modes of ``x`` (``N × 3 × H × W`` in [-1, 1]); returns the same range."""
-    out = []
-    for i in range(0, len(x), batch):
-        out.append(vae.decode(vae.encode(x[i:i + batch]).latent_dist.mode()).sample.clamp(-1, 1))
-    return torch.cat(out)
+def reconstruction_rows(pipe, cfg: ExperimentConfig, per_class: int = 8) -> tuple[list[str], list[list[np.ndarray]]]:
+    """Real ID training images and their VAE reconstructions, two rows per class (for a montage)."""
+    x, labels, classes = training_images(cfg)
+    k = min(per_class, int(np.bincount(labels).min()))
+    pick = np.concatenate([np.flatnonzero(labels == c)[:k] for c in range(len(classes))])
+    with torch.no_grad():
+        recon = vae_reconstruct(pipe.vae, x[pick])
+
+    def to_uint8(t: torch.Tensor) -> np.ndarray:
+        return ((t.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+    real, rec = to_uint8(x[pick]), to_uint8(recon)
+    names, rows = [], []
+    for c, name in enumerate(classes):
+        names += [name, f"{name} (VAE)"]
+        rows += [list(real[c * k:(c + 1) * k]), list(rec[c * k:(c + 1) * k])]
+    return names, rows
 
 
 class _EMA:

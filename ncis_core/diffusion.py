@@ -45,6 +45,7 @@ import torch
 from .progress import bar_options
 
 __all__ = [
+    "vae_reconstruct",
     "TINY_RANDOM",
     "PROMPT_WORDS",
     "PipelineLoadError",
@@ -496,3 +497,12 @@ def encode_prompts(pipe, prompts: Sequence[str] | torch.Tensor, token_ids: Seque
 
 
 # ----------------------------------------------------------------------------- processes
+
+
+def vae_reconstruct(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The VAE round trip: decode the posterior modes of ``x`` (``N × 3 × H × W`` in [-1, 1]) and
+    return the same range (the demo generator's montages and stage 5's ``id_generated=vae_recon``)."""
+    out = []
+    for i in range(0, len(x), batch):
+        out.append(vae.decode(vae.encode(x[i:i + batch]).latent_dist.mode()).sample.clamp(-1, 1))
+    return torch.cat(out)

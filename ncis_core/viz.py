@@ -19,7 +19,7 @@ import numpy as np
 from .data.base import Split
 
 __all__ = ["save_figure", "plot_counts", "image_grid", "split_examples", "plot_classifier_history",
-           "plot_score_histograms", "plot_roc"]
+           "plot_score_histograms", "plot_roc", "plot_loss_curves"]
 
 
 def save_figure(fig, run, name: str, dpi: int = 120) -> Path:
@@ -162,5 +162,20 @@ def plot_roc(raw: dict, score: str, id_name: str = "id-test"):
     ax.axhline(0.95, color="grey", lw=0.6, ls=":")
     ax.set_xlabel("OOD accepted (FPR)"), ax.set_ylabel("ID kept (TPR)")
     ax.set_title(f"ROC, ID positive — {score}", fontsize=10), ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss_curves(history: dict[str, list[float]], smooth: int = 25, log_scale: bool = True):
+    """One panel per named loss curve (per step), raw and as a running mean over ``smooth`` steps."""
+    fig, axes = plt.subplots(1, len(history), figsize=(5 * len(history), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], history.items()):
+        values = np.asarray(values, dtype=float)
+        k = max(1, min(smooth, len(values)))
+        ax.plot(values, alpha=0.3, lw=0.8)
+        ax.plot(np.arange(len(values) - k + 1) + (k - 1) / 2, np.convolve(values, np.ones(k) / k, "valid"))
+        ax.set_title(f"{name} loss"), ax.set_xlabel("step")
+        if log_scale:
+            ax.set_yscale("log")
     fig.tight_layout()
     return fig

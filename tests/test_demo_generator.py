@@ -111,3 +111,20 @@ def test_shipped_generator_loads_offline_and_generates():
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
     size = sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file())
     assert size <= 30 * 2**20
+
+
+@pytest.mark.slow
+def test_extras_notebook_trains_and_draws_on_smoke(tmp_path):
+    """notebooks/extras/train_demo_generator.ipynb through papermill on the tiny smoke generator."""
+    import papermill
+
+    from ncis_core.runner import NOTEBOOK_DIR
+
+    out = tmp_path / "nb"
+    papermill.execute_notebook(
+        str(NOTEBOOK_DIR / "extras" / "train_demo_generator.ipynb"), str(tmp_path / "executed.ipynb"),
+        parameters={"preset": "smoke", "run_dir": str(out), "overrides": [
+            f"generator.out={tmp_path / 'gen'}", f"generator.work_dir={tmp_path / 'work'}"]},
+        progress_bar=False, cwd=str(NOTEBOOK_DIR.parent))
+    for figure in ["generator_losses.png", "generator_montage.png", "generator_vae_reconstructions.png"]:
+        assert (out / "figures" / figure).stat().st_size > 1000

@@ -157,7 +157,7 @@ def _vae_reconstructions(cfg: ExperimentConfig, images: np.ndarray, progress: bo
         if size != side:
             x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False)
         with torch.no_grad():
-            rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+            rec = diffusion.vae_reconstruct(vae, x).float()
         if size != side:
             rec = F.interpolate(rec, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
