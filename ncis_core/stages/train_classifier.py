@@ -371,7 +371,6 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
 
     split = get_split(cfg.data, "id-train")
     id_tf, out_tf = train_transforms(cfg)
-    id_data = _Tensors(with_transform(split.dataset, id_tf))
     outliers = outlier_dataset(cfg, run_dir)
     id_generated = id_generated_dataset(cfg, run_dir, progress) if outliers is not None else None
     model = _init_model(cfg, len(split.classes))
@@ -382,24 +381,19 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
                           weight_decay=c.weight_decay)
 
-    id_gen = torch.Generator().manual_seed(seed)
-    id_loader = DataLoader(id_data, batch_size=c.batch_size, shuffle=True, generator=id_gen,
-                           num_workers=c.num_workers, drop_last=len(id_data) > c.batch_size)
-    out_loader, out_gen = None, None
-    if outliers is not None:
-        out_gen = torch.Generator().manual_seed(seed + 1)
-        out_data = _Tensors(with_transform(outliers, out_tf))
-        out_loader = DataLoader(out_data, batch_size=c.outlier_batch_size, shuffle=True,
-                                generator=out_gen, num_workers=c.num_workers,
-                                drop_last=len(out_data) > c.outlier_batch_size)
-    gen_loader, gen_gen = None, None
-    if id_generated is not None:
-        # as many generated-looking ID images per step as outliers, with the ID augmentation
-        gen_gen = torch.Generator().manual_seed(seed + 2)
-        gen_data = _Tensors(with_transform(id_generated, id_tf))
-        gen_loader = DataLoader(gen_data, batch_size=c.outlier_batch_size, shuffle=True,
-                                generator=gen_gen, num_workers=c.num_workers,
-                                drop_last=len(gen_data) > c.outlier_batch_size)
+    def loader(images: ImageDataset, transform, batch_size: int, seed_offset: int):
+        """A shuffled loader over ``images`` with its own seeded generator (reseeded per epoch)."""
+        gen = torch.Generator().manual_seed(seed + seed_offset)
+        data = _Tensors(with_transform(images, transform))
+        return DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen,
+                          num_workers=c.num_workers, drop_last=len(data) > batch_size), gen
+
+    id_loader, id_gen = loader(split.dataset, id_tf, c.batch_size, 0)
+    out_loader, out_gen = loader(outliers, out_tf, c.outlier_batch_size, 1) if outliers is not None \
+        else (None, None)
+    # as many generated-looking ID images per step as outliers, with the ID augmentation
+    gen_loader, gen_gen = loader(id_generated, id_tf, c.outlier_batch_size, 2) \
+        if id_generated is not None else (None, None)
     model, head, opt, id_loader = accelerator.prepare(model, head, opt, id_loader)
     if out_loader is not None:
         out_loader = accelerator.prepare(out_loader)
