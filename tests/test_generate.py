@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 from diffusion_fixtures import ROOT, SMALL, subprocess_env, write_outliers
@@ -136,3 +137,16 @@ def test_two_accelerate_processes_give_the_files_of_one_for_both_stages(tmp_path
     generate.run(cfg1, one_run, progress=False)
     assert tree(one_run.path("outliers_dir")) == tree(two_run.path("outliers_dir"))
     assert two_run.manifest()["stages"]["generate"]["info"]["processes"] == 2
+
+
+def test_comparison_rows_pair_each_outlier_with_the_plain_image_of_its_seed(tmp_path):
+    cfg, run = prepared(tmp_path / "cmp")
+    index = generate.run(cfg, run, progress=False)
+    ordinary, outliers = generate.comparison_rows(cfg, run, index, [0, 1], per_class=2)
+    assert [len(r) for r in ordinary] == [2, 2] and [len(r) for r in outliers] == [2, 2]
+    entries = [e for e in index["images"] if e["class"] == 1][:2]
+    from PIL import Image
+    assert np.array_equal(outliers[1][0], np.asarray(Image.open(run.path("outliers_dir") / entries[0]["file"]).convert("RGB")))
+    pipe, tokens = generate.prepare(cfg, index["classes"])
+    again = generate.ordinary_images(pipe, tokens, 1, [e["seed"] for e in entries], cfg.generate)
+    assert np.array_equal(np.stack(ordinary[1]), again)

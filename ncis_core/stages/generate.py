@@ -59,6 +59,7 @@ __all__ = [
     "generate_images",
     "ordinary_images",
     "render_batches",
+    "comparison_rows",
     "load_index",
     "run",
     "main",
@@ -224,6 +225,21 @@ def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Seque
             on_batch_end(b)
     bar.close()
     return time.time() - started
+
+
+def comparison_rows(cfg: ExperimentConfig, run_dir: RunDir, index: dict, classes: Sequence[int],
+                    per_class: int, device: torch.device | str = "cpu"
+                    ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
+    """For each class in ``classes``: its first ``per_class`` outlier images from the run folder and
+    the plain-prompt generations with the same seeds, as ``(ordinary rows, outlier rows)``."""
+    pipe, tokens = prepare(cfg, index["classes"], device)
+    ordinary, outliers = [], []
+    for c in classes:
+        entries = [e for e in index["images"] if e["class"] == c][:per_class]
+        outliers.append([np.asarray(Image.open(run_dir.path("outliers_dir") / e["file"]).convert("RGB"))
+                         for e in entries])
+        ordinary.append(list(ordinary_images(pipe, tokens, c, [e["seed"] for e in entries], cfg.generate)))
+    return ordinary, outliers
 
 
 def _save_png(path: Path, image: np.ndarray) -> None:
