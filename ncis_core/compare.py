@@ -12,6 +12,11 @@ embedding — the control that tells whether boundary sampling adds anything bey
 are outliers"); ``none`` is the plain cross-entropy baseline. Each (method, seed) trains into
 ``DIR/compare/<method>/seed<k>/`` with ``classifier.seed = k`` and is skipped when already complete
 for the same config. Writes ``DIR/compare/table.md`` and ``table.csv``.
+
+Every method trains with the same seeds, and a seed fixes the initialisation and the data order, so
+runs with one seed are paired: :func:`paired_differences` compares two methods seed by seed (mean
+difference, its 95 % t-interval, wins), which separates methods far better than overlapping
+mean ± std columns when the seed moves every method alike.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from .stages import evaluate as stage6
 from .stages import train_classifier as stage5
 
 __all__ = ["METHODS", "render_baseline_outliers", "pixel_shift", "train_and_evaluate", "aggregate",
-           "format_comparison", "compare"]
+           "paired_differences", "format_paired", "format_comparison", "compare"]
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +56,11 @@ def render_baseline_outliers(cfg: ExperimentConfig, run: RunDir, method: str, pr
     embedding space on the same training rows; ``idgen``: the plain class prompt, nothing injected.
     Skipped when the folder holds a complete render of the same inputs.
     """
-    from dataclasses import asdict, replace
+    from dataclasses import asdict
 
-    from .embeddings_io import load_embeddings
     from .runs import content_hash
     from .stages import generate as stage4
     from .stages import sample as stage3
-    from .stages.train_cvpn import holdout_split
 
     target = run.root / f"outliers_{method}"
     ncis_file = run.require("outlier_embeddings")
@@ -78,11 +81,7 @@ def render_baseline_outliers(cfg: ExperimentConfig, run: RunDir, method: str, pr
     num_classes, num_embeddings, _ = ncis["outliers"].shape
     outliers = None
     if method == "linear":
-        data = load_embeddings(run.path("embeddings"))
-        train_index, _ = holdout_split(data["labels"], cfg.cvpn.holdout_fraction, cfg.run.seed)
-        outliers = stage3.sample_outliers(data["embeddings"][train_index], data["labels"][train_index],
-                                          num_classes, replace(cfg.sample, method="linear"), cfg.run.seed,
-                                          progress=progress)["outliers"]
+        outliers = stage3.linear_outlier_embeddings(cfg, run, progress)["outliers"]
     from .device import resolve_device
 
     pipe, tokens = stage4.prepare(cfg, names, resolve_device(cfg.run.device))
@@ -158,6 +157,69 @@ def aggregate(per_run: dict[str, list[dict]], score: str) -> list[dict]:
                      "accuracy_mean": float(np.mean(accuracy)),
                      "accuracy_std": float(np.std(accuracy, ddof=1)) if len(accuracy) > 1 else 0.0})
     return rows
+
+
+def paired_differences(per_run: dict[str, list[dict]], score: str, reference: str,
+                       sets: tuple[str, ...] = ("mean (near)", "mean (far)", "mean (all)"),
+                       metrics: tuple[str, ...] = ("auroc", "fpr95")) -> list[dict]:
+    """Each method minus ``reference``, seed by seed (the i-th result of every method has seed i).
+
+    Returns one row per (method, set, metric): ``mean`` and ``std`` of the per-seed differences, the
+    95 % two-sided t-interval of the mean (``low``, ``high``; None for one seed), ``better`` (seeds
+    where the method beat the reference: higher AUROC/AUPR, lower FPR95) and ``seeds``. ``separated``
+    is True when the interval excludes 0 — with 3 seeds that needs a consistent difference.
+    """
+    from scipy import stats
+
+    if reference not in per_run:
+        return []
+
+    def value(result, name, key):
+        return next((r[key] for r in result["rows"] if r["score"] == score and r["set"] == name), None)
+
+    out = []
+    for method, results in per_run.items():
+        if method == reference:
+            continue
+        pairs = list(zip(results, per_run[reference]))
+        for name in sets:
+            for key in metrics:
+                diffs = [value(a, name, key) - value(b, name, key) for a, b in pairs
+                         if value(a, name, key) is not None and value(b, name, key) is not None]
+                if not diffs:
+                    continue
+                d = np.asarray(diffs, dtype=float)
+                mean, n = float(d.mean()), len(d)
+                std = float(d.std(ddof=1)) if n > 1 else 0.0
+                half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else None
+                low, high = (mean - half, mean + half) if half is not None else (None, None)
+                better = int(np.sum(d < 0) if key == "fpr95" else np.sum(d > 0))
+                out.append({"method": method, "reference": reference, "set": name, "metric": key,
+                            "mean": mean, "std": std, "low": low, "high": high, "better": better,
+                            "seeds": n, "separated": bool(low is not None and (low > 0 or high < 0))})
+    return out
+
+
+_METRIC_LABELS = {"fpr95": "FPR95 ↓", "auroc": "AUROC ↑", "aupr_in": "AUPR-In ↑", "aupr_out": "AUPR-Out ↑"}
+
+
+def format_paired(paired: list[dict]) -> str:
+    """Markdown for :func:`paired_differences`: difference in points, 95 % interval, wins."""
+    if not paired:
+        return ""
+    reference = paired[0]["reference"]
+    out = [f"### Paired by seed: method − {reference}", "",
+           f"Per seed, the method's metric minus {reference}'s (same seed: same initialisation and data "
+           "order), in points; the 95 % t-interval of the mean difference; seeds where the method did "
+           "better. **yes** = the interval excludes 0.", "",
+           "| set | metric | method | difference | 95 % interval | better in | told apart |",
+           "|---|---|---|---:|---:|---:|:---:|"]
+    for row in paired:
+        interval = (f"[{100 * row['low']:+.1f}, {100 * row['high']:+.1f}]" if row["low"] is not None else "—")
+        out.append(f"| {row['set']} | {_METRIC_LABELS.get(row['metric'], row['metric'])} | "
+                   f"{row['method']} | {100 * row['mean']:+.1f} ± {100 * row['std']:.1f} | {interval} | "
+                   f"{row['better']}/{row['seeds']} | {'yes' if row['separated'] else 'no'} |")
+    return "\n".join(out) + "\n"
 
 
 def format_comparison(rows: list[dict], convention: str, score: str, extra: str = "") -> str:
@@ -238,8 +300,14 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
                 "| method | to plain, same seed | between two plain images |\n|---|---:|---:|\n" + \
                 "".join(f"| {s['method']} | {s['mse_to_plain_same_seed']:.4f} | "
                         f"{s['mse_between_plain_images']:.4f} |\n" for s in shifts)
+    # idgen is the null NCIS must beat (generated images as outliers, no boundary sampling); without
+    # it, the plain energy baseline
+    reference = "idgen" if "idgen" in per_run else "none"
+    paired = paired_differences(per_run, score, reference) if len(per_run) > 1 else []
+    if paired:
+        extra = format_paired(paired) + ("\n" + extra if extra else "")
     atomic_write_text(folder / "table.md", format_comparison(rows, convention, score, extra))
     atomic_write_text(folder / "table.csv", _csv(rows))
     atomic_write_json(folder / "summary.json", {"methods": methods, "seeds": seeds, "rows": rows,
-                                                "pixel_shift": shifts})
-    return {"rows": rows, "per_run": per_run, "pixel_shift": shifts}
+                                                "paired": paired, "pixel_shift": shifts})
+    return {"rows": rows, "per_run": per_run, "paired": paired, "pixel_shift": shifts}

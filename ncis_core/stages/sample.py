@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ __all__ = [
     "sample_outliers",
     "save_outliers",
     "load_outliers",
+    "linear_outlier_embeddings",
     "run",
 ]
 
@@ -190,6 +192,28 @@ def load_outliers(path: str | os.PathLike) -> dict:
     result["method"] = meta.get("method")
     result["metadata"] = meta
     return result
+
+
+def linear_outlier_embeddings(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
+    """The linear baseline's outlier embeddings for a run, recomputed (they are never written).
+
+    Stage 3's tail sampling done directly in embedding space (``sample.method=linear``, the rest of
+    ``cfg.sample`` as it is) on the same training rows as stage 3 (the stage-2 holdout split), so the
+    result is a deterministic function of the embeddings file and the config. The comparison renders
+    images from it; the UMAP maps place it beside NCIS's outliers.
+
+    Returns:
+        :func:`sample_outliers`'s dict: ``outliers`` (C × M × D float32), ``log_density`` (C × M),
+        ``method`` (``"linear"``).
+
+    Raises:
+        MissingArtefactError: no embeddings (run stage 1 first).
+    """
+    data = load_embeddings(run_dir.require("embeddings"))
+    train_index, _ = holdout_split(data["labels"], cfg.cvpn.holdout_fraction, cfg.run.seed)
+    return sample_outliers(data["embeddings"][train_index], data["labels"][train_index],
+                           data["num_classes"], replace(cfg.sample, method="linear"), cfg.run.seed,
+                           progress=progress)
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:

@@ -1,0 +1,224 @@
+"""UMAP maps (viz_umap.py): the scikit-learn kNN graph, seeding, the run-folder cache, outliers
+placed by UMAP's transform, class selection, and the linear baseline shared with `compare`."""
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import umap
+
+from ncis_core import viz_umap
+from ncis_core.config import load_config
+from ncis_core.embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
+from ncis_core.runs import MissingArtefactError, RunDir
+from ncis_core.stages import sample, train_cvpn
+
+PER_CLASS, CLASSES, DIM = 8, 3, 10
+
+
+@pytest.fixture(scope="module")
+def stage3_run(tmp_path_factory):
+    """Stages 1-3 on synthetic embeddings (3 classes × 8, D = 10) with the smoke preset's cVPN."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the function-scoped `one_thread`
+    try:
+        out = tmp_path_factory.mktemp("umap") / "run"
+        cfg = load_config("smoke", ["sample.draws_per_round=20"], out=str(out))
+        run = RunDir.create(cfg)
+        with run.stage("embed") as rec:
+            if not rec.done:
+                save_embeddings(run.path("embeddings"),
+                                **synthetic_embeddings(CLASSES, PER_CLASS, DIM, seed=0, rank=2))
+        train_cvpn.run(cfg, run, progress=False)
+        sample.run(cfg, run, progress=False)
+        return run
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run(stage3_run, tmp_path):
+    """A private copy of the stage-3 run (maps write their cache into the run folder)."""
+    shutil.copytree(stage3_run.root, tmp_path / "run")
+    return RunDir.open(tmp_path / "run")
+
+
+class RecordingUMAP(umap.UMAP):
+    """umap.UMAP that remembers its constructor arguments and counts transform calls."""
+
+    made: list = []
+    transforms = 0
+
+    def __init__(self, **kwargs):
+        RecordingUMAP.made.append(kwargs)
+        super().__init__(**kwargs)
+
+    def transform(self, X, *args, **kwargs):
+        RecordingUMAP.transforms += 1
+        return super().transform(X, *args, **kwargs)
+
+
+@pytest.fixture
+def recording(monkeypatch):
+    RecordingUMAP.made, RecordingUMAP.transforms = [], 0
+    monkeypatch.setattr(umap, "UMAP", RecordingUMAP)
+    return RecordingUMAP
+
+
+def _brute_force_knn(x: np.ndarray, k: int):
+    d = np.sqrt(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))
+    order = np.argsort(d, axis=1, kind="stable")[:, :k]
+    return order, np.take_along_axis(d, order, axis=1)
+
+
+def test_the_knn_handed_to_umap_is_the_exact_one_self_included(run, recording):
+    m = viz_umap.umap_map(run, cache=False, progress=False)
+    x = load_embeddings(run.path("embeddings"))["embeddings"].numpy()
+    k = min(15, len(x) - 1)
+    indices, distances, index = recording.made[0]["precomputed_knn"]
+    expected_indices, expected_distances = _brute_force_knn(x, k)
+    assert indices.shape == (len(x), k) and m.params["n_neighbors"] == k
+    assert np.array_equal(indices, expected_indices)
+    assert np.allclose(distances, expected_distances, atol=1e-4)
+    assert np.array_equal(indices[:, 0], np.arange(len(x)))           # the first neighbour is the point
+    # the search index UMAP's transform queries answers with the same exact neighbours
+    q_idx, q_dist = index.query(x[:4] + 0.01, 5)
+    e_idx = np.argsort(((x[:4, None] + 0.01 - x[None]) ** 2).sum(-1), axis=1)[:, :5]
+    assert np.array_equal(q_idx, e_idx) and q_dist.dtype == np.float32
+
+
+def test_same_seed_same_map_other_seed_other_map(run):
+    a = viz_umap.umap_map(run, cache=False, progress=False)
+    b = viz_umap.umap_map(run, cache=False, progress=False)
+    c = viz_umap.umap_map(run, seed=7, cache=False, progress=False)
+    assert a.params["seed"] == run.cfg.run.seed and c.params["seed"] == 7
+    assert np.array_equal(a.coords, b.coords)
+    for method in a.methods:
+        assert np.array_equal(a.outlier_coords[method], b.outlier_coords[method])
+    assert not np.allclose(a.coords, c.coords)
+
+
+def test_outliers_are_placed_with_transform(run, recording):
+    m = viz_umap.umap_map(run, cache=False, progress=False)
+    per_class = run.cfg.sample.rounds * run.cfg.sample.keep_per_round
+    assert m.methods == ("ncis", "linear") and recording.transforms == 2   # one transform per method
+    assert m.coords.shape == (CLASSES * PER_CLASS, 2) and np.isfinite(m.coords).all()
+    stored = sample.load_outliers(run.path("outlier_embeddings"))
+    for method in m.methods:
+        assert m.outlier_coords[method].shape == (CLASSES * per_class, 2)
+        assert np.isfinite(m.outlier_coords[method]).all()
+        assert np.array_equal(m.outlier_labels[method], np.repeat(np.arange(CLASSES), per_class))
+    assert np.allclose(m.outlier_log_density["ncis"], stored["log_density"].numpy().reshape(-1))
+
+
+def test_a_per_class_map_holds_only_that_class(run):
+    m = viz_umap.umap_map(run, classes=[1], progress=False)
+    assert m.classes == [1] and m.coords.shape == (PER_CLASS, 2)
+    assert set(m.labels.tolist()) == {1} and m.params["n_neighbors"] == PER_CLASS - 1   # clipped
+    ids = load_embeddings(run.path("embeddings"))["image_ids"].numpy()[PER_CLASS:2 * PER_CLASS]
+    assert np.array_equal(np.sort(m.image_ids), np.sort(ids))
+    for method in m.methods:
+        assert set(m.outlier_labels[method].tolist()) == {1}
+    with pytest.raises(ValueError, match="not class indices"):
+        viz_umap.umap_map(run, classes=[CLASSES], progress=False)
+
+
+def test_the_cache_is_reused_and_follows_the_embeddings(run, monkeypatch):
+    first = viz_umap.umap_map(run, progress=False)
+    assert not first.from_cache and (viz_umap.umap_cache_dir(run) / f"{first.params['key']}.npz").exists()
+
+    class Refuse:
+        def __init__(self, **kwargs):
+            raise AssertionError("UMAP refitted although the map is cached")
+
+    monkeypatch.setattr(umap, "UMAP", Refuse)
+    again = viz_umap.umap_map(RunDir.open(run.root), progress=False)        # as a fresh process would
+    assert again.from_cache and again.methods == first.methods and again.class_names == first.class_names
+    assert np.array_equal(again.coords, first.coords) and np.array_equal(again.image_ids, first.image_ids)
+    for method in first.methods:
+        assert np.array_equal(again.outlier_coords[method], first.outlier_coords[method])
+        assert np.array_equal(again.outlier_log_density[method], first.outlier_log_density[method])
+    # other settings: another key, so a refit
+    with pytest.raises(AssertionError, match="refitted"):
+        viz_umap.umap_map(run, min_dist=0.3, progress=False)
+    # stage 1 redone with other embeddings: the cached map no longer applies
+    cfg2 = load_config("smoke", ["sample.draws_per_round=20", "embed.lr=0.5"], out=str(run.root))
+    run2 = RunDir.create(cfg2)
+    with run2.stage("embed"):
+        save_embeddings(run2.path("embeddings"),
+                        **synthetic_embeddings(CLASSES, PER_CLASS, DIM, seed=1, rank=2))
+    with pytest.raises(AssertionError, match="refitted"):
+        viz_umap.umap_map(run2, methods=("linear",), progress=False)
+
+
+def test_linear_outliers_are_those_compare_renders(run, monkeypatch):
+    from dataclasses import replace
+
+    from ncis_core import compare
+    from ncis_core.stages import generate as stage4
+    from ncis_core.stages.train_cvpn import holdout_split
+
+    rendered = {}
+    monkeypatch.setattr(stage4, "prepare", lambda cfg, names, device: (None, None))
+    def record(pipe, tokens, batches, todo, outliers, *args, **kwargs):  # no images: keep the embeddings
+        rendered["outliers"] = outliers
+
+    monkeypatch.setattr(stage4, "render_batches", record)
+    compare.render_baseline_outliers(run.cfg, run, "linear", progress=False)
+    shared = sample.linear_outlier_embeddings(run.cfg, run, progress=False)
+    assert torch.equal(rendered["outliers"], shared["outliers"])
+    # … which are stage 3's tail sampling in embedding space on stage 3's training rows
+    data = load_embeddings(run.path("embeddings"))
+    train, _ = holdout_split(data["labels"], run.cfg.cvpn.holdout_fraction, run.cfg.run.seed)
+    direct = sample.sample_outliers(data["embeddings"][train], data["labels"][train], CLASSES,
+                                    replace(run.cfg.sample, method="linear"), run.cfg.run.seed,
+                                    progress=False)
+    assert torch.equal(shared["outliers"], direct["outliers"]) and shared["method"] == "linear"
+    m = viz_umap.umap_map(run, methods=("linear",), progress=False)
+    assert np.array_equal(m.outlier_log_density["linear"], shared["log_density"].numpy().reshape(-1))
+
+
+def test_missing_stage_1_is_a_clear_error_and_missing_stage_3_a_warning(tmp_path):
+    cfg = load_config("smoke", out=str(tmp_path / "empty"))
+    with pytest.raises(MissingArtefactError, match=r"stage 1 \(embed\)"):
+        viz_umap.umap_map(RunDir.create(cfg), progress=False)
+    run = RunDir.create(load_config("smoke", out=str(tmp_path / "only1")))
+    with run.stage("embed"):
+        save_embeddings(run.path("embeddings"), **synthetic_embeddings(2, 6, DIM, seed=0, rank=2))
+    with pytest.warns(UserWarning, match=r"no ncis outlier embeddings to map .*stage 3"):
+        m = viz_umap.umap_map(run, progress=False)
+    assert m.methods == ("linear",) and m.coords.shape == (12, 2)
+    with pytest.raises(ValueError, match="unknown outlier methods"):
+        viz_umap.umap_map(run, methods=("pca",), progress=False)
+
+
+def test_too_few_points_is_clear_and_small_classes_are_left_out(tmp_path):
+    run = RunDir.create(load_config("smoke", out=str(tmp_path / "run")))
+    data = synthetic_embeddings(2, 6, DIM, seed=0, rank=2)
+    keep = torch.cat([torch.arange(6), torch.arange(6, 9)])                # class 1 keeps 3 rows
+    data = {**data, "embeddings": data["embeddings"][keep], "labels": data["labels"][keep],
+            "image_ids": data["image_ids"][keep]}
+    with run.stage("embed"):
+        save_embeddings(run.path("embeddings"), **data)
+    with pytest.raises(ValueError, match="3 embedding\\(s\\) of class_1: a UMAP map needs at least 5"):
+        viz_umap.umap_map(run, classes=[1], methods=(), progress=False)
+    with pytest.warns(UserWarning, match="class 1 left out"):
+        maps = viz_umap.umap_maps_per_class(run, [0, 1], methods=(), progress=False)
+    assert [m.classes for m in maps] == [[0]] and maps[0].params["n_neighbors"] == 5
+
+
+def test_pictures(run):
+    import matplotlib.pyplot as plt
+
+    m = viz_umap.umap_map(run, progress=False)
+    fig = viz_umap.plot_umap_map(m)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "class_0 (8)" in labels and any(lab.startswith("NCIS outliers") for lab in labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                    # nothing to complain about
+        maps = viz_umap.umap_maps_per_class(run, range(CLASSES), progress=False)
+    grid = viz_umap.plot_umap_per_class(maps)
+    assert len([ax for ax in grid.axes if ax.has_data()]) == CLASSES
+    plt.close("all")
