@@ -3,7 +3,9 @@
 The series is whatever ``notebooks/NN_*.ipynb`` holds, in numeric order; notebook ``NN`` is stage
 ``NN``. A stage added later appears in batch runs by adding its notebook: nothing here changes.
 A notebook whose input artefact comes from a stage that has no notebook yet (e.g. stage 2 before
-stage 1 is built) is skipped with a warning and recorded as ``skipped`` in the manifest.
+stage 1 is built) is skipped with a warning and recorded as ``skipped`` in the manifest. Notebooks
+numbered after the stages are views (e.g. ``07_explore``: they read artefacts and draw, they make
+none); :data:`VIEW_INPUTS` says what they read, so the same rule applies to them.
 Each executed copy lands in ``<run>/notebooks/``; the first failing notebook stops the series with
 a :class:`NotebookFailed` that names the notebook, the cell and the error.
 
@@ -22,12 +24,17 @@ from pathlib import Path
 from .config import load_config
 from .runs import ARTEFACTS, STAGES, RunDir, stage_inputs
 
-__all__ = ["NOTEBOOK_DIR", "NotebookFailed", "notebook_series", "parse_stages", "run_series"]
+__all__ = ["NOTEBOOK_DIR", "VIEW_INPUTS", "NotebookFailed", "notebook_series", "parse_stages", "run_series"]
 
 log = logging.getLogger(__name__)
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 _NUMBERED = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
+
+# Notebooks that are not stages, by number → the artefacts they read (keys of runs.ARTEFACTS).
+VIEW_INPUTS: dict[int, tuple[str, ...]] = {
+    7: ("embeddings", "outlier_embeddings", "outliers_dir"),  # 07_explore: the class explorer
+}
 
 
 class NotebookFailed(RuntimeError):
@@ -138,7 +145,7 @@ def _unbuilt_input(run: RunDir, number: int, available: set[int]) -> str | None:
     exists is left to fail in the notebook with its clear "run stage N first" message: the user
     chose not to run that stage."""
     stage = next((s for s in STAGES.values() if s.number == number), None)
-    for artefact in stage_inputs(run.cfg, stage.name) if stage else ():
+    for artefact in stage_inputs(run.cfg, stage.name) if stage else VIEW_INPUTS.get(number, ()):
         producer = next(s for s in STAGES.values() if artefact in s.outputs)
         if not run.path(artefact).exists() and producer.number not in available:
             return (f"it needs {ARTEFACTS[artefact]} from stage {producer.number} ({producer.name}), "

@@ -13,3 +13,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smoke_run_1_to_4(tmp_path_factory):
+    """A smoke run folder with stages 1-4 done, built once per session and shared. Treat it as
+    read-only (figures and caches aside): a test that adds artefacts works on a `copy_run` of it."""
+    from diffusion_fixtures import build_smoke_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixtures run before the function-scoped `one_thread`
+    try:
+        return build_smoke_run(tmp_path_factory.mktemp("smoke-1-4") / "run")
+    finally:
+        torch.set_num_threads(threads)

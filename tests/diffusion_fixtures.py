@@ -45,3 +45,25 @@ def write_outliers(run, outliers: torch.Tensor, class_names) -> Path:
                           {"outliers": outliers, "log_density": torch.zeros(outliers.shape[:2], dtype=torch.float64),
                            "method": "ncis"}, {"class_names": list(class_names), "seed": 0})
     return run.path("outlier_embeddings")
+
+
+def build_smoke_run(out: Path, overrides=()) -> Path:
+    """Run stages 1-4 of the smoke preset into ``out`` (about half a minute on one thread)."""
+    from ncis_core.config import load_config
+    from ncis_core.runs import RunDir
+    from ncis_core.stages import embed, generate, sample, train_cvpn
+
+    cfg = load_config("smoke", list(overrides), out=str(out))
+    run = RunDir.create(cfg)
+    for stage in (embed, train_cvpn, sample, generate):
+        stage.run(cfg, run, progress=False)
+    return Path(out)
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A copy of the run folder ``source`` at ``target``, for a test that adds to it (artefact hashes
+    are of contents, not paths, so the copy is as current as the original)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    return Path(target)

@@ -1,26 +1,19 @@
-"""`compare` on smoke: stages 1-4 once, then every method × 2 seeds, the table, resume."""
+"""`compare` on smoke: stages 1-4 once (the shared `smoke_run_1_to_4`), then every method × 2 seeds, the table, resume."""
 
 import json
 
 import pytest
+from diffusion_fixtures import copy_run
 
-from ncis_core.compare import aggregate, compare, format_comparison
-from ncis_core.config import load_config
-from ncis_core.runs import RunDir
+from ncis_core.compare import aggregate, compare, format_comparison, format_paired, paired_differences
 
 OVERRIDES = ["classifier.epochs=1", "evaluate.extra_scores=[]"]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    from ncis_core.stages import embed, generate, sample, train_cvpn
-
-    out = tmp_path_factory.mktemp("compare") / "run"
-    cfg = load_config("smoke", OVERRIDES, out=str(out))
-    run = RunDir.create(cfg)
-    for stage in (embed, train_cvpn, sample, generate):
-        stage.run(cfg, run, progress=False)
-    return out
+def smoke_run(smoke_run_1_to_4, tmp_path_factory):
+    # compare writes outliers_<method>/ and compare/ into the run: work on a copy of the shared one
+    return copy_run(smoke_run_1_to_4, tmp_path_factory.mktemp("compare") / "run")
 
 
 @pytest.mark.slow
@@ -28,7 +21,8 @@ def test_compare_on_smoke(smoke_run):
     result = compare("smoke", smoke_run, ["none", "idgen", "linear", "ncis"], [0, 1], OVERRIDES, progress=False)
     table = (smoke_run / "compare" / "table.md").read_text()
     for needle in ["### Near-OOD", "### Far-OOD", "### All OOD sets", "### ID accuracy", "Positive class: ID positive",
-                   "Mean ± std over 2 seed(s)", "How far the outlier embeddings moved the images"]:
+                   "Mean ± std over 2 seed(s)", "How far the outlier embeddings moved the images",
+                   "### Paired by seed: method − idgen"]:
         assert needle in table
     for method in ["none", "idgen", "linear", "ncis"]:
         assert f"| **mean (far)** | {method} |" in table
@@ -40,6 +34,7 @@ def test_compare_on_smoke(smoke_run):
         other = json.loads((smoke_run / f"outliers_{method}" / "index.json").read_text())["images"]
         assert [(i["file"], i["seed"]) for i in other] == [(i["file"], i["seed"]) for i in ncis]
     assert {s["method"] for s in result["pixel_shift"]} == {"linear", "ncis"}
+    assert {p["method"] for p in result["paired"]} == {"none", "linear", "ncis"}
     # rerun: every (method, seed) is complete and current, nothing is retrained
     mtime = (smoke_run / "compare" / "ncis" / "seed0" / "best.safetensors").stat().st_mtime
     again = compare("smoke", smoke_run, ["none", "idgen", "linear", "ncis"], [0, 1], OVERRIDES, progress=False)
@@ -63,3 +58,41 @@ def test_unknown_method_and_no_seeds_are_clear(tmp_path):
         compare("smoke", tmp_path, ["ncis", "vos"], [0])
     with pytest.raises(ValueError, match="at least one seed"):
         compare("smoke", tmp_path, ["ncis"], [])
+
+
+def _result(near_auroc, far_fpr):
+    rows = [{"score": "energy", "set": "mean (near)", "role": "mean", "fpr95": 0.5, "auroc": near_auroc,
+             "aupr_in": 0.5, "aupr_out": 0.5},
+            {"score": "energy", "set": "mean (far)", "role": "mean", "fpr95": far_fpr, "auroc": 0.5,
+             "aupr_in": 0.5, "aupr_out": 0.5}]
+    return {"rows": rows, "id_accuracy": 0.9}
+
+
+def test_paired_differences_match_a_seed_by_seed_computation():
+    from scipy import stats
+
+    ref_near, ncis_near = [0.60, 0.55, 0.70, 0.52], [0.63, 0.57, 0.74, 0.53]
+    ref_far, ncis_far = [0.30, 0.90, 0.10, 0.50], [0.35, 0.60, 0.20, 0.40]
+    per_run = {"idgen": [_result(a, f) for a, f in zip(ref_near, ref_far)],
+               "ncis": [_result(a, f) for a, f in zip(ncis_near, ncis_far)]}
+    paired = paired_differences(per_run, "energy", "idgen", sets=("mean (near)", "mean (far)"))
+    near = next(p for p in paired if p["set"] == "mean (near)" and p["metric"] == "auroc")
+    # one at a time: the differences, their mean, sample std and t-interval
+    diffs = [b - a for a, b in zip(ref_near, ncis_near)]
+    mean = sum(diffs) / 4
+    std = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5
+    half = stats.t.ppf(0.975, 3) * std / 2
+    assert near["mean"] == pytest.approx(mean) and near["std"] == pytest.approx(std)
+    assert (near["low"], near["high"]) == (pytest.approx(mean - half), pytest.approx(mean + half))
+    assert near["better"] == 4 and near["separated"]  # +1 to +4 points on every seed
+    far = next(p for p in paired if p["set"] == "mean (far)" and p["metric"] == "fpr95")
+    assert far["better"] == 2 and not far["separated"]  # lower FPR95 is better: 2 of 4 seeds
+    assert all(p["method"] == "ncis" and p["reference"] == "idgen" for p in paired)
+    table = format_paired(paired)
+    assert "| mean (near) | AUROC ↑ | ncis | +2.5 ± 1.3 |" in table and "| 4/4 | yes |" in table
+
+
+def test_paired_differences_without_reference_or_with_one_seed():
+    assert paired_differences({"ncis": [_result(0.6, 0.4)]}, "energy", "idgen") == []
+    one = paired_differences({"idgen": [_result(0.5, 0.4)], "ncis": [_result(0.6, 0.4)]}, "energy", "idgen")
+    assert one and all(p["low"] is None and not p["separated"] for p in one)

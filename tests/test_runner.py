@@ -114,6 +114,9 @@ def test_notebook_series_runs_end_to_end_on_smoke(tmp_path):
     assert summary[0]["name"] == "id-train" and summary[0]["count"] == 6 * 8
     for figure in ["00_counts.png", "00_id_examples.png", "00_ood_examples.png"]:
         assert (out / "figures" / figure).stat().st_size > 1000
+    # the explorer (a view, after the stages) ran on what stages 1-4 made; its static twins remain
+    assert status["07_explore.ipynb"] == "complete"
+    assert (out / "figures" / "07_all_classes_ncis.png").stat().st_size > 1000
 
 
 def test_stage_whose_input_stage_has_no_notebook_is_skipped(tmp_path):
@@ -129,6 +132,15 @@ def test_stage_whose_input_stage_has_no_notebook_is_skipped(tmp_path):
     assert "stage 1 (embed)" in notes["02_needs_embeddings.ipynb"]["reason"]
     # stage 2 has a notebook, but it was skipped: stage 3 waits too
     assert notes["03_needs_cvpn.ipynb"]["status"] == "skipped"
+
+
+def test_view_notebook_waits_for_the_stages_it_reads(tmp_path):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    write_notebook(folder / "07_view.ipynb", [_params_cell(), ("code", "raise SystemExit(3)")])
+    assert run_series("smoke", tmp_path / "run", notebooks=folder, progress=False) == []
+    note = json.loads((tmp_path / "run" / "manifest.json").read_text())["notebooks"]["07_view.ipynb"]
+    assert note["status"] == "skipped" and "stage 1 (embed)" in note["reason"]
 
 
 @pytest.mark.slow
