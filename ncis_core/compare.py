@@ -11,7 +11,9 @@ Gaussian tail sampling directly in embedding space; ``idgen``: the plain class p
 embedding — the control that tells whether boundary sampling adds anything beyond "generated images
 are outliers"); ``none`` is the plain cross-entropy baseline. Each (method, seed) trains into
 ``DIR/compare/<method>/seed<k>/`` with ``classifier.seed = k`` and is skipped when already complete
-for the same config. Writes ``DIR/compare/table.md`` and ``table.csv``.
+for the same config; the one (method, seed) that is the run's own stage 5 (same classifier config and
+seed, still current) is copied from ``classifier/`` rather than trained again. Writes
+``DIR/compare/table.md`` and ``table.csv``.
 
 Every method trains with the same seeds, and a seed fixes the initialisation and the data order, so
 runs with one seed are paired: :func:`paired_differences` compares two methods seed by seed (mean
@@ -26,18 +28,19 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from .config import ExperimentConfig, config_to_yaml, load_config
 from .metrics import METRIC_KEYS
-from .runs import RunDir, atomic_write_json, atomic_write_text
+from .runs import MissingArtefactError, RunDir, StaleArtefactError, atomic_write_json, atomic_write_text
 from .stages import evaluate as stage6
 from .stages import train_classifier as stage5
 
 __all__ = ["METHODS", "render_baseline_outliers", "pixel_shift", "train_and_evaluate", "aggregate",
-           "paired_differences", "format_paired", "format_comparison", "compare"]
+           "stage5_twin", "paired_differences", "format_paired", "format_comparison", "compare"]
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +76,6 @@ def render_baseline_outliers(cfg: ExperimentConfig, run: RunDir, method: str, pr
     if index_file.exists() and json.loads(index_file.read_text()).get("inputs") == inputs:
         return target
     if target.exists() and index_file.exists():
-        import shutil
-
         shutil.rmtree(target)  # a complete render of other inputs; partial renders are resumed
     ncis = stage4.load_outlier_embeddings(ncis_file)
     names = ncis["class_names"]
@@ -118,16 +119,38 @@ def pixel_shift(run: RunDir, method: str) -> dict:
             "mse_between_plain_images": float(np.mean(between)) if between else None, "images": len(moved)}
 
 
-def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool = True) -> dict:
+def stage5_twin(base: ExperimentConfig, run: RunDir, method: str, seed: int) -> Path | None:
+    """The run's own stage-5 folder when it already is the training of (``method``, ``seed``): the
+    run's classifier config with that outlier method and seed, its inputs still current
+    (``RunDir.require``). ``compare`` copies it instead of training the same network again."""
+    c = base.classifier
+    if c.outliers != method or (c.seed if c.seed is not None else base.run.seed) != seed:
+        return None
+    try:
+        run.require("classifier_best")
+        run.require("classifier_history")
+    except (MissingArtefactError, StaleArtefactError):
+        return None
+    return run.path("classifier_dir")
+
+
+def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool = True,
+                       reuse: Path | None = None) -> dict:
     """Train the classifier of ``cfg`` into ``folder`` and evaluate it; skipped when ``folder``
-    already holds the results of the same config (resumable: an interrupted training continues)."""
+    already holds the results of the same config (resumable: an interrupted training continues).
+    ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained."""
     done = folder / "results" / "metrics.json"
     fingerprint = _fingerprint(cfg)
     if done.exists() and json.loads((folder / "config.json").read_text())["fingerprint"] == fingerprint:
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "config.json", {"fingerprint": fingerprint})
-    stage5.train(cfg, run, folder=folder, progress=progress)
+    if reuse is not None:
+        log.info("compare: reusing the run's stage-5 classifier (%s): the same training", reuse)
+        for name in ("best.safetensors", "history.json"):
+            shutil.copy2(reuse / name, folder / name)
+    else:
+        stage5.train(cfg, run, folder=folder, progress=progress)
     bundle = stage5.load_classifier(folder / "best.safetensors")
     results, raw = stage6.evaluate(cfg, bundle, progress=progress)
     stage6.write_results(folder / "results", results, raw)
@@ -284,7 +307,8 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
             cfg = load_config(preset, [*overrides, f"classifier.outliers={method}", f"classifier.seed={seed}"],
                               out=str(out))
             log.info("compare: method %s, seed %d", method, seed)
-            results = train_and_evaluate(cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}", progress)
+            results = train_and_evaluate(cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}", progress,
+                                         reuse=stage5_twin(base, run, method, seed))
             per_run.setdefault(method, []).append(results)
     score = base.evaluate.score
     rows = aggregate(per_run, score)

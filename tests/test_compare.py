@@ -96,3 +96,27 @@ def test_paired_differences_without_reference_or_with_one_seed():
     assert paired_differences({"ncis": [_result(0.6, 0.4)]}, "energy", "idgen") == []
     one = paired_differences({"idgen": [_result(0.5, 0.4)], "ncis": [_result(0.6, 0.4)]}, "energy", "idgen")
     assert one and all(p["low"] is None and not p["separated"] for p in one)
+
+
+def test_compare_reuses_the_runs_own_stage5_training(smoke_run_1_to_4, tmp_path, monkeypatch):
+    from ncis_core.compare import stage5_twin
+    from ncis_core.config import load_config
+    from ncis_core.runs import RunDir
+    from ncis_core.stages import train_classifier
+
+    out = copy_run(smoke_run_1_to_4, tmp_path / "run")
+    cfg = load_config("smoke", OVERRIDES, out=str(out))
+    run = RunDir.create(cfg)
+    train_classifier.run(cfg, run, progress=False)  # stage 5: ncis outliers, seed = run.seed = 0
+    assert stage5_twin(cfg, run, "ncis", 0) == run.path("classifier_dir")
+    assert stage5_twin(cfg, run, "ncis", 1) is None and stage5_twin(cfg, run, "idgen", 0) is None
+    real_train, trained = train_classifier.train, []
+    monkeypatch.setattr(train_classifier, "train", lambda c, *a, **k: trained.append(c.classifier.seed)
+                        or real_train(c, *a, **k))
+    compare("smoke", out, ["ncis"], [0, 1], OVERRIDES, progress=False)
+    assert trained == [1]  # seed 0 is stage 5's own training: copied, not trained again
+    copied = out / "compare" / "ncis" / "seed0" / "best.safetensors"
+    assert copied.read_bytes() == run.path("classifier_best").read_bytes()
+    # a changed classifier config makes stage 5 stale for it: nothing is reused
+    other = load_config("smoke", [*OVERRIDES, "classifier.lr=0.05"], out=str(out))
+    assert stage5_twin(other, RunDir(out, other), "ncis", 0) is None
