@@ -234,7 +234,9 @@ def format_paired(paired: list[dict]) -> str:
     out = [f"### Paired by seed: method − {reference}", "",
            f"Per seed, the method's metric minus {reference}'s (same seed: same initialisation and data "
            "order), in points; the 95 % t-interval of the mean difference; seeds where the method did "
-           "better. **yes** = the interval excludes 0.", "",
+           f"better. **yes** = the interval excludes 0. These are {len(paired)} intervals: at 95 % about "
+           f"{0.05 * len(paired):.1f} of them exclude 0 by chance alone, so read a lone **yes** as a lead "
+           "to test with more seeds, not as a result.", "",
            "| set | metric | method | difference | 95 % interval | better in | told apart |",
            "|---|---|---|---:|---:|---:|:---:|"]
     for row in paired:
