@@ -397,8 +397,10 @@ def plot_umap_map(m: UmapMap, ax=None, title: str | None = None, legend: bool = 
     for c in m.classes:
         here = m.labels == c
         colour = _SINGLE_CLASS_COLOURS["id"] if single else colours[c]
+        # ID dots above the outlier markers: on a many-class map UMAP places a class's outliers onto
+        # its own compact cluster, and markers drawn last would hide the class entirely
         ax.scatter(m.coords[here, 0], m.coords[here, 1], s=6 if len(m.coords) > 2000 else 14, color=colour,
-                   alpha=0.55, linewidths=0, label=f"{m.class_names[c]} ({int(here.sum())})")
+                   alpha=0.55, linewidths=0, label=f"{m.class_names[c]} ({int(here.sum())})", zorder=2)
     for method in m.methods:
         marker, name = _METHOD_STYLE[method]
         points, labels = m.outlier_coords[method], m.outlier_labels[method]
@@ -406,8 +408,8 @@ def plot_umap_map(m: UmapMap, ax=None, title: str | None = None, legend: bool = 
             ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=_SINGLE_CLASS_COLOURS[method],
                        linewidths=1.2, label=f"{name} ({len(points)})")
             continue
-        ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=[colours[c] for c in labels],
-                   linewidths=1.2)
+        ax.scatter(points[:, 0], points[:, 1], s=20, marker=marker, color=[colours[c] for c in labels],
+                   linewidths=0.8, alpha=0.6, zorder=1)
         ax.scatter([], [], s=36, marker=marker, color="k", label=f"{name} ({len(points)})")  # legend entry
     if title is None:
         what = m.class_names[m.classes[0]] if single else f"{len(m.classes)} classes"
