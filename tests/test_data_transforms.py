@@ -214,3 +214,16 @@ def test_to_rgb_uint8_16_bit_and_arrays():
         to_rgb_uint8(np.array([[300]], np.int32))
     with pytest.raises(ValueError):
         to_rgb_uint8(np.zeros((2, 2, 2), np.uint8))
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 7, 3), (1, 1, 3)])
+@pytest.mark.parametrize("pads", [(0, 0, 0, 0), (1, 2, 3, 0), (4, 4, 4, 4)])
+def test_zero_padding_equals_numpy_pad(shape, pads):
+    from ncis_core.data.transforms import _pad
+
+    image = np.random.default_rng(0).integers(1, 255, shape, dtype=np.uint8)
+    top, bottom, left, right = pads
+    expected = np.pad(image, ((top, bottom), (left, right)) + ((0, 0),) * (image.ndim - 2))
+    out = _pad(image, *pads)
+    assert out.dtype == image.dtype
+    np.testing.assert_array_equal(out, expected)
