@@ -35,7 +35,6 @@ Example:
 from __future__ import annotations
 
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,8 +238,10 @@ class ExplorerData:
         """``method``'s ``index.json`` (file → class, embedding index, seed); None when not rendered."""
         self._check_method(method)
         if method not in self._indexes:
+            from .stages.generate import load_index
+
             file = self.image_folder(method) / "index.json"
-            self._indexes[method] = json.loads(file.read_text()) if file.exists() else None
+            self._indexes[method] = load_index(file) if file.exists() else None
         return self._indexes[method]
 
     def outlier_embeddings(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -364,15 +365,13 @@ def class_map(data: ExplorerData, class_index: int = ALL_CLASSES, ax=None):
     """The UMAP map of a class (or of all) with every method's outlier embeddings
     (:func:`ncis_core.viz_umap.umap_map`, cached in the run folder); returns the figure. A class
     with too few embeddings for a map gets a note in its place."""
-    from .viz_umap import plot_umap_map, umap_map
+    from .viz_umap import TooFewEmbeddings, plot_umap_map, umap_map
 
     classes = None if class_index == ALL_CLASSES else [class_index]
     title = "all classes" if class_index == ALL_CLASSES else data.class_names[class_index]
     try:
         umap = umap_map(data.run, classes=classes, methods=tuple(data.methods), progress=False)
-    except ValueError as error:
-        if "a UMAP map needs at least" not in str(error):
-            raise
+    except TooFewEmbeddings as error:
         fig = ax.figure if ax is not None else plt.subplots(figsize=(5, 4))[0]
         ax = ax if ax is not None else fig.axes[0]
         ax.set_xticks([]), ax.set_yticks([])

@@ -46,7 +46,7 @@ from .progress import bar_options
 from .runs import MissingArtefactError, RunDir, StaleArtefactError, atomic_path, content_hash
 from .stages.sample import linear_outlier_embeddings, load_outliers
 
-__all__ = ["MAP_METHODS", "MIN_POINTS", "UmapMap", "knn_graph", "umap_map", "umap_maps_per_class",
+__all__ = ["MAP_METHODS", "MIN_POINTS", "TooFewEmbeddings", "UmapMap", "knn_graph", "umap_map", "umap_maps_per_class",
            "umap_cache_dir", "plot_umap_map", "plot_umap_per_class"]
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,12 @@ log = logging.getLogger(__name__)
 MAP_METHODS = ("ncis", "linear")
 MIN_POINTS = 5               # fewer ID embeddings than this make no map (UMAP needs n_neighbors ≥ 2)
 _CACHE_FORMAT = "ncis-umap/1"  # bump when what is cached, or how it is computed, changes
+
+
+class TooFewEmbeddings(ValueError):
+    """Fewer than :data:`MIN_POINTS` embeddings for a map (a class may simply be small): callers
+    drawing many maps leave that one out."""
+
 
 @dataclass
 class UmapMap:
@@ -267,7 +273,8 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
 
     Raises:
         MissingArtefactError: no embeddings (run stage 1 first).
-        ValueError: unknown classes or methods, or fewer than :data:`MIN_POINTS` embeddings.
+        ValueError: unknown classes or methods; :class:`TooFewEmbeddings` (a ValueError): fewer
+            than :data:`MIN_POINTS` embeddings.
     """
     started = time.perf_counter()
     cfg = run.cfg
@@ -293,7 +300,7 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     rows = np.flatnonzero(np.isin(labels_all, chosen))
     what = "all classes" if classes is None else ", ".join(names[c] for c in chosen)
     if len(rows) < MIN_POINTS:
-        raise ValueError(f"{len(rows)} embedding(s) of {what}: a UMAP map needs at least {MIN_POINTS}")
+        raise TooFewEmbeddings(f"{len(rows)} embedding(s) of {what}: a UMAP map needs at least {MIN_POINTS}")
     k = min(n_neighbors, len(rows) - 1)
     params = {"seed": seed, "n_neighbors": k, "min_dist": min_dist, "n_epochs": n_epochs,
               "umap-learn": _version("umap-learn"), "scikit-learn": _version("scikit-learn")}
@@ -362,9 +369,7 @@ def umap_maps_per_class(run: RunDir, classes: Sequence[int], **kwargs) -> list[U
     for c in classes:
         try:
             maps.append(umap_map(run, classes=[c], **kwargs))
-        except ValueError as error:
-            if "a UMAP map needs at least" not in str(error):
-                raise
+        except TooFewEmbeddings as error:
             warnings.warn(f"class {c} left out: {error}", stacklevel=2)
     return maps
 

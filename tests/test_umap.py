@@ -202,7 +202,7 @@ def test_too_few_points_is_clear_and_small_classes_are_left_out(tmp_path):
             "image_ids": data["image_ids"][keep]}
     with run.stage("embed"):
         save_embeddings(run.path("embeddings"), **data)
-    with pytest.raises(ValueError, match="3 embedding\\(s\\) of class_1: a UMAP map needs at least 5"):
+    with pytest.raises(viz_umap.TooFewEmbeddings, match="3 embedding\\(s\\) of class_1: a UMAP map needs at least 5"):
         viz_umap.umap_map(run, classes=[1], methods=(), progress=False)
     with pytest.warns(UserWarning, match="class 1 left out"):
         maps = viz_umap.umap_maps_per_class(run, [0, 1], methods=(), progress=False)
@@ -222,3 +222,18 @@ def test_pictures(run):
     grid = viz_umap.plot_umap_per_class(maps)
     assert len([ax for ax in grid.axes if ax.has_data()]) == CLASSES
     plt.close("all")
+
+
+def test_linear_outlier_embeddings_are_computed_once_per_inputs(run, monkeypatch):
+    first = sample.linear_outlier_embeddings(run.cfg, run, progress=False)
+    real = sample.sample_outliers
+    calls = []
+    monkeypatch.setattr(sample, "sample_outliers", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = sample.linear_outlier_embeddings(run.cfg, run, progress=False)
+    assert calls == []  # read back from RUN/cache/linear_outliers
+    assert torch.equal(again["outliers"], first["outliers"]) and again["method"] == "linear"
+    assert torch.equal(again["log_density"], first["log_density"])
+    # another tail depth is another result: sampled anew
+    deeper = load_config("smoke", ["sample.draws_per_round=40"], out=str(run.root))
+    other = sample.linear_outlier_embeddings(deeper, RunDir(run.root, deeper), progress=False)
+    assert calls == [1] and not torch.equal(other["outliers"], first["outliers"])

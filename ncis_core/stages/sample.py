@@ -21,11 +21,12 @@ Writes ``outlier_embeddings.safetensors``: ``outliers`` (C × M × D float32, M 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from ..progress import bar_options
 from ..config import ExperimentConfig, SampleConfig
 from ..device import resolve_device
 from ..embeddings_io import load_embeddings
-from ..runs import RunDir, atomic_path
+from ..runs import RunDir, atomic_path, content_hash
 from .train_cvpn import holdout_split, load_cvpn, validate_embeddings
 
 __all__ = [
@@ -195,12 +196,15 @@ def load_outliers(path: str | os.PathLike) -> dict:
 
 
 def linear_outlier_embeddings(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
-    """The linear baseline's outlier embeddings for a run, recomputed (they are never written).
+    """The linear baseline's outlier embeddings for a run (not an artefact of any stage).
 
     Stage 3's tail sampling done directly in embedding space (``sample.method=linear``, the rest of
     ``cfg.sample`` as it is) on the same training rows as stage 3 (the stage-2 holdout split), so the
     result is a deterministic function of the embeddings file and the config. The comparison renders
-    images from it; the UMAP maps place it beside NCIS's outliers.
+    images from it; the UMAP maps, notebook 03 and the explorer place it beside NCIS's outliers —
+    several callers, several processes, and minutes of sampling at the paper's counts, so the result
+    is kept in ``RUN/cache/linear_outliers/<key>.safetensors``, keyed by the embeddings' content and
+    everything else it depends on.
 
     Returns:
         :func:`sample_outliers`'s dict: ``outliers`` (C × M × D float32), ``log_density`` (C × M),
@@ -209,11 +213,22 @@ def linear_outlier_embeddings(cfg: ExperimentConfig, run_dir: RunDir, progress: 
     Raises:
         MissingArtefactError: no embeddings (run stage 1 first).
     """
-    data = load_embeddings(run_dir.require("embeddings"))
+    embeddings_file = run_dir.require("embeddings")
+    linear_cfg = replace(cfg.sample, method="linear")
+    key = hashlib.sha256(json.dumps(
+        [content_hash(embeddings_file), asdict(linear_cfg), cfg.cvpn.holdout_fraction, cfg.run.seed],
+        sort_keys=True).encode()).hexdigest()[:24]
+    cached = run_dir.root / "cache" / "linear_outliers" / f"{key}.safetensors"
+    if cached.exists():
+        result = load_outliers(cached)
+        return {"outliers": result["outliers"], "log_density": result["log_density"], "method": "linear"}
+    data = load_embeddings(embeddings_file)
     train_index, _ = holdout_split(data["labels"], cfg.cvpn.holdout_fraction, cfg.run.seed)
-    return sample_outliers(data["embeddings"][train_index], data["labels"][train_index],
-                           data["num_classes"], replace(cfg.sample, method="linear"), cfg.run.seed,
-                           progress=progress)
+    result = sample_outliers(data["embeddings"][train_index], data["labels"][train_index],
+                             data["num_classes"], linear_cfg, cfg.run.seed, progress=progress)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    save_outliers(cached, result, {"cache_of": "linear_outlier_embeddings"})
+    return result
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
