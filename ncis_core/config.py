@@ -83,6 +83,9 @@ class DataConfig:
         subset_seed: seed of the OOD subsets (METHOD.md defect 3: the original's were unseeded).
         resize: shorter side after ``Resize`` for evaluation images (32 for CIFAR, 256 for ImageNet).
         image_size: side after ``CenterCrop`` (32 for CIFAR, 224 for ImageNet).
+        as_is_sets: OOD sets evaluated without Resize/CenterCrop (ToTensor + Normalize only), as the
+            original does for LSUN-C and iSUN; their images must already be ``image_size`` square
+            (checked when loaded). Empty: every set is resized and centre-cropped.
         skip_unreadable: skip and count unreadable image files instead of failing on the first.
         max_per_class: keep at most this many ID images per class and split (``smoke``); ``null``: all.
     """
@@ -98,6 +101,7 @@ class DataConfig:
     subset_seed: int = 0
     resize: int = 32
     image_size: int = 32
+    as_is_sets: List[str] = field(default_factory=lambda: ["lsun_crop", "isun"])
     skip_unreadable: bool = False
     max_per_class: Optional[int] = None
 
@@ -108,7 +112,9 @@ class DiffusionConfig:
 
     Args:
         pipeline: a hub id, a local diffusers folder, or an original single-file checkpoint.
-        dtype: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``float32``, ``float16`` or ``bfloat16``.
+        dtype: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``float32``, ``float16`` or ``bfloat16``:
+            the pipeline's dtype where nothing is backpropagated (stage 4, VAE reconstructions).
+            Stage 1 backpropagates through the UNet and has its own ``embed.precision``.
         class_token: ``first_piece`` (paper: the first BPE piece of the short name) or
             ``placeholder`` (one new token per class; METHOD.md defect 1).
         single_file_config: for an original single-file checkpoint (``.ckpt``/``.safetensors``), a
@@ -117,14 +123,23 @@ class DiffusionConfig:
     """
 
     pipeline: str = "CompVis/stable-diffusion-v1-4"
-    dtype: str = "auto"
+    dtype: str = "auto"  # the generation dtype (stage 4, VAE round trips); stage 1: embed.precision
     class_token: str = "first_piece"
     single_file_config: str = ""
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """Stage 1: per-image textual inversion (METHOD.md §1)."""
+    """Stage 1: per-image textual inversion (METHOD.md §1).
+
+    Args (beyond the paper's values):
+        precision: the frozen UNet's and text encoder's dtype while the rows are optimised:
+            ``fp32`` (the original), ``bf16``, or ``fp16`` with a dynamic loss scale. The rows,
+            their Adam state and the loss are float32 in every case. The gradient reaching the
+            UNet output is ~1e-6 at SD-1.4 shapes: unscaled fp16 flushes part of it to zero.
+        loss_scale: the starting loss scale of ``precision=fp16`` (halved and the step redone
+            on an overflow; doubled after ``loss_scale_window`` clean steps); ignored otherwise.
+    """
 
     prompt: str = "An image of a {}"
     resolution: int = 512
@@ -141,6 +156,9 @@ class EmbedConfig:
     # Embed only the first N images of each class of the ID training split (null: all); image ids
     # stay the split's. The demo preset uses it to fit a CPU; the paper embeds every image.
     max_per_class: Optional[int] = None
+    precision: str = "fp32"
+    loss_scale: float = 65536.0
+    loss_scale_window: int = 200
 
 
 @dataclass(frozen=True)
@@ -156,6 +174,11 @@ class CVPNConfig:
             always stay float32 (computed in float64).
         holdout_fraction: per-class fraction of the embeddings kept out of training (and out of
             stage 3's class Gaussians) for the held-out pictures; 0 (paper) trains on all.
+        selection_subset: the model-selection points: ``class_balanced`` (the original: strided
+            over the embeddings grouped by class) or ``dataset_order`` (strided over stage 1's order).
+        selection_reduce: the selection score's scale: ``sum`` (the original, ignite's
+            MeanSquaredError on the k invariants: summed over them, averaged over points;
+            ≈ 0.0195 at paper scale) or ``mean`` (element mean, k× smaller). Same best epoch.
     """
 
     num_layers: int = 4
@@ -171,6 +194,8 @@ class CVPNConfig:
     expm: str = "auto"
     mixed_precision: bool = False
     holdout_fraction: float = 0.0
+    selection_subset: str = "class_balanced"
+    selection_reduce: str = "sum"
 
 
 @dataclass(frozen=True)
@@ -186,7 +211,19 @@ class SampleConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Stage 4: outlier images (METHOD.md §4)."""
+    """Stage 4: outlier images (METHOD.md §4).
+
+    Args (beyond the paper's values):
+        embedding_per: ``batch`` (the original: one outlier embedding per batch) or ``image``
+            (METHOD.md defect 2: a different embedding per image).
+        batch_embedding: with ``embedding_per=batch``, which embedding a batch gets: ``random``
+            (the original: one of the class's M uniformly at random, with replacement; seeded by
+            ``generate.seed``) or ``cyclic`` (batch k of a class takes embedding ``k mod M``).
+        antialias: antialias the 512 → ``output_size`` bilinear resize; the original does not
+            (``F.interpolate(mode="bilinear")``: a 2 × 2 box average at 512 → 256).
+        quantize: float → uint8 by ``truncate`` (the original: ``(255 * x).astype(uint8)``) or
+            ``round``.
+    """
 
     prompt: str = "A high-quality image of the {}"
     negative_prompt: str = ""
@@ -200,11 +237,22 @@ class GenerateConfig:
     num_batches: int = 400
     batch_size: int = 8
     embedding_per: str = "batch"
+    batch_embedding: str = "random"
+    antialias: bool = False
+    quantize: str = "truncate"
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """Stage 5: classifier training with synthetic outliers (METHOD.md §5)."""
+    """Stage 5: classifier training with synthetic outliers (METHOD.md §5).
+
+    Args (beyond the paper's values):
+        precision: ``fp32`` (the original) or ``bf16`` (autocast on CUDA; fp32 elsewhere).
+        drop_last: drop the last partial ID batch of each epoch; the original keeps it
+            (196 steps per CIFAR-100 epoch at batch 256, not 195).
+        outliers_with_replacement: draw ``num_outliers`` with replacement when stage 4 made fewer;
+            otherwise :func:`load_config` refuses such a configuration before any stage starts.
+    """
 
     arch: str = "resnet34"
     width: int = 32  # channels of the first stage of arch=small (the demo network); ResNets ignore it
@@ -229,11 +277,23 @@ class ClassifierConfig:
     mean: List[float] = field(default_factory=lambda: [125.3 / 255, 123.0 / 255, 113.9 / 255])
     std: List[float] = field(default_factory=lambda: [63.0 / 255, 62.1 / 255, 66.7 / 255])
     num_workers: int = 2
+    precision: str = "fp32"
+    drop_last: bool = False
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Stage 6: OOD scores and metrics (METHOD.md §6)."""
+    """Stage 6: OOD scores and metrics (METHOD.md §6).
+
+    Args (beyond the paper's values):
+        energy_sign: the sign the energy score is multiplied by: ``auto`` (the sign of the saved
+            energy head's slope; +1 when the checkpoint has no head, as the original's never do,
+            and a warning whenever it flips), ``positive`` (+logsumexp, the original) or
+            ``negative``.
+        fpr95_rule: the FPR95 threshold: ``closest`` (the original: the ROC point whose recall is
+            closest to 95 %) or ``first_above`` (the first point with recall ≥ 95 %); see
+            :func:`ncis_core.metrics.ood_metrics`.
+    """
 
     score: str = "energy"
     extra_scores: List[str] = field(default_factory=lambda: ["msp", "maxlogit"])
@@ -241,6 +301,8 @@ class EvaluateConfig:
     odin_temperature: float = 1000.0
     odin_epsilon: float = 0.0014
     batch_size: int = 256
+    energy_sign: str = "auto"
+    fpr95_rule: str = "closest"
 
 
 @dataclass(frozen=True)
@@ -327,12 +389,20 @@ _CHOICES = {
     ("diffusion", "dtype"): ("auto", "float32", "float16", "bfloat16"),
     ("diffusion", "class_token"): ("first_piece", "placeholder"),
     ("cvpn", "expm"): ("auto", "eigh", "matrix_exp"),
+    ("embed", "precision"): ("fp32", "bf16", "fp16"),
+    ("cvpn", "selection_subset"): ("class_balanced", "dataset_order"),
+    ("cvpn", "selection_reduce"): ("sum", "mean"),
     ("sample", "method"): ("ncis", "linear"),
     ("generate", "embedding_per"): ("batch", "image"),
+    ("generate", "batch_embedding"): ("random", "cyclic"),
+    ("generate", "quantize"): ("truncate", "round"),
+    ("classifier", "precision"): ("fp32", "bf16"),
     ("classifier", "energy_head"): ("linear", "monotone"),
     ("classifier", "outliers"): ("none", "idgen", "linear", "ncis", "folder"),
     ("classifier", "id_generated"): ("none", "vae_recon", "idgen"),
     ("evaluate", "positive"): ("id", "ood"),
+    ("evaluate", "energy_sign"): ("auto", "positive", "negative"),
+    ("evaluate", "fpr95_rule"): ("closest", "first_above"),
     ("generator", "save_dtype"): ("float32", "float16"),
 }
 
@@ -378,6 +448,21 @@ def _check_choices(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}")
 
 
+def _check_counts(cfg: ExperimentConfig) -> None:
+    """Cross-stage counts that would otherwise fail hours into a run (METHOD.md defect 4)."""
+    g, c = cfg.generate, cfg.classifier
+    made = g.num_batches * g.batch_size
+    from_stage4 = c.outliers in ("ncis", "linear", "idgen") and not c.outlier_folder
+    if from_stage4 and c.num_outliers is not None and c.num_outliers > made \
+            and not c.outliers_with_replacement:
+        need = -(-c.num_outliers // g.batch_size)
+        raise ConfigError(
+            f"classifier.num_outliers={c.num_outliers} but stage 4 makes generate.num_batches × "
+            f"generate.batch_size = {g.num_batches} × {g.batch_size} = {made} images: set "
+            f"generate.num_batches={need} (or more), lower classifier.num_outliers, or set "
+            f"classifier.outliers_with_replacement=true")
+
+
 def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: str | None = None
                 ) -> ExperimentConfig:
     """Resolve a preset plus ``stage.key=value`` overrides into a frozen :class:`ExperimentConfig`.
@@ -388,7 +473,8 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
         out: the run folder (sets ``run.out``; an override of ``run.out`` wins).
 
     Raises:
-        ConfigError: unknown preset or key, a value of the wrong type, or a value outside its choices.
+        ConfigError: unknown preset or key, a value of the wrong type, a value outside its choices,
+            or stage counts that cannot work together (fewer stage-4 images than stage 5 draws).
     """
     presets = available_presets()
     if preset not in presets:
@@ -410,6 +496,7 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
         raise _explain(exc, "--set overrides") from None
     cfg = OmegaConf.to_object(merged)
     _check_choices(cfg)
+    _check_counts(cfg)
     return cfg
 
 
