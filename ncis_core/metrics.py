@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
-__all__ = ["METRIC_KEYS", "CONVENTIONS", "ood_metrics", "mean_row"]
+__all__ = ["METRIC_KEYS", "CONVENTIONS", "FPR95_RULES", "ood_metrics", "mean_row"]
 
 METRIC_KEYS = ("fpr95", "auroc", "aupr_in", "aupr_out")
 
@@ -45,10 +45,11 @@ CONVENTIONS = {
 _RECALL_NUM, _RECALL_DEN = 19, 20
 
 
-def ood_metrics(id_scores: Any, ood_scores: Any, positive: str = "id") -> dict[str, float]:
+def ood_metrics(id_scores: Any, ood_scores: Any, positive: str = "id",
+                fpr95_rule: str = "first_above") -> dict[str, float]:
     """FPR95, AUROC, AUPR-In and AUPR-Out of one ID/OOD pair of score arrays.
 
-    Threshold rule of ``fpr95`` (exact, including ties):
+    Threshold rule of ``fpr95`` with ``fpr95_rule="first_above"`` (exact, including ties):
 
     * ``positive="id"``: τ = the largest score value t such that the fraction of ID scores
       ``≥ t`` is at least 95 %; FPR95 = fraction of OOD scores ``≥ τ``. Scores equal to τ are all
@@ -61,11 +62,22 @@ def ood_metrics(id_scores: Any, ood_scores: Any, positive: str = "id") -> dict[s
     Hence all-equal scores give FPR95 = 1 under either convention, and perfectly separated
     scores give 0.
 
+    ``fpr95_rule="closest"`` is the rule of the original code (Outlier Exposure's
+    ``fpr_and_fdr_at_recall``, used by Energy-OOD, Dream-OOD and NCIS): over the distinct score
+    thresholds, from the first one that reaches full recall down to the highest, the point whose
+    recall is closest to 0.95 (in float64, ``|k/n − 0.95|``), taking the first minimum on that
+    walk: on a tie the higher recall, and among thresholds of equal recall the lowest (the one
+    accepting the most negatives). Its recall may fall short of 95 %, so its FPR95 can be lower
+    than ``first_above``'s, or higher where a run of negatives shares the 95 % recall (measured on
+    300 seeds of 2 000 + 2 000 normal scores: 0.14 points apart on average, 1.1 at most; more with
+    many ties).
+
     Args:
         id_scores: 1-D scores of the ID test set (numpy array, list, or a torch tensor, which is
             detached and moved to the CPU; bfloat16 tensors must be cast first).
         ood_scores: 1-D scores of one OOD set, of the same dtype as ``id_scores``.
         positive: ``"id"`` or ``"ood"``: which class is positive for FPR95 (see above).
+        fpr95_rule: ``"first_above"`` (the kit's) or ``"closest"`` (the original's; see above).
 
     Returns:
         ``{"fpr95", "auroc", "aupr_in", "aupr_out"}`` as Python floats in [0, 1]. ``auroc`` is
@@ -82,6 +94,9 @@ def ood_metrics(id_scores: Any, ood_scores: Any, positive: str = "id") -> dict[s
     """
     if positive not in CONVENTIONS:
         raise ValueError(f"positive must be one of {list(CONVENTIONS)}, got {positive!r}")
+    if fpr95_rule not in FPR95_RULES:
+        raise ValueError(f"fpr95_rule must be one of {list(FPR95_RULES)}, got {fpr95_rule!r}")
+    fpr_at = FPR95_RULES[fpr95_rule]
     id_scores = _as_scores(id_scores, "id_scores")
     ood_scores = _as_scores(ood_scores, "ood_scores")
     if id_scores.dtype != ood_scores.dtype:
@@ -91,9 +106,9 @@ def ood_metrics(id_scores: Any, ood_scores: Any, positive: str = "id") -> dict[s
     scores = np.concatenate([id_scores, ood_scores]).astype(np.float64)
     is_id = np.concatenate([np.ones(len(id_scores), np.int64), np.zeros(len(ood_scores), np.int64)])
     if positive == "id":
-        fpr95 = _fpr_at_95_tpr(is_id, scores)
+        fpr95 = fpr_at(is_id, scores)
     else:
-        fpr95 = _fpr_at_95_tpr(1 - is_id, -scores)
+        fpr95 = fpr_at(1 - is_id, -scores)
     return {
         "fpr95": fpr95,
         "auroc": float(roc_auc_score(is_id, scores)),
@@ -110,6 +125,24 @@ def _fpr_at_95_tpr(is_positive: np.ndarray, scores: np.ndarray) -> float:
     kept = np.rint(tpr * n_pos).astype(np.int64)
     first = int(np.argmax(kept * _RECALL_DEN >= _RECALL_NUM * n_pos))  # exists: the last TPR is 1
     return float(fpr[first])
+
+
+def _fpr_at_closest_recall(is_positive: np.ndarray, scores: np.ndarray) -> float:
+    """FPR at the ROC point whose recall is closest to 95 % (the original code's rule)."""
+    # distinct thresholds, highest first: point j accepts every score >= the j-th distinct value
+    fpr, tpr, _ = roc_curve(is_positive, scores, drop_intermediate=False)
+    n_pos = int(is_positive.sum())
+    tps = np.rint(tpr * n_pos).astype(np.int64)[1:]  # [1:]: roc_curve's extra (0, 0) point
+    fpr = fpr[1:]
+    full = int(np.searchsorted(tps, n_pos))  # the first point that reaches full recall
+    # the original walks from that point towards the highest threshold and takes the first
+    # minimum of |recall − 0.95| in that order, so a tie goes to the higher recall
+    recall = tps[full::-1] / n_pos
+    return float(fpr[full::-1][int(np.argmin(np.abs(recall - 0.95)))])
+
+
+#: ``fpr95_rule`` → the function ``(is_positive, scores) -> FPR at 95 % recall``.
+FPR95_RULES = {"first_above": _fpr_at_95_tpr, "closest": _fpr_at_closest_recall}
 
 
 def _as_scores(values: Any, name: str) -> np.ndarray:

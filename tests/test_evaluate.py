@@ -70,7 +70,7 @@ def test_negative_slope_flips_the_energy_score_and_says_so(tmp_path):
     results, raw = stage6.evaluate(cfg, bundle, progress=False)
     assert results["energy_sign"] == -1.0
     assert all(r["auroc"] == 0.0 for r in results["rows"])  # the oracle ranked backwards: reported as such
-    assert "sign of the head's slope: −1" in stage6.format_table(results)
+    assert "−logsumexp: the saved energy head's slope (-0.7 < 0)" in stage6.format_table(results)
 
 
 def test_ood_positive_convention_changes_only_fpr95(tmp_path):
@@ -125,3 +125,77 @@ def test_a_classifier_of_other_classes_is_refused(tmp_path):
                               {"slope": 1.0, "classes": ["apple", "bee", "cat", "dog", "emu", "fox"]})
     with pytest.raises(ValueError, match="trained on the classes"):
         stage6.evaluate(cfg, bundle, progress=False)
+
+
+def _released_state(net, prefix):
+    """A released CIFAR checkpoint's layout: the encoder under ``prefix``, no energy head."""
+    state = {}
+    for key, value in net.state_dict().items():
+        key = key.replace(".downsample.", ".shortcut.")
+        state[prefix + key] = value
+    return state
+
+
+@pytest.mark.parametrize("prefix", ["encoder.", "module.encoder."])
+def test_a_released_checkpoint_without_head_always_scores_plus_logsumexp(tmp_path, prefix):
+    """Before the fix the head was built fresh for such a file and its random slope set the sign
+    (−, −, −, +, +, + over six fresh processes); the original scores +logsumexp, always."""
+    torch.manual_seed(0)
+    net = stage5.build_classifier("resnet34", 100)
+    path = tmp_path / "released.pt"
+    torch.save(_released_state(net, prefix), path)
+    c = load_config("cifar100").classifier
+    assert (c.arch, c.energy_head, c.head_hidden) == ("resnet34", "linear", 0)
+    signs = set()
+    for seed in range(6):
+        torch.manual_seed(seed)  # the seed a fresh head would be drawn with
+        bundle = stage5.load_classifier(path, c.arch, 100, c.energy_head, c.head_hidden)
+        assert bundle.slope is None and bundle.meta["head_saved"] is False
+        sign, source = stage6.energy_sign(load_config("cifar100").evaluate.energy_sign, bundle.slope)
+        signs.add(sign)
+        assert "no energy head" in source
+    assert signs == {1.0}
+
+
+def test_released_checkpoint_scores_are_plus_logsumexp_end_to_end(tmp_path):
+    """Stage 6 on a head-less file, under several torch seeds: raw energy scores = +logsumexp."""
+    torch.manual_seed(0)
+    net = stage5.build_classifier("small", 6)
+    path = tmp_path / "released.pt"
+    torch.save(_released_state(net, "module."), path)
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[]", "classifier.energy_head=linear",
+               "data.ood_sets=[faces]")
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        bundle = stage5.load_classifier(path, "small", 6, "linear")
+        results, raw = stage6.evaluate(cfg, bundle, progress=False)
+        assert results["energy_sign"] == 1.0 and "no energy head" in results["energy_sign_source"]
+        split = next(s for s in stage6.build_splits(cfg.data) if s.name == "faces")
+        images = torch.stack([stage6._Normalised(split, cfg)[i][0] for i in range(4)])
+        with torch.no_grad():
+            expected = torch.logsumexp(net.eval()(images), dim=1).double().numpy()
+        np.testing.assert_allclose(raw["energy/faces"][:4], expected, rtol=1e-5)
+
+
+def test_a_negative_kit_slope_scores_minus_logsumexp_and_warns(tmp_path, caplog):
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[]", "data.ood_sets=[faces]")
+    for outliers in ("ncis", "none"):  # the warning used to fire for outlier-trained files only
+        bundle = ClassifierBundle(Brightness(), EnergyHead("linear"), {"slope": -0.5, "outliers": outliers})
+        with caplog.at_level("WARNING"):
+            caplog.clear()
+            results, raw = stage6.evaluate(cfg, bundle, progress=False)
+        assert results["energy_sign"] == -1.0
+        assert any("slope is negative" in r.message for r in caplog.records)
+        split = next(s for s in stage6.build_splits(cfg.data) if s.name == "faces")
+        images = torch.stack([stage6._Normalised(split, cfg)[i][0] for i in range(4)])
+        with torch.no_grad():
+            expected = -torch.logsumexp(Brightness()(images), dim=1).double().numpy()
+        np.testing.assert_allclose(raw["energy/faces"][:4], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rule,sign", [("positive", 1.0), ("negative", -1.0)])
+def test_energy_sign_override(tmp_path, rule, sign):
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[]", "data.ood_sets=[faces]", f"evaluate.energy_sign={rule}")
+    bundle = ClassifierBundle(Brightness(), EnergyHead("linear"), {"slope": -0.5})
+    results, _ = stage6.evaluate(cfg, bundle, progress=False)
+    assert results["energy_sign"] == sign and rule in results["energy_sign_source"]

@@ -143,3 +143,69 @@ def test_mean_row_and_conventions():
     with pytest.raises(ValueError, match="at least one row"):
         mean_row([])
     assert set(CONVENTIONS) == {"id", "ood"} and all("\n" not in v for v in CONVENTIONS.values())
+
+
+def original_fpr_at_recall(pos, neg, recall_level=0.95):
+    """The original code's FPR95 (Outlier Exposure's ``fpr_and_fdr_at_recall`` as used by
+    Energy-OOD / Dream-OOD / NCIS), written out step by step with its own cumulative sums,
+    independent of sklearn: positives = the scores of the positive class (higher = positive)."""
+    y_score = np.concatenate([pos, neg]).astype(np.float64)
+    y_true = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    order = np.argsort(y_score, kind="mergesort")[::-1]
+    y_score, y_true = y_score[order], y_true[order]
+    distinct = np.where(np.diff(y_score))[0]
+    threshold_idxs = np.r_[distinct, y_true.size - 1]
+    tps = np.cumsum(y_true)[threshold_idxs]
+    fps = 1 + threshold_idxs - tps
+    recall = tps / tps[-1]
+    last_ind = tps.searchsorted(tps[-1])
+    sl = slice(last_ind, None, -1)
+    recall, fps = np.r_[recall[sl], 1], np.r_[fps[sl], 0]
+    cutoff = np.argmin(np.abs(recall - recall_level))
+    return fps[cutoff] / len(neg)
+
+
+@pytest.mark.parametrize("positive", ["id", "ood"])
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("discrete", [False, True])
+def test_closest_rule_matches_the_original_code(seed, positive, discrete):
+    id_s, ood_s = _random_scores(seed, discrete)
+    m = ood_metrics(id_s, ood_s, positive=positive, fpr95_rule="closest")
+    expected = original_fpr_at_recall(id_s, ood_s) if positive == "id" else \
+        original_fpr_at_recall(-ood_s, -id_s)
+    assert m["fpr95"] == pytest.approx(expected, abs=1e-12)
+    # the other metrics do not depend on the rule
+    first = ood_metrics(id_s, ood_s, positive=positive)
+    assert {k: m[k] for k in ("auroc", "aupr_in", "aupr_out")} == \
+        {k: first[k] for k in ("auroc", "aupr_in", "aupr_out")}
+
+
+def test_the_two_fpr95_rules_differ_where_recall_95_is_not_hit():
+    # 10 ID scores 10..1 (one each), OOD 0.5 and 9.5: recall steps of 10 %, so 95 % is never hit.
+    # first_above: threshold 1 (100 % of ID) → both OOD accepted? 9.5 ≥ 1 yes, 0.5 no → 1/2.
+    # closest: recall 90 % and 100 % are equally close (|.9−.95| vs |1−.95| in float64: 0.05 each,
+    # up to rounding) — the original takes the first minimum walking down from full recall.
+    id_s, ood_s = np.arange(10, 0, -1, dtype=float), np.array([0.5, 9.5])
+    assert ood_metrics(id_s, ood_s)["fpr95"] == 0.5
+    assert ood_metrics(id_s, ood_s, fpr95_rule="closest")["fpr95"] == \
+        original_fpr_at_recall(id_s, ood_s)
+
+
+def test_closest_rule_on_a_hand_worked_case():
+    # ID 20..1, OOD 1.5 and 0. Recall 19/20 = 95 % exactly at the thresholds 2 and 1.5 (1.5 adds
+    # an OOD image, not an ID one). first_above: the highest threshold keeping ≥ 95 %: 2 → no OOD
+    # ≥ 2 → 0. closest: the original walks down from full recall (threshold 1) and stops at the
+    # first point of recall 95 %: 1.5, which accepts the OOD 1.5 → 1/2.
+    id_s = np.arange(20, 0, -1, dtype=float)
+    assert ood_metrics(id_s, [1.5, 0.0], fpr95_rule="first_above")["fpr95"] == 0.0
+    assert ood_metrics(id_s, [1.5, 0.0], fpr95_rule="closest")["fpr95"] == 0.5
+    # ID 19..1, OOD 1 and 0.5: first_above needs 19/19 (18/19 = 94.7 % < 95 %): threshold 1
+    # accepts the OOD 1 → 1/2; closest takes 18/19 (|0.947 − 0.95| < |1 − 0.95|): threshold 2 → 0.
+    id_s = np.arange(19, 0, -1, dtype=float)
+    assert ood_metrics(id_s, [1.0, 0.5], fpr95_rule="first_above")["fpr95"] == 0.5
+    assert ood_metrics(id_s, [1.0, 0.5], fpr95_rule="closest")["fpr95"] == 0.0
+
+
+def test_unknown_fpr95_rule():
+    with pytest.raises(ValueError, match="fpr95_rule"):
+        ood_metrics([1.0, 2.0], [0.0], fpr95_rule="nearest")

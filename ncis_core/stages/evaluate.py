@@ -3,9 +3,10 @@
 For each score function (``evaluate.score`` plus ``evaluate.extra_scores``; see
 :mod:`ncis_core.scores`) and each OOD set: :func:`ncis_core.metrics.ood_metrics` with the positive
 class of ``evaluate.positive``, then the unweighted mean rows over near-OOD sets, far-OOD sets and
-all sets. The energy score is multiplied by the sign of the energy head's learned slope, so a
-classifier whose head learned "outliers have the higher logsumexp" (METHOD.md defect 6) is not
-silently ranked backwards; the sign is written in every table.
+all sets. The energy score is multiplied by a sign (``evaluate.energy_sign``, see :func:`energy_sign`):
+by default the sign of the saved energy head's learned slope, so a classifier whose head learned
+"outliers have the higher logsumexp" (METHOD.md defect 6) is not silently ranked backwards, and +1
+for a checkpoint without a head (the original's). The sign and its source are written in every table.
 
 Writes ``results/metrics.json`` (everything), ``results/metrics.csv`` (one row per score and set),
 ``results/table.md`` (the main score's table, convention stated) and ``results/scores.npz`` (raw
@@ -39,7 +40,7 @@ from ..runs import RunDir, atomic_path, atomic_write_json, atomic_write_text
 from ..scores import MahalanobisScore, build_score
 from .train_classifier import ClassifierBundle, load_classifier
 
-__all__ = ["score_split", "evaluate", "format_table", "run"]
+__all__ = ["score_split", "energy_sign", "evaluate", "format_table", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,33 @@ def _accuracy(model, split: Split, cfg: ExperimentConfig, device) -> float:
     return correct / max(total, 1)
 
 
+def energy_sign(rule: str, slope: float | None) -> tuple[float, str]:
+    """The sign the energy score is multiplied by, and where it came from (``evaluate.energy_sign``).
+
+    ``auto``: the sign of the saved energy head's slope (METHOD.md defect 6: a learned slope can be
+    negative), warning when that flips the score; +1 when the checkpoint has no head, which is the
+    original's rule (it never saves its head) — a freshly initialised head's slope would be a coin
+    toss per process. ``positive`` / ``negative``: that sign, whatever the checkpoint says.
+
+    Example:
+        >>> energy_sign("auto", None)
+        (1.0, 'no energy head in the checkpoint: +logsumexp (the original rule)')
+    """
+    if rule == "positive":
+        return 1.0, "evaluate.energy_sign=positive"
+    if rule == "negative":
+        return -1.0, "evaluate.energy_sign=negative"
+    if rule != "auto":
+        raise ValueError(f"evaluate.energy_sign={rule!r} is not one of auto, positive, negative")
+    if slope is None:
+        return 1.0, "no energy head in the checkpoint: +logsumexp (the original rule)"
+    if slope < 0:
+        log.warning("the energy head's slope is negative (%.3g): scoring with −logsumexp "
+                    "(evaluate.energy_sign=positive keeps +logsumexp)", slope)
+        return -1.0, f"the saved energy head's slope ({slope:.3g} < 0)"
+    return 1.0, f"the saved energy head's slope ({slope:.3g} ≥ 0)"
+
+
 def _mean_rows(rows: list[dict], score: str) -> list[dict]:
     means = []
     for label, roles in [("mean (near)", {"ood-near"}), ("mean (far)", {"ood-far"}),
@@ -112,9 +140,7 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
                          f"({len(trained_on)}) but preset {cfg.run.preset!r} has {list(id_test.classes)[:6]}… "
                          f"({len(id_test.classes)}); evaluate it with the preset it was trained for")
     ood = [s for s in splits if s.role.startswith("ood")]
-    sign = 1.0 if bundle.slope >= 0 else -1.0
-    if bundle.meta.get("outliers", "none") != "none" and sign < 0:
-        log.warning("the energy head's slope is negative (%.3g): scoring with −logsumexp", bundle.slope)
+    sign, sign_source = energy_sign(cfg.evaluate.energy_sign, bundle.slope)
     e = cfg.evaluate
     names = [e.score] + [n for n in e.extra_scores if n != e.score]
     rows, raw = [], {}
@@ -129,11 +155,14 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
         for split in ood:
             raw[f"{name}/{split.name}"] = ood_scores = score_split(model, score_fn, split, cfg, device, progress)
             rows.append({"score": name, "set": split.name, "role": split.role,
-                         **ood_metrics(id_scores, ood_scores, positive=e.positive)})
+                         **ood_metrics(id_scores, ood_scores, positive=e.positive,
+                                                     fpr95_rule=e.fpr95_rule)})
         rows += _mean_rows(rows, name)
     results = {
         "positive": e.positive, "convention": CONVENTIONS[e.positive], "main_score": e.score,
+        "fpr95_rule": e.fpr95_rule,
         "id_accuracy": _accuracy(model, id_test, cfg, device), "energy_sign": sign,
+        "energy_sign_source": sign_source,
         "slope": bundle.slope, "classifier": {k: v for k, v in bundle.meta.items() if k != "classes"},
         "sets": {s.name: {"role": s.role, "count": len(s.dataset)} for s in [id_test, *ood]},
         "rows": rows,
@@ -144,8 +173,14 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
 def format_table(results: dict, score: str | None = None) -> str:
     """The markdown table of one score (default: the main one), metrics in percent, convention stated."""
     score = score or results["main_score"]
-    sign = " (energy × sign of the head's slope: −1)" if score == "energy" and results["energy_sign"] < 0 else ""
-    lines = [f"Score: **{score}**{sign}. Positive class: {results['convention']}.",
+    sign = ""
+    if score == "energy":
+        source = results.get("energy_sign_source", "the head's slope")
+        sign = f" ({'+' if results['energy_sign'] > 0 else '−'}logsumexp: {source})"
+    rule = {"closest": "the ROC point with recall closest to 95 % (the original's rule)",
+            "first_above": "the first ROC point with recall ≥ 95 %"}.get(results.get("fpr95_rule"))
+    lines = [f"Score: **{score}**{sign}. Positive class: {results['convention']}."
+             + (f" FPR95 threshold: {rule}." if rule else ""),
              f"ID accuracy: {100 * results['id_accuracy']:.2f} %.", "",
              "| OOD set | role | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---:|---:|---:|---:|"]
     for row in results["rows"]:

@@ -226,8 +226,10 @@ class ClassifierBundle:
     meta: dict
 
     @property
-    def slope(self) -> float:
-        return float(self.meta.get("slope", 1.0))
+    def slope(self) -> float | None:
+        """The saved energy head's slope a = w₁ − w₀ (None when the checkpoint had no head)."""
+        slope = self.meta.get("slope")
+        return None if slope is None else float(slope)
 
 
 def save_classifier(path: Path, model: nn.Module, head: EnergyHead, meta: dict) -> None:
@@ -283,7 +285,13 @@ def load_classifier(path: str | Path, arch: str | None = None, num_classes: int 
     head = EnergyHead(meta.get("head", head_kind), meta.get("head_hidden", head_hidden))
     if head_state:
         head.load_state_dict(head_state)
-    meta = {"arch": arch, "num_classes": num_classes, "slope": float(head.slope()), **meta}
+        meta = {"arch": arch, "num_classes": num_classes, "slope": float(head.slope()), **meta}
+    else:
+        # No head in the file (the original never saves one): the head here is freshly
+        # initialised and its slope is noise, so no slope is recorded (stage 6 then scores +logsumexp).
+        meta = {"arch": arch, "num_classes": num_classes, **meta}
+        meta.pop("slope", None)
+    meta["head_saved"] = bool(head_state)
     return ClassifierBundle(model.eval(), head.eval(), meta)
 
 
@@ -312,19 +320,85 @@ def _load_state(folder: Path, model, head, opt, device) -> tuple[int, int, list]
 
 
 # ----------------------------------------------------------------------------- training
+_DREAM_OOD_INIT = ("Dream-OOD's cross-entropy-trained ImageNet-100 ResNet-34 checkpoint (CIFAR stem, "
+                   "DataParallel keys module.encoder.* plus its 100-class module.fc.*; see data/README.md, "
+                   "\"ImageNet-100 classifier initialisation\")")
+
+
+def _read_pretrained(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``classifier.pretrained``, unwrapped from ``{"state_dict": …}`` / ``{"model": …}``
+    and renamed to the kit's layout by :func:`remap_ood_checkpoint` (``module.`` / ``encoder.`` dropped,
+    ``shortcut`` → ``downsample``). Read with ``weights_only=True``: a third-party file runs no code."""
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors span many lines: keep the first
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"classifier.pretrained={path} cannot be read as a state dict "
+                         f"(torch.load weights_only=True): {first}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"classifier.pretrained={path} holds a {type(state).__name__}, not a state dict")
+    return remap_ood_checkpoint({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+
+
 def _init_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """The stage-5 network, initialised from ``classifier.pretrained`` when set (METHOD.md §5).
+
+    The ImageNet-100 preset follows the original: the CIFAR-stem ResNet-34 starts from Dream-OOD's
+    CE-trained ImageNet-100 checkpoint of the same network, ``fc`` included (the same 100 classes in
+    the same sorted-wnid order). An ``fc`` of another class count is dropped (logged) and trained
+    anew; every other weight must be in the file.
+
+    Raises:
+        FileNotFoundError: the file is missing (the message says which file the original uses).
+        DataError: a torchvision ImageNet ResNet (7 × 7 stem) given to a CIFAR-stem network.
+        ValueError: an unreadable file, or weights that do not fit ``classifier.arch``.
+    """
     c = cfg.classifier
     model = build_classifier(c.arch, num_classes, c.width)
-    if c.pretrained:
-        path = Path(c.pretrained)
-        if not path.exists():
-            raise FileNotFoundError(f"classifier.pretrained={path} does not exist (an ImageNet-pretrained "
-                                    f"ResNet-34 state dict in torchvision's layout)")
-        state = remap_ood_checkpoint(torch.load(str(path), map_location="cpu", weights_only=True))
-        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # new classes: new fc
-        missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.startswith("fc.")]
-        if missing:
-            raise ValueError(f"{path} does not fit classifier.arch={c.arch}: missing {missing[:3]}")
+    if not c.pretrained:
+        return model
+    path = Path(c.pretrained)
+    if not path.exists():
+        raise FileNotFoundError(f"classifier.pretrained={path} does not exist; the imagenet100 preset "
+                                f"initialises from {_DREAM_OOD_INIT}: put it there or point "
+                                f"classifier.pretrained at it")
+    state = _read_pretrained(path)
+    ours = model.state_dict()
+    theirs_stem, ours_stem = state.get("conv1.weight"), ours.get("conv1.weight")
+    if theirs_stem is not None and ours_stem is not None and theirs_stem.shape[-2:] == (7, 7) \
+            and ours_stem.shape[-2:] != (7, 7):
+        # the likeliest mistake (the preset's file name reads like one): a torchvision ImageNet-1k
+        # ResNet cannot initialise the CIFAR-stem network the original trains
+        fc = state.get("fc.weight")
+        raise DataError(f"classifier.pretrained={path} is a torchvision-layout ImageNet ResNet (7×7 stem "
+                        f"conv1 {list(theirs_stem.shape)}"
+                        + (f", {fc.shape[0]}-class fc" if fc is not None else "")
+                        + f"), but classifier.arch={c.arch} is the CIFAR-stem ResNet (3×3 stem) that the "
+                        f"original trains on ImageNet-100, initialised from {_DREAM_OOD_INIT}; use that "
+                        f"file, or set classifier.arch=resnet34_imagenet to fine-tune the torchvision network")
+    fc_keys = [k for k in state if k.startswith("fc.")]
+    if fc_keys and any(state[k].shape != ours.get(k, torch.empty(0)).shape for k in fc_keys):
+        log.info("classifier.pretrained: the file's fc has %d outputs, the run has %d classes: fc is "
+                 "dropped and trained from a fresh initialisation",
+                 state["fc.weight"].shape[0] if "fc.weight" in state else -1, num_classes)
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    elif not fc_keys:
+        log.info("classifier.pretrained: the file has no fc: fc is trained from a fresh initialisation")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same names, other shapes: keep the first mismatch, on one line
+        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+        raise ValueError(f"classifier.pretrained={path} does not fit classifier.arch={c.arch}: "
+                         f"{first.strip()}") from None
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"classifier.pretrained={path} does not fit classifier.arch={c.arch}: "
+                         f"missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
+    log.info("classifier initialised from %s (%d tensors%s)", path, len(state),
+             ", fc included" if any(k.startswith("fc.") for k in state) else "")
     return model
 
 
