@@ -29,14 +29,60 @@ def prepared(path, overrides=(), tensor=None):
     return cfg, run
 
 
+def test_paper_batches_draw_their_embedding_uniformly_at_random():
+    """The original picks each batch's embedding uniformly from the class's M (with replacement);
+    the kit used to take k mod M, so with 400 batches and 100 classes only embeddings 0-3 of the
+    100 were ever used."""
+    gcfg = load_config("cifar100").generate
+    assert (gcfg.embedding_per, gcfg.batch_embedding) == ("batch", "random")
+    names = [f"c{i}" for i in range(100)]
+    batches = generate.plan(100, 100, gcfg, names)
+    for b in batches:
+        assert len({im.embedding_index for im in b}) == 1  # still one embedding per batch
+    chosen = np.array([b[0].embedding_index for b in batches])
+    assert len(set(chosen.tolist())) > 4  # far more than the cyclic rule's embeddings 0–3 ...
+    again = generate.plan(100, 100, gcfg, names)  # ... and seeded: the same plan every time
+    assert [b[0].embedding_index for b in again] == chosen.tolist()
+    # uniform over 0..99: 800 draws, a chi-square test at a generous level
+    counts = np.bincount(chosen, minlength=100)
+    chi2 = ((counts - 8) ** 2 / 8).sum()
+    assert chi2 < 160  # df = 99: P(chi2 > 160) ≈ 1e-4 for a uniform draw
+    # with replacement: some class gets the same embedding twice among its 8 batches (birthday odds)
+    per_class = chosen.reshape(8, 100).T
+    assert any(len(set(row)) < 8 for row in per_class)
+    # a longer plan keeps the choices of a shorter one
+    short = generate.plan(100, 100, load_config("cifar100", ["generate.num_batches=400",
+                                                             "classifier.num_outliers=3200"]).generate, names)
+    assert [b[0].embedding_index for b in short] == chosen[:400].tolist()
+
+
+def test_to_uint8_matches_the_original_resize_and_truncation():
+    """512 → 256: the original's bilinear without antialias is the 2 × 2 block mean; then
+    (255 · x).astype(uint8) truncates. The kit used to antialias and round."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16)
+    out = generate.to_uint8(x, 8)  # the paper's defaults: no antialias, truncation
+    box = x.reshape(2, 3, 8, 2, 8, 2).mean(dim=(3, 5))
+    expected = (255 * box.permute(0, 2, 3, 1).numpy()).astype(np.uint8)  # numpy's cast truncates
+    np.testing.assert_array_equal(out, expected)
+    kit = generate.to_uint8(x, 8, antialias=True, quantize="round")
+    assert not np.array_equal(kit, out)
+    same_size = generate.to_uint8(x, 16, quantize="round")
+    np.testing.assert_array_equal(same_size, np.round(255 * x.permute(0, 2, 3, 1).numpy()).astype(np.uint8))
+    g = load_config("cifar100").generate
+    assert (g.antialias, g.quantize) == (False, "truncate")
+    d = load_config("demo").generate
+    assert (d.antialias, d.quantize) == (True, "round")  # the demo keeps the kit's choices
+
+
 def tree(folder):
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_plan_is_round_robin_with_one_embedding_per_batch_or_per_image():
-    gcfg = load_config("cifar100").generate  # the paper: embedding_per batch, seed 42
+    gcfg = load_config("cifar100", ["generate.batch_embedding=cyclic"]).generate  # seed 42
     batches = generate.plan(3, 5, gcfg, ["apples", "aquarium fish", "baby"])
-    assert len(batches) == 400 and all(len(b) == 8 for b in batches)
+    assert len(batches) == 800 and all(len(b) == 8 for b in batches)
     assert [b[0].class_index for b in batches[:7]] == [0, 1, 2, 0, 1, 2, 0]
     assert {im.embedding_index for im in batches[3]} == {1}  # class 0's second batch: embedding 1
     assert batches[1][0].file == "1/aquarium_fish_0.png" and batches[4][7].file == "1/aquarium_fish_15.png"

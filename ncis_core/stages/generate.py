@@ -5,13 +5,18 @@ prompt ``generate.prompt`` ("A high-quality image of the {long class name}") is 
 unconditional prompt ``generate.negative_prompt`` ("") is encoded without replacement. PLMS
 (diffusers' PNDM with ``skip_prk_steps``), ``generate.steps`` steps, guidance
 ``generate.guidance_scale``, ``height × width``; decoded images are clamped to [0, 1], resized
-bilinearly to ``output_size`` and saved as PNG.
+bilinearly to ``output_size`` (without antialiasing unless ``generate.antialias``: the original's
+``F.interpolate(mode="bilinear")``, a 2 × 2 box average at 512 → 256), turned into uint8 by
+truncation (the original's ``(255 * x).astype(uint8)``) or rounding (``generate.quantize``) and
+saved as PNG.
 
 The plan (:func:`plan`) is fixed by the config alone: batch ``b`` of ``generate.num_batches`` is
 class ``b mod C`` (round-robin) and its ``k = b div C``-th batch; image ``j`` of it is the class's
-image ``n = k · batch_size + j``, file ``outliers/<class>/<name>_<n>.png``, with the outlier
-embedding ``k mod M`` (``embedding_per: batch``, the paper: one embedding per batch) or
-``n mod M`` (``embedding_per: image``, METHOD.md defect 2), and the seed ``generate.seed + g``
+image ``n = k · batch_size + j``, file ``outliers/<class>/<name>_<n>.png``, with one outlier
+embedding per batch (``embedding_per: batch``, the original) — drawn uniformly from the class's
+``M`` with replacement by a generator seeded with ``generate.seed`` (``batch_embedding: random``,
+the original's rule) or ``k mod M`` (``cyclic``) — or embedding ``n mod M`` per image
+(``embedding_per: image``, METHOD.md defect 2), and the seed ``generate.seed + g``
 (``g`` = the image's global number) of its own starting noise. So an image can be regenerated alone
 from ``outliers/index.json`` (file → class, embedding index, seed), and neither resuming nor
 sharding changes any image.
@@ -57,6 +62,7 @@ __all__ = [
     "load_outlier_embeddings",
     "prepare",
     "generate_images",
+    "to_uint8",
     "ordinary_images",
     "render_batches",
     "comparison_rows",
@@ -94,13 +100,22 @@ def plan(num_classes: int, num_embeddings: int, gcfg: GenerateConfig, class_name
                          f"embeddings")
     if gcfg.num_batches < 0 or gcfg.batch_size < 1:
         raise ValueError("generate.num_batches must be ≥ 0 and generate.batch_size ≥ 1")
+    # batch b's random embedding is the b-th draw of one generator, so a longer plan keeps the
+    # choices of a shorter one, and every process computes the same plan
+    random_choice = np.random.default_rng(np.random.SeedSequence([gcfg.seed, 4])).integers(
+        0, num_embeddings, size=gcfg.num_batches)
     batches = []
     for b in range(gcfg.num_batches):
         c, k = b % num_classes, b // num_classes
         images = []
         for j in range(gcfg.batch_size):
             n = k * gcfg.batch_size + j
-            e = (k if gcfg.embedding_per == "batch" else n) % num_embeddings
+            if gcfg.embedding_per == "image":
+                e = n % num_embeddings
+            elif gcfg.batch_embedding == "random":
+                e = int(random_choice[b])
+            else:
+                e = k % num_embeddings
             images.append(PlannedImage(f"{c}/{_file_stem(class_names[c])}_{n}.png", b, c,
                                        class_names[c], e, gcfg.seed + b * gcfg.batch_size + j))
         batches.append(images)
@@ -156,12 +171,29 @@ def prepare(cfg: ExperimentConfig, class_names: Sequence[str], device: torch.dev
     return pipe, tokens
 
 
-def _to_uint8(images: torch.Tensor, size: int) -> np.ndarray:
-    """``B × 3 × H × W`` in [0, 1] → clamp, bilinear resize to ``size``, ``B × size × size × 3`` uint8."""
+def to_uint8(images: torch.Tensor, size: int, antialias: bool = False, quantize: str = "truncate"
+             ) -> np.ndarray:
+    """``B × 3 × H × W`` in [0, 1] → clamp, bilinear resize to ``size``, ``B × size × size × 3`` uint8.
+
+    Args:
+        antialias: antialias the resize (``False``: the original's plain bilinear, which at 512 →
+            256 averages each 2 × 2 block).
+        quantize: ``truncate`` (the original's ``(255 * x).astype(uint8)``) or ``round``.
+
+    Example:
+        >>> x = torch.full((1, 3, 2, 2), 0.999)
+        >>> to_uint8(x, 2)[0, 0, 0].tolist(), to_uint8(x, 2, quantize="round")[0, 0, 0].tolist()
+        ([254, 254, 254], [255, 255, 255])
+    """
+    if quantize not in ("truncate", "round"):
+        raise ValueError(f"generate.quantize={quantize!r} is not one of truncate, round")
     x = images.float().clamp(0, 1)
     if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+    x = x.clamp(0, 1) * 255
+    if quantize == "round":
+        x = x.round()
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # float → uint8 truncates
 
 
 @torch.no_grad()
@@ -186,7 +218,7 @@ def generate_images(pipe, tokens, class_index: int, vectors: torch.Tensor | None
     out = pipe(prompt_embeds=ctx, negative_prompt_embeds=negative, height=gcfg.height, width=gcfg.width,
                num_inference_steps=gcfg.steps, guidance_scale=gcfg.guidance_scale, eta=gcfg.eta,
                generator=generators, output_type="pt").images
-    return _to_uint8(out, gcfg.output_size)
+    return to_uint8(out, gcfg.output_size, gcfg.antialias, gcfg.quantize)
 
 
 def ordinary_images(pipe, tokens, class_index: int, seeds: Sequence[int], gcfg: GenerateConfig
