@@ -13,7 +13,7 @@ from ncis_core.models.cvpn import CVPN
 from ncis_core.runs import MissingArtefactError, RunDir
 from ncis_core.stages import train_cvpn
 from ncis_core.stages.train_cvpn import (fit, holdout_split, load_cvpn, lr_factor, selection_indices,
-                                         train_step, validate_embeddings)
+                                         selection_score, train_step, validate_embeddings)
 
 
 def test_lr_factor_decays_linearly_per_step_to_a_tenth():
@@ -29,6 +29,32 @@ def test_selection_subset_is_strided_and_at_most_the_limit():
     idx = selection_indices(50_000, 1000)
     assert len(idx) == 1000 and idx[1] - idx[0] == 50 and idx[-1] == 49_950
     assert torch.equal(selection_indices(30, 1000), torch.arange(30))
+
+
+def test_class_balanced_selection_strides_over_class_grouped_rows():
+    """The original strides over embeddings grouped by class, so every class gets its share; over
+    an interleaved dataset order the stride can hit one class only (here: stride 2 over 0,1,0,1…)."""
+    labels = torch.arange(1000) % 2
+    interleaved = selection_indices(1000, 500)
+    assert torch.bincount(labels[interleaved], minlength=2).tolist() == [500, 0]
+    balanced = selection_indices(1000, 500, labels)
+    assert torch.bincount(labels[balanced], minlength=2).tolist() == [250, 250]
+    grouped = torch.cat([torch.nonzero(labels == c).flatten() for c in (0, 1)])  # the original's order
+    assert torch.equal(balanced, grouped[::2])
+
+
+def test_selection_score_on_the_original_scale(small_data):
+    """Sum over the k invariants, mean over points (ignite's MeanSquaredError): k × the element mean."""
+    x, y = small_data["embeddings"], small_data["labels"]
+    torch.manual_seed(0)
+    model = CVPN(16, 3, num_layers=2).eval()
+    with torch.no_grad():
+        z = model(x, y)[:, -5:].double()
+    summed = selection_score(model, x, y, 5, reduce="sum")
+    assert summed == pytest.approx(float(z.pow(2).sum(1).mean()), rel=1e-9)
+    assert summed == pytest.approx(5 * selection_score(model, x, y, 5, reduce="mean"), rel=1e-9)
+    c = load_config("cifar100").cvpn
+    assert (c.selection_subset, c.selection_reduce) == ("class_balanced", "sum")
 
 
 def test_holdout_split_is_seeded_per_class_and_keeps_two():
@@ -90,7 +116,8 @@ def small_data():
 
 
 def test_short_training_lowers_invariant_loss_and_keeps_reconstruction_small(small_data):
-    cfg = CVPNConfig(epochs=6, batch_size=16, lr=1e-2, num_layers=2, selection_points=60)
+    cfg = CVPNConfig(epochs=6, batch_size=16, lr=1e-2, num_layers=2, selection_points=60,
+                     selection_subset="dataset_order", selection_reduce="mean")
     x, y = small_data["embeddings"], small_data["labels"]
     model, history = fit(x, y, 3, cfg, seed=0, k=14, progress=False)
     epochs = history["per_epoch"]

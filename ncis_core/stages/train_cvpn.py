@@ -8,7 +8,8 @@ Per mini-batch ``(x, c)`` two steps of one Adam optimizer (:func:`train_step`):
 
 The learning rate decays per mini-batch linearly to ``final_lr_factor × lr`` (:func:`lr_factor`).
 After every epoch the invariant MSE on a strided subset of at most ``selection_points`` training
-points decides whether the model is the best so far (``cvpn/best.safetensors``); the per-epoch
+points (class-balanced and on the original's scale by default: ``cvpn.selection_subset``,
+``cvpn.selection_reduce``) decides whether the model is the best so far (``cvpn/best.safetensors``); the per-epoch
 record goes to ``cvpn/history.json``. ``cvpn/last.safetensors`` (model + Adam state) lets an
 interrupted run continue from its last finished epoch with the very same result; it is removed when
 the stage completes.
@@ -142,10 +143,22 @@ def lr_factor(step: int, total: int, final: float = 0.1) -> float:
     return max((1 - final) * (1 - step / max(total - 1, 1)) + final, final)
 
 
-def selection_indices(n: int, points: int) -> torch.Tensor:
-    """Every ``N // points``-th row, at most ``points`` rows (all rows when ``N ≤ points``)."""
+def selection_indices(n: int, points: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Every ``N // points``-th row, at most ``points`` rows (all rows when ``N ≤ points``).
+
+    With ``labels`` (``cvpn.selection_subset=class_balanced``) the stride runs over the rows grouped
+    by class (a stable sort, so each class keeps its order), as over the original's class-grouped
+    embeddings: every class gets its share of the subset.
+
+    Example:
+        >>> selection_indices(6, 3, torch.tensor([0, 1, 0, 1, 0, 1])).tolist()
+        [0, 4, 3]
+    """
     stride = max(n // max(points, 1), 1)
-    return torch.arange(0, n, stride)[:points]
+    picks = torch.arange(0, n, stride)[:points]
+    if labels is None:
+        return picks
+    return torch.argsort(labels.cpu(), stable=True)[picks]
 
 
 # ----------------------------------------------------------------------------- one step
@@ -174,13 +187,20 @@ def train_step(model: CVPN, optimizer: torch.optim.Optimizer, x: torch.Tensor, l
 
 @torch.no_grad()
 def selection_score(model: CVPN, x: torch.Tensor, labels: torch.Tensor, k: int,
-                    batch_size: int = 4096) -> float:
-    """The invariant MSE ``mean(f(x; c)[:, -k:]²)`` (one set of orthogonal matrices for all batches)."""
+                    batch_size: int = 4096, reduce: str = "sum") -> float:
+    """The invariant MSE of model selection (one set of orthogonal matrices for all batches).
+
+    ``reduce="sum"``: ``Σ_k f(x; c)[:, -k:]²`` averaged over the points — the original's number
+    (ignite's ``MeanSquaredError`` on the k invariants), ≈ 0.0195 at paper scale; ``"mean"``: the
+    element mean, k× smaller. Either picks the same best epoch.
+    """
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"cvpn.selection_reduce={reduce!r} is not one of sum, mean")
     total, count = 0.0, 0
     for start in range(0, len(x), batch_size):
         z = model(x[start:start + batch_size], labels[start:start + batch_size])
         total += float(z[:, -k:].double().pow(2).sum())
-        count += z[:, -k:].numel()
+        count += z[:, -k:].numel() if reduce == "mean" else len(z)
     return total / max(count, 1)
 
 
@@ -287,10 +307,12 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
     n = len(xs)
     batches = math.ceil(n / cfg.batch_size)
     total_steps = batches * cfg.epochs
-    select = selection_indices(n, cfg.selection_points).to(device)
+    select = selection_indices(n, cfg.selection_points,
+                               labels if cfg.selection_subset == "class_balanced" else None).to(device)
     history = {"k": k, "dim": x.shape[1], "num_classes": num_classes, "epochs": cfg.epochs,
                "batches_per_epoch": batches, "total_steps": total_steps, "center": cfg.center,
                "parameters": sum(p.numel() for p in model.parameters()),
+               "selection_subset": cfg.selection_subset, "selection_reduce": cfg.selection_reduce,
                "best_epoch": None, "best_selection_mse": None, "per_epoch": []}
     best_state = None
     start_epoch = 0
@@ -324,7 +346,7 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
             bar.set_postfix(inv=f"{losses[0]:.4g}", rec=f"{losses[1]:.3g}", refresh=False)
         bar.close()
         model.eval()
-        score = selection_score(model, xs[select], ys[select], k)
+        score = selection_score(model, xs[select], ys[select], k, reduce=cfg.selection_reduce)
         is_best = history["best_selection_mse"] is None or score < history["best_selection_mse"]
         record = {"epoch": epoch + 1, "inv_loss": sums[0] / batches, "rec_loss": sums[1] / batches,
                   "lr": lr, "k": k, "selection_mse": score, "best": is_best,
