@@ -234,7 +234,7 @@ class GenerateConfig:
     width: int = 512
     output_size: int = 256
     seed: int = 42
-    num_batches: int = 400
+    num_batches: int = 800  # ≥ 6 400 images: stage 5 draws 6 400 without replacement (cifar100.yaml)
     batch_size: int = 8
     embedding_per: str = "batch"
     batch_embedding: str = "random"

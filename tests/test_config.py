@@ -38,7 +38,7 @@ def test_paper_values_of_the_cifar100_preset():
     assert (cfg.sample.reg_weight, cfg.sample.rounds, cfg.sample.draws_per_round,
             cfg.sample.keep_per_round) == (1e-5, 10, 3330, 10)
     assert (cfg.generate.guidance_scale, cfg.generate.steps, cfg.generate.height, cfg.generate.output_size,
-            cfg.generate.seed, cfg.generate.num_batches, cfg.generate.batch_size) == (7.5, 50, 512, 256, 42, 400, 8)
+            cfg.generate.seed, cfg.generate.num_batches, cfg.generate.batch_size) == (7.5, 50, 512, 256, 42, 800, 8)
     assert cfg.generate.embedding_per == "batch" and cfg.diffusion.class_token == "first_piece"
     assert (cfg.classifier.arch, cfg.classifier.epochs, cfg.classifier.batch_size, cfg.classifier.lr,
             cfg.classifier.weight_decay, cfg.classifier.num_outliers) == ("resnet34", 250, 256, 0.1, 5e-4, 6400)
@@ -88,3 +88,58 @@ def test_choices_and_malformed_overrides():
 def test_out_argument_and_override_of_run_out():
     assert load_config("smoke", out="/tmp/a").run.out == "/tmp/a"
     assert load_config("smoke", ["run.out=/tmp/b"], out="/tmp/a").run.out == "/tmp/b"
+
+
+def test_fewer_stage4_images_than_num_outliers_is_refused_at_load():
+    """The cifar100 preset used to make 400 × 8 = 3 200 images while stage 5 draws 6 400: a
+    DataError hours into a GPU run. Now load_config refuses it, naming both keys."""
+    assert load_config("cifar100").generate.num_batches * load_config("cifar100").generate.batch_size >= 6400
+    with pytest.raises(ConfigError, match=r"classifier\.num_outliers=6400 but stage 4 makes "
+                                          r"generate\.num_batches × generate\.batch_size = 400 × 8 = 3200"):
+        load_config("cifar100", ["generate.num_batches=400"])
+    with pytest.raises(ConfigError, match="generate.num_batches=800"):  # the hint gives the count
+        load_config("cifar100", ["generate.num_batches=400"])
+    # allowed: sampling with replacement asked for, or outliers that do not come from stage 4
+    load_config("cifar100", ["generate.num_batches=400", "classifier.outliers_with_replacement=true"])
+    load_config("cifar100", ["generate.num_batches=400", "classifier.outliers=none"])
+    load_config("cifar100", ["generate.num_batches=400", "classifier.outliers=folder",
+                             "classifier.outlier_folder=/some/images"])
+    with pytest.raises(ConfigError, match="num_outliers=13"):
+        load_config("smoke", ["classifier.num_outliers=13"])
+
+
+#: METHOD.md, "Matching the original exactly": the original's behaviour, switch by switch.
+ORIGINAL = {
+    "embed.precision": "fp32",
+    "cvpn.selection_reduce": "sum",
+    "cvpn.selection_subset": "class_balanced",
+    "generate.embedding_per": "batch",
+    "generate.batch_embedding": "random",
+    "generate.antialias": False,
+    "generate.quantize": "truncate",
+    "classifier.precision": "fp32",
+    "classifier.drop_last": False,
+    "data.as_is_sets": ["lsun_crop", "isun"],
+    "evaluate.energy_sign": "auto",  # = +logsumexp for the original's head-less checkpoints
+    "evaluate.fpr95_rule": "closest",
+    "diffusion.class_token": "first_piece",
+    "classifier.outliers_with_replacement": False,
+}
+
+
+@pytest.mark.parametrize("preset", ["cifar100", "imagenet100"])
+def test_paper_presets_follow_the_original_switch_by_switch(preset):
+    cfg = load_config(preset)
+    for key, value in ORIGINAL.items():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == value, key
+
+
+def test_the_presets_command_lists_every_preset():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ncis_core", "presets"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    for name in available_presets():
+        assert name in proc.stdout
