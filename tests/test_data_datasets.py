@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import sys
@@ -241,6 +242,84 @@ def test_ood_unknown_set_and_unreadable_file(tmp_path, caplog):
                              subset_seed=0, skip_unreadable=True)
     assert len(skipping.dataset) == 4 and skipping.dataset.skipped == [bad]
     assert "skipped 1 unreadable" in caplog.text
+
+
+def as_is_config(tmp_path, **changes) -> DataConfig:
+    """LSUN-C and iSUN in their real layouts (``LSUN/test/``, ``iSUN/iSUN_patches/``) and Textures."""
+    values = dict(dataset="cifar100", root=str(tmp_path / "cifar"),
+                  ood_sets=["lsun_crop", "isun", "textures"],
+                  ood_roots={"lsun_crop": str(tmp_path / "LSUN"), "isun": str(tmp_path / "iSUN"),
+                             "textures": str(tmp_path / "dtd" / "images")},
+                  ood_subset_size=None, subset_seed=0, resize=32, image_size=32)
+    values.update(changes)
+    return DataConfig(**values)
+
+
+def test_as_is_sets_keep_32x32_images_pixel_for_pixel(tmp_path):
+    from PIL import Image
+
+    from ncis_core.data import ToTensor
+
+    files = [tmp_path / "LSUN" / "test" / f"{i:04d}.png" for i in range(3)]
+    written = [write_image(f, size=(32, 32), seed=i) for i, f in enumerate(files)]
+    for as_is_sets in (["lsun_crop", "isun"], []):  # a 32x32 image is untouched either way
+        split = get_split(as_is_config(tmp_path, as_is_sets=as_is_sets), "lsun_crop")
+        assert split.dataset.paths == files
+        for i, f in enumerate(files):
+            image = split.dataset[i][0]
+            np.testing.assert_array_equal(image, written[i])
+            with Image.open(f) as pil:  # what the original's ToTensor sees
+                assert ToTensor()(image).equal(ToTensor()(np.asarray(pil.convert("RGB"))))
+
+
+def test_as_is_sets_refuse_other_sizes_and_the_switch_resizes(tmp_path, caplog):
+    from ncis_core.data import eval_transform
+
+    write_image(tmp_path / "iSUN" / "iSUN_patches" / "a.jpeg", size=(32, 32), seed=0)
+    big_path = tmp_path / "iSUN" / "iSUN_patches" / "b.png"
+    big = write_image(big_path, size=(36, 36), seed=1)
+    wide = write_image(tmp_path / "iSUN" / "iSUN_patches" / "c.png", size=(32, 40), seed=2)
+    bad = write_corrupt(tmp_path / "iSUN" / "iSUN_patches" / "d.jpeg")
+    split = get_split(as_is_config(tmp_path), "isun")
+    assert split.dataset[0][0].shape == (32, 32, 3)
+    with pytest.raises(DataError) as info:
+        split.dataset[1]
+    message = str(info.value)
+    assert "\n" not in message
+    for part in (str(big_path), "36×36", "32×32", "'isun'", "--set data.as_is_sets=[]"):
+        assert part in message, part
+    with pytest.raises(DataError, match="is 40×32"):  # width × height
+        split.dataset[2]
+    with pytest.raises(DataError, match="cannot read image file"):  # unreadable stays unreadable
+        split.dataset[3]
+    # skip_unreadable drops the corrupt file but not the wrong size: that is not "unreadable"
+    with caplog.at_level(logging.WARNING):
+        skipping = get_split(as_is_config(tmp_path, skip_unreadable=True), "isun")
+    assert skipping.dataset.skipped == [bad] and len(skipping.dataset) == 3
+    with pytest.raises(DataError, match="36×36"):
+        skipping.dataset[1]
+    # the switch: resize + centre-crop as for every other set
+    resized = get_split(as_is_config(tmp_path, as_is_sets=[]), "isun")
+    np.testing.assert_array_equal(resized.dataset[1][0], eval_transform(32, 32)(big))
+    np.testing.assert_array_equal(resized.dataset[2][0], eval_transform(32, 32)(wide))
+    assert resized.dataset[1][0].shape == (32, 32, 3)
+
+
+def test_sets_outside_as_is_sets_are_still_resized(tmp_path):
+    from ncis_core.data import eval_transform
+
+    big = write_image(tmp_path / "dtd" / "images" / "banded" / "x.png", size=(36, 36), seed=3)
+    split = get_split(as_is_config(tmp_path), "textures")
+    np.testing.assert_array_equal(split.dataset[0][0], eval_transform(32, 32)(big))
+
+
+def test_as_is_svhn_checks_its_array_size(tmp_path):
+    write_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", n=5)
+    cfg = as_is_config(tmp_path, ood_sets=["svhn"], ood_roots={"svhn": str(tmp_path / "svhn")},
+                       as_is_sets=["svhn"])
+    assert get_split(cfg, "svhn").dataset[0][0].shape == (32, 32, 3)
+    with pytest.raises(DataError, match="data.as_is_sets=\\[\\]"):
+        get_split(dataclasses.replace(cfg, image_size=28, resize=28), "svhn")
 
 
 # ---------------------------------------------------------------- splits

@@ -161,3 +161,26 @@ def test_two_accelerate_processes_train_on_smoke(tmp_path):
     assert [e["epoch"] for e in history["epochs"]] == [1, 2]
     bundle = stage5.load_classifier(run.path("classifier_best"))
     assert bundle.model(torch.zeros(1, 3, 32, 32)).shape == (1, 6)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_the_last_partial_id_batch_is_kept_unless_drop_last(tmp_path, drop_last):
+    """The original keeps the last partial ID batch (196 steps per CIFAR-100 epoch at 256, not 195);
+    before the switch the kit always dropped it."""
+    cfg, run = _run(tmp_path, "classifier.outliers=none", "classifier.epochs=1", "classifier.batch_size=20",
+                    f"classifier.drop_last={str(drop_last).lower()}")
+    n = len(stage5.get_split(cfg.data, "id-train").dataset)
+    assert n % 20 != 0  # a partial batch exists
+    stage5.train(cfg, run, progress=False)
+    step = json.loads((run.path("classifier_dir") / "last.json").read_text())["step"]
+    assert step == (n // 20 if drop_last else math.ceil(n / 20))
+
+
+def test_paper_presets_train_in_fp32_with_every_id_batch():
+    for preset in ("cifar100", "imagenet100"):
+        c = load_config(preset).classifier
+        assert (c.precision, c.drop_last) == ("fp32", False)
+        # fp32 even on CUDA (the device object needs no GPU); bf16 only when asked for
+        assert stage5.mixed_precision(c.precision, torch.device("cuda")) == "no"
+    assert stage5.mixed_precision("bf16", torch.device("cuda")) == "bf16"
+    assert stage5.mixed_precision("bf16", torch.device("cpu")) == "no"

@@ -111,7 +111,7 @@ def _id_split(cfg, name: str) -> Split:
 def _ood_split(cfg, name: str) -> Split:
     return ood_split(name, cfg.ood_roots.get(name), resize=cfg.resize, image_size=cfg.image_size,
                      subset_size=cfg.ood_subset_size, subset_seed=cfg.subset_seed,
-                     skip_unreadable=cfg.skip_unreadable)
+                     skip_unreadable=cfg.skip_unreadable, as_is=name in cfg.as_is_sets)
 
 
 def build_splits(cfg) -> list[Split]:

@@ -7,7 +7,9 @@ scanned recursively (``jpg``/``jpeg``/``png``/``bmp``/``webp``, any case) and so
 unlabelled here: every label is ``-1``.
 
 :func:`ood_split` turns a set into an ``ood-far`` :class:`~ncis_core.data.base.Split`: a seeded
-random subset of ``subset_size`` images under the evaluation transform Resize + CenterCrop.
+random subset of ``subset_size`` images under the evaluation transform Resize + CenterCrop, or,
+for a set in ``data.as_is_sets`` (LSUN-C and iSUN, as the original evaluates them), no transform
+at all: each image must then already be ``image_size`` square (:class:`AsIsImageFiles`).
 
 Example:
     >>> split = ood_split("textures", "data/ood/dtd/images", resize=32, image_size=32,
@@ -28,7 +30,7 @@ from .base import ArrayDataset, DataError, ImageDataset, Split, Subset, seeded_s
 from .folders import ImageFolderFiles, list_images
 from .transforms import eval_transform
 
-__all__ = ["OODSpec", "OOD_SETS", "SVHN", "image_folder", "ood_split"]
+__all__ = ["OODSpec", "OOD_SETS", "SVHN", "AsIsImageFiles", "image_folder", "ood_split"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,37 @@ class SVHN(ArrayDataset):
         images = np.ascontiguousarray(np.moveaxis(x, 3, 0).astype(np.uint8))  # N × 32 × 32 × 3
         super().__init__(images, np.full(len(images), -1))
         self.digit_labels = np.asarray(y, dtype=np.int64).reshape(-1) % 10
+
+
+class AsIsImageFiles(ImageFolderFiles):
+    """Image files evaluated as they are (no Resize/CenterCrop): each must be ``size × size``.
+
+    The original feeds LSUN-C and iSUN through ToTensor alone, so resizing them would change the
+    pixels the paper's numbers were measured on; an image of another size would silently enter the
+    batch at its own size, so it is refused instead. The size is checked as each image is loaded
+    (it is decoded then anyway), not by a scan of the whole set. A wrong size is not "unreadable":
+    ``skip_unreadable`` does not skip it, since dropping such images would quietly change the set.
+
+    Args:
+        paths, labels, skip_unreadable: as :class:`ImageFolderFiles`.
+        name: the OOD set (named in the error).
+        size: the side every image must have (``data.image_size``).
+    """
+
+    def __init__(self, paths, labels, name: str, size: int, skip_unreadable: bool = False):
+        super().__init__(paths, labels, None, skip_unreadable)
+        self.name, self.size = name, int(size)
+
+    def _load(self, index: int) -> np.ndarray:
+        image = super()._load(index)
+        height, width = image.shape[:2]
+        if (height, width) != (self.size, self.size):
+            raise DataError(
+                f"{self.paths[index]} is {width}×{height}, but OOD set {self.name!r} is in "
+                f"data.as_is_sets (evaluated without Resize/CenterCrop, as the original does) and "
+                f"needs {self.size}×{self.size} images; set --set data.as_is_sets=[] to resize and "
+                f"centre-crop every set instead")
+        return image
 
 
 def image_folder(root: str | Path) -> ImageFolderFiles:
@@ -141,7 +174,8 @@ def _error(name: str, root, what: str) -> DataError:
 
 
 def ood_split(name: str, root: str | Path | None, *, resize: int, image_size: int,
-              subset_size: int | None, subset_seed: int, skip_unreadable: bool = False) -> Split:
+              subset_size: int | None, subset_seed: int, skip_unreadable: bool = False,
+              as_is: bool = False) -> Split:
     """One OOD test set as an ``ood-far`` split.
 
     Args:
@@ -153,6 +187,8 @@ def ood_split(name: str, root: str | Path | None, *, resize: int, image_size: in
         subset_seed: seed of the subset (the same seed gives the same images on every machine).
         skip_unreadable: drop unreadable files of the subset (checked after drawing it, so a
             large set is not read in full; the set may then come out a few images short).
+        as_is: no Resize/CenterCrop (``name`` in ``data.as_is_sets``): every image must already be
+            ``image_size × image_size``, checked as it is loaded (a DataError naming the file).
 
     Raises:
         DataError: unknown name, or a missing, empty or unreadable root; the message gives the
@@ -173,13 +209,21 @@ def ood_split(name: str, root: str | Path | None, *, resize: int, image_size: in
     if subset_size is not None and len(full) < subset_size:
         log.warning("OOD set %s has %d images, fewer than the %d asked for; using all",
                     name, len(full), subset_size)
-    transform = eval_transform(resize, image_size)
+    transform = None if as_is else eval_transform(resize, image_size)
     if isinstance(full, ImageFolderFiles):
         # Re-index the chosen files only, so skip mode checks just those.
-        dataset: ImageDataset = ImageFolderFiles([full.paths[i] for i in indices],
-                                                 full.labels[indices], transform, skip_unreadable)
+        paths, labels = [full.paths[i] for i in indices], full.labels[indices]
+        dataset: ImageDataset = (
+            AsIsImageFiles(paths, labels, name, image_size, skip_unreadable) if as_is
+            else ImageFolderFiles(paths, labels, transform, skip_unreadable))
     else:
+        images = getattr(full, "images", None)  # an in-memory set (SVHN): its size is known now
+        if as_is and images is not None and images.shape[1:3] != (image_size, image_size):
+            raise DataError(f"OOD set {name!r} holds {images.shape[2]}×{images.shape[1]} images, but it "
+                            f"is in data.as_is_sets and needs {image_size}×{image_size}; set --set "
+                            f"data.as_is_sets=[] to resize and centre-crop every set instead")
         full.transform = transform
         dataset = Subset(full, indices)
-    log.info("OOD set %s: %d images from %s", name, len(dataset), root)
+    log.info("OOD set %s: %d images from %s%s", name, len(dataset), root,
+             " (as is: no Resize/CenterCrop)" if as_is else "")
     return Split(name=name, role="ood-far", dataset=dataset, classes=[])

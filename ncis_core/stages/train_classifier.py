@@ -55,6 +55,7 @@ __all__ = [
     "id_generated_dataset",
     "energy_loss",
     "cosine_lr",
+    "mixed_precision",
     "ClassifierBundle",
     "save_classifier",
     "load_classifier",
@@ -363,7 +364,7 @@ def _init_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     path = Path(c.pretrained)
     if not path.exists():
         raise FileNotFoundError(f"classifier.pretrained={path} does not exist; the imagenet100 preset "
-                                f"initialises from {_DREAM_OOD_INIT}: put it there or point "
+                                f"initialises from {_DREAM_OOD_INIT}: save it as {path} or point "
                                 f"classifier.pretrained at it")
     state = _read_pretrained(path)
     ours = model.state_dict()
@@ -373,12 +374,12 @@ def _init_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
         # the likeliest mistake (the preset's file name reads like one): a torchvision ImageNet-1k
         # ResNet cannot initialise the CIFAR-stem network the original trains
         fc = state.get("fc.weight")
-        raise DataError(f"classifier.pretrained={path} is a torchvision-layout ImageNet ResNet (7×7 stem "
-                        f"conv1 {list(theirs_stem.shape)}"
-                        + (f", {fc.shape[0]}-class fc" if fc is not None else "")
-                        + f"), but classifier.arch={c.arch} is the CIFAR-stem ResNet (3×3 stem) that the "
-                        f"original trains on ImageNet-100, initialised from {_DREAM_OOD_INIT}; use that "
-                        f"file, or set classifier.arch=resnet34_imagenet to fine-tune the torchvision network")
+        what = f"7×7 stem conv1 {list(theirs_stem.shape)}"
+        what += f", {fc.shape[0]}-class fc" if fc is not None else ""
+        raise DataError(f"classifier.pretrained={path} is a torchvision-layout ImageNet ResNet ({what}), "
+                        f"but classifier.arch={c.arch} is the CIFAR-stem ResNet (3×3 stem) that the original "
+                        f"trains on ImageNet-100, initialised from {_DREAM_OOD_INIT}; use that file, or set "
+                        f"classifier.arch=resnet34_imagenet to fine-tune the torchvision network")
     fc_keys = [k for k in state if k.startswith("fc.")]
     if fc_keys and any(state[k].shape != ours.get(k, torch.empty(0)).shape for k in fc_keys):
         log.info("classifier.pretrained: the file's fc has %d outputs, the run has %d classes: fc is "
@@ -400,6 +401,17 @@ def _init_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     log.info("classifier initialised from %s (%d tensors%s)", path, len(state),
              ", fc included" if any(k.startswith("fc.") for k in state) else "")
     return model
+
+
+def mixed_precision(precision: str, device: torch.device) -> str:
+    """``accelerate``'s ``mixed_precision`` for ``classifier.precision`` on ``device``: ``fp32`` (the
+    original) trains in float32 everywhere; ``bf16`` autocasts on CUDA only, where it pays.
+
+    Example:
+        >>> mixed_precision("fp32", torch.device("cuda")), mixed_precision("bf16", torch.device("cuda"))
+        ('no', 'bf16')
+    """
+    return "bf16" if precision == "bf16" and torch.device(device).type == "cuda" else "no"
 
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -439,7 +451,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     # split_batches: classifier.batch_size is the global batch, divided between processes, so a
     # multi-process run follows the single-process schedule (steps per epoch, learning rates)
     accelerator = Accelerator(cpu=device.type == "cpu", split_batches=True,
-                              mixed_precision="bf16" if device.type == "cuda" else "no")
+                              mixed_precision=mixed_precision(c.precision, device))
     seed = c.seed if c.seed is not None else cfg.run.seed
     torch.manual_seed(seed)
 
@@ -455,18 +467,21 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
                           weight_decay=c.weight_decay)
 
-    def loader(images: ImageDataset, transform, batch_size: int, seed_offset: int):
+    def loader(images: ImageDataset, transform, batch_size: int, seed_offset: int, drop_last: bool):
         """A shuffled loader over ``images`` with its own seeded generator (reseeded per epoch)."""
         gen = torch.Generator().manual_seed(seed + seed_offset)
         data = _Tensors(with_transform(images, transform))
         return DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen,
-                          num_workers=c.num_workers, drop_last=len(data) > batch_size), gen
+                          num_workers=c.num_workers, drop_last=drop_last and len(data) > batch_size), gen
 
-    id_loader, id_gen = loader(split.dataset, id_tf, c.batch_size, 0)
-    out_loader, out_gen = loader(outliers, out_tf, c.outlier_batch_size, 1) if outliers is not None \
+    # the ID loader keeps its last partial batch unless classifier.drop_last (the original keeps it:
+    # 196 steps per CIFAR-100 epoch); the cycling loaders always drop theirs, so every step pairs a
+    # full batch of outliers with the ID batch
+    id_loader, id_gen = loader(split.dataset, id_tf, c.batch_size, 0, c.drop_last)
+    out_loader, out_gen = loader(outliers, out_tf, c.outlier_batch_size, 1, True) if outliers is not None \
         else (None, None)
     # as many generated-looking ID images per step as outliers, with the ID augmentation
-    gen_loader, gen_gen = loader(id_generated, id_tf, c.outlier_batch_size, 2) \
+    gen_loader, gen_gen = loader(id_generated, id_tf, c.outlier_batch_size, 2, True) \
         if id_generated is not None else (None, None)
     model, head, opt, id_loader = accelerator.prepare(model, head, opt, id_loader)
     if out_loader is not None:
