@@ -179,6 +179,19 @@ def build_tiny_pipeline(words: Sequence[str] = (), seed: int = 0, width: int = 3
     return build_pipeline(vae, text_encoder, tokenizer, unet)
 
 
+def _refused_pickle(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it chains) is weights-only unpickling refusing a file."""
+    import pickle
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _load(source: str, dtype: torch.dtype, single_file_config: str):
     from diffusers import StableDiffusionPipeline
 
@@ -200,6 +213,15 @@ def _load(source: str, dtype: torch.dtype, single_file_config: str):
             return StableDiffusionPipeline.from_single_file(
                 str(path), local_files_only=bool(os.environ.get("HF_HUB_OFFLINE")), **kwargs)
         except Exception as exc:  # noqa: BLE001 - many hub/network error types; one message
+            if _refused_pickle(exc):
+                # some published .ckpt files also pickle training objects (e.g. lightning
+                # callbacks); weights-only loading rightly refuses to run them
+                raise PipelineLoadError(
+                    f"{path} holds pickled objects besides tensors, which weights-only loading "
+                    f"refuses to unpickle (they could run code). Convert it once on a machine you "
+                    f"trust to .safetensors (load it with torch.load(weights_only=False), save its "
+                    f"state_dict with safetensors.torch.save_file) and point diffusion.pipeline at "
+                    f"that file.") from exc
             raise PipelineLoadError(
                 f"could not load the single-file checkpoint {path} ({type(exc).__name__}: {exc}). "
                 f"diffusers needs the matching component configs and tokenizer: set "
@@ -226,8 +248,9 @@ def set_progress(pipe, progress: bool) -> None:
 
 
 def load_pipeline(dcfg, device: torch.device | str = "cpu", words: Sequence[str] = (),
-                  progress: bool = False, seed: int = 0):
-    """The Stable Diffusion pipeline named by ``dcfg.pipeline``, on ``device`` in ``dcfg.dtype``.
+                  progress: bool = False, seed: int = 0, dtype: torch.dtype | None = None):
+    """The Stable Diffusion pipeline named by ``dcfg.pipeline``, on ``device`` in ``dcfg.dtype``
+    (or ``dtype``).
 
     Args:
         dcfg: a :class:`~ncis_core.config.DiffusionConfig` (or an ``ExperimentConfig``).
@@ -235,6 +258,9 @@ def load_pipeline(dcfg, device: torch.device | str = "cpu", words: Sequence[str]
         words: for ``tiny-random`` only: words its tokenizer keeps whole (the class names).
         progress: the pipeline's denoising progress bar.
         seed: for ``tiny-random`` only: the weight seed.
+        dtype: overrides ``dcfg.dtype`` (stage 1 passes its ``embed.precision``: it backpropagates
+            through the UNet, which ``diffusion.dtype``'s fp16 default on CUDA does badly). Pipelines
+            of different dtypes are cached apart.
 
     Returns:
         A cached ``StableDiffusionPipeline`` (safety checker off). Callers must not change its
@@ -246,7 +272,8 @@ def load_pipeline(dcfg, device: torch.device | str = "cpu", words: Sequence[str]
     """
     dcfg = getattr(dcfg, "diffusion", dcfg)
     device = torch.device(device)
-    dtype = resolve_dtype(dcfg.dtype, device)
+    if dtype is None:
+        dtype = resolve_dtype(dcfg.dtype, device)
     if dcfg.pipeline == TINY_RANDOM:
         key = (TINY_RANDOM, tuple(sorted(set(words))), seed, dtype, str(device))
     else:

@@ -17,6 +17,18 @@ does not depend on which images share a batch, on sharding, or on resuming (up t
 rounding of batched kernels: ≤ 1e-4, checked by the tests and the benchmark). Only the rows get
 gradients: the UNet, VAE and text encoder are frozen (no weight gradients).
 
+**Precision**: the pipeline is loaded in ``embed.precision`` (``fp32``, the original; ``bf16``;
+``fp16``), not in ``diffusion.dtype`` (stage 4's; its ``auto`` is fp16 on CUDA). The rows, their
+Adam state and the loss are float32 in every case; only the frozen UNet, text encoder and VAE run in
+the lower precision. The gradient reaching the UNet output is ~2/M per element for a mean over
+M = ``noise_batch`` × C × h × w elements (~1e-6 at SD-1.4 shapes): below fp16's normal range, and
+partly below its smallest subnormal. So ``fp16`` scales the loss dynamically (see :func:`invert`):
+start at ``embed.loss_scale``, halve it and redo the step (same noise) when the rows' gradient is
+not finite, double it after ``embed.loss_scale_window`` clean steps. bf16 has fp32's exponent range
+and needs no scale. The images of a batch share the scale, so in fp16 which images share a batch can
+change the rounding (the batch cut is fixed by ``shard_size`` and ``images_per_step``, so sharding
+and resuming still give the same result).
+
 **Resumable, sharded**: images are cut into shards of ``embed.shard_size`` (the same cut for any
 number of processes); each finished shard is written to ``embeddings.parts/`` and skipped on a
 rerun. Under ``accelerate launch`` the shards are split between processes; the main process merges
@@ -61,6 +73,8 @@ __all__ = [
     "to_model_range",
     "encode_latents",
     "draw_noise",
+    "PRECISIONS",
+    "pipeline_dtype",
     "invert",
     "prepare",
     "embed_indices",
@@ -71,6 +85,13 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``embed.precision`` → the dtype stage 1 loads its pipeline in.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Below this, an fp16 loss scale cannot be what makes the gradient non-finite (starting from
+# 65536 it takes 40 halvings to get here): the step raises instead of being redone forever.
+_MIN_LOSS_SCALE = 2.0 ** -24
 
 
 def timestep_grid(cfg: EmbedConfig, num_train_timesteps: int = 1000) -> torch.Tensor:
@@ -111,10 +132,26 @@ def draw_noise(generators: Sequence[torch.Generator], grid: torch.Tensor, copies
     return t, eps
 
 
+def pipeline_dtype(cfg: EmbedConfig) -> torch.dtype:
+    """The dtype of stage 1's pipeline: ``embed.precision`` (``diffusion.dtype`` is stage 4's)."""
+    try:
+        return PRECISIONS[cfg.precision]
+    except KeyError:
+        raise ValueError(f"unknown embed.precision {cfg.precision!r}; use {', '.join(PRECISIONS)}") from None
+
+
 def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Sequence[int],
-           init_rows: torch.Tensor, cfg: EmbedConfig, generators: Sequence[torch.Generator]
-           ) -> torch.Tensor:
+           init_rows: torch.Tensor, cfg: EmbedConfig, generators: Sequence[torch.Generator],
+           stats: dict | None = None) -> torch.Tensor:
     """Textual inversion of a batch of images, each with its own row (METHOD.md §1).
+
+    The rows, their Adam state and the loss are float32; the UNet and text encoder run in the
+    pipeline's dtype (:func:`pipeline_dtype` of ``embed.precision`` when it comes from
+    :func:`prepare`). When that is float16 the loss is multiplied by a dynamic loss scale before the
+    backward pass and the rows' gradient divided by it after: a step whose gradient is not finite
+    is redone with the same timesteps and noise at half the scale (so the result is as
+    deterministic and resumable as in fp32), and the scale doubles after
+    ``cfg.loss_scale_window`` clean steps.
 
     Args:
         pipe: the pipeline (UNet, text encoder, scheduler's ``alphas_cumprod``); frozen.
@@ -122,14 +159,34 @@ def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Seq
         prompt_ids: ``B × L`` token ids of the images' prompts.
         token_ids: ``B`` class-token ids (the position that carries each image's row).
         init_rows: ``B × D`` starting rows.
-        cfg: steps, lr, noise batch, timestep grid, micro batch.
+        cfg: steps, lr, noise batch, timestep grid, micro batch; for an fp16 pipeline the loss
+            scale's start and doubling window.
         generators: ``B`` per-image generators (:func:`image_generator`).
+        stats: if given, filled with ``loss_scale`` (the final scale; 1.0 unless fp16) and
+            ``redone_steps`` (fp16 steps redone after an overflow).
 
     Returns:
         ``B × D`` float32 optimised rows (CPU).
+
+    Raises:
+        FloatingPointError: fp16 only: a non-finite loss (the forward pass overflowed, which no
+            loss scale can fix: use ``embed.precision`` bf16 or fp32), or a gradient still not
+            finite at a negligible scale.
     """
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
+    # Loss scaling where the gradient would otherwise underflow: the fp16 UNet. Its state (scale,
+    # clean-step count) lives for this call, i.e. one batch of images_per_step images, and starts
+    # afresh at cfg.loss_scale for the next. That is fine: a scale carried across batches would
+    # make a batch's result depend on the batches before it (another process's shards, or the
+    # ones skipped on a resume), and with the paper's 3 steps per image the doubling window is
+    # never reached inside a batch anyway, so only the halving on an overflow matters.
+    scaled = dtype == torch.float16
+    scale = float(cfg.loss_scale) if scaled else 1.0
+    if scaled and not (math.isfinite(scale) and scale > 0 and cfg.loss_scale_window >= 1):
+        raise ValueError(f"embed.loss_scale must be a positive finite number and "
+                         f"embed.loss_scale_window ≥ 1, got {cfg.loss_scale} and {cfg.loss_scale_window}")
+    clean_steps = redone = 0
     alphas = pipe.scheduler.alphas_cumprod.to(torch.float32)
     grid = timestep_grid(cfg, len(alphas))
     b = len(latents)
@@ -138,28 +195,64 @@ def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Seq
     chunk = cfg.micro_batch if cfg.micro_batch > 0 else b
     n = cfg.noise_batch
     z0 = latents.to(device, torch.float32)
-    for _ in range(cfg.steps):
+    for step in range(cfg.steps):
+        # Drawn once per step, before any retry: a redone fp16 step sees the same timesteps and
+        # noise, and the per-image generators advance exactly as in fp32.
         t, eps = draw_noise(generators, grid, n, latents.shape[1:])
-        opt.zero_grad(set_to_none=True)
-        for lo in range(0, b, chunk):
-            hi = min(lo + chunk, b)
-            ctx = diffusion.encode_prompts(pipe, prompt_ids[lo:hi], token_ids[lo:hi], rows[lo:hi])
-            ctx = ctx.repeat_interleave(n, dim=0)
-            tt = t[lo:hi].reshape(-1)
-            noise = eps[lo:hi].reshape(-1, *latents.shape[1:]).to(device)
-            a = alphas[tt].to(device).view(-1, 1, 1, 1)
-            zt = a.sqrt() * z0[lo:hi].repeat_interleave(n, dim=0) + (1 - a).sqrt() * noise
-            pred = unet(zt.to(dtype), tt.to(device), encoder_hidden_states=ctx).sample.float()
-            # Sum over images of each image's own mean loss: image i's row gets exactly the
-            # gradient it would get alone (a batch mean would scale it by 1/B).
-            loss = (pred - noise).pow(2).reshape(hi - lo, -1).mean(1).sum()
-            loss.backward()
+        while True:
+            opt.zero_grad(set_to_none=True)
+            for lo in range(0, b, chunk):
+                hi = min(lo + chunk, b)
+                ctx = diffusion.encode_prompts(pipe, prompt_ids[lo:hi], token_ids[lo:hi], rows[lo:hi])
+                ctx = ctx.repeat_interleave(n, dim=0)
+                tt = t[lo:hi].reshape(-1)
+                noise = eps[lo:hi].reshape(-1, *latents.shape[1:]).to(device)
+                a = alphas[tt].to(device).view(-1, 1, 1, 1)
+                zt = a.sqrt() * z0[lo:hi].repeat_interleave(n, dim=0) + (1 - a).sqrt() * noise
+                pred = unet(zt.to(dtype), tt.to(device), encoder_hidden_states=ctx).sample.float()
+                # Sum over images of each image's own mean loss: image i's row gets exactly the
+                # gradient it would get alone (a batch mean would scale it by 1/B).
+                loss = (pred - noise).pow(2).reshape(hi - lo, -1).mean(1).sum()
+                if scaled:
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"stage 1, step {step}: the fp16 forward pass gave a non-finite loss; no "
+                            f"loss scale helps with that: use embed.precision=bf16 or fp32")
+                    # The float32 loss is scaled, so its gradient reaches the fp16 cast at the UNet
+                    # output (pred's .float()) already scaled into fp16's normal range.
+                    loss = loss * scale
+                loss.backward()
+            if not scaled:
+                break
+            grad = rows.grad
+            if bool(torch.isfinite(grad).all()):
+                grad.div_(scale)  # Adam sees the true gradient (exact for a power-of-two scale)
+                break
+            # Overflow somewhere in the fp16 backward pass: halve the scale and redo this step
+            # rather than skip it (as torch's GradScaler does): a skipped step would leave the rows
+            # one Adam step short and make the result depend on where the overflows fell.
+            scale /= 2
+            clean_steps = 0
+            redone += 1
+            log.debug("stage 1, step %d: fp16 gradient overflow; loss scale → %g, step redone", step, scale)
+            if scale < _MIN_LOSS_SCALE:
+                raise FloatingPointError(
+                    f"stage 1, step {step}: the rows' gradient is not finite even at loss scale "
+                    f"{scale * 2:g}: not an fp16 overflow; use embed.precision=bf16 or fp32")
         opt.step()
+        if scaled:
+            clean_steps += 1
+            if clean_steps >= cfg.loss_scale_window:
+                scale *= 2  # probe upwards again: the gradient may have shrunk since the last halving
+                clean_steps = 0
+    if stats is not None:
+        stats.update(loss_scale=scale, redone_steps=redone)
     return rows.detach().cpu()
 
 
 def prepare(cfg: ExperimentConfig, device: torch.device | str = "cpu", progress: bool = False):
-    """The pipeline, the class tokens and the ID training split with stage 1's transform
+    """The pipeline in ``embed.precision``'s dtype (:func:`pipeline_dtype`, whatever
+    ``diffusion.dtype`` says), the class tokens and the ID training split with stage 1's transform
     (Resize + CenterCrop to ``embed.resolution``).
 
     Returns:
@@ -175,7 +268,7 @@ def prepare(cfg: ExperimentConfig, device: torch.device | str = "cpu", progress:
     words = [*names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
              *cfg.generate.prompt.replace("{}", " ").split()]
     pipe = diffusion.load_pipeline(cfg.diffusion, device, words=words, progress=progress,
-                                   seed=cfg.run.seed)
+                                   seed=cfg.run.seed, dtype=pipeline_dtype(cfg.embed))
     tokens = diffusion.class_tokens(pipe, names, cfg.diffusion.class_token, long_names)
     res = cfg.embed.resolution
     dataset = with_transform(split.dataset, Compose([Resize(res), CenterCrop(res)]))
@@ -242,7 +335,8 @@ def _read_shard(path: Path, expected_ids: np.ndarray) -> dict | None:
 def class_token_rows(cfg: ExperimentConfig, device: torch.device | str = "cpu"
                      ) -> tuple[torch.Tensor, object]:
     """The classes' starting rows (``C × D`` float32) and their :class:`~ncis_core.diffusion.ClassTokens`
-    (for the notebook's distance-from-class-token plot)."""
+    (for the notebook's distance-from-class-token plot): read from stage 1's own pipeline
+    (:func:`prepare`, in ``embed.precision``), so they are the rows its inversions start from."""
     pipe, tokens, _, _ = prepare(cfg, device)
     table = diffusion.embedding_table(pipe.text_encoder).weight
     rows = table[torch.as_tensor(tokens.token_ids, device=table.device)].detach().float().cpu()
@@ -328,10 +422,11 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
                     extra={"source": "stage1", "pipeline": cfg.diffusion.pipeline,
                            "class_token": summary["strategy"], "tokens": json.dumps(summary["tokens"]),
                            "token_ids": json.dumps(summary["token_ids"]),
-                           "multi_piece": json.dumps(summary["multi_piece"]), "prompt": ecfg.prompt})
+                           "multi_piece": json.dumps(summary["multi_piece"]), "prompt": ecfg.prompt,
+                           "precision": ecfg.precision})
                 rec.info.update(count=n, dim=diffusion.embedding_width(pipe), processes=state.num_processes,
                                 class_token=summary["strategy"], multi_piece=summary["multi_piece"],
-                                seconds_main_process=round(elapsed, 2))
+                                precision=ecfg.precision, seconds_main_process=round(elapsed, 2))
                 log.info("stage 1: %d embeddings of width %d (%d processes)", n,
                          diffusion.embedding_width(pipe), state.num_processes)
         finished = True
