@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # One prepared check of the diffusion stages for a lent GPU (see the device tool's README):
-# SD-1.4-shaped components from data/sd14_configs/ (random weights), stage 1 and stage 4 images/s
-# at 512² in bf16 and fp16, peak memory, fraction of the card's matrix rate. One JSON line.
+# SD-1.4-shaped components from data/sd14_configs/ (random weights): stage 1 images/s in fp32/bf16 and
+# its largest batch, fp32 vs bf16 vs fp16 rows, stage 4 images/s in fp16/bf16, ResNet-34 steps/s in
+# fp32/bf16, fractions of the card's rate and plan's projection at the measured rates (see gpu_check.py).
+# One JSON line, also written to $OUT/gpu_check.json.
 #
 #   here, with PyPI:     bash benchmarks/gpu_check.sh fetch   # wheels the GPU image lacks → .gpu-wheels/
 #   on the GPU machine:  bash benchmarks/gpu_check.sh [gpu_check.py options]
 #                        (pass .gpu-wheels as a carried path; it must be git-ignored)
 #
 # The GPU image has torch, transformers, accelerate, safetensors, tqdm, numpy, PIL; it lacks
-# diffusers and omegaconf, which are installed from .gpu-wheels/ when missing. ~6 min on an H100.
+# diffusers and omegaconf, which are installed from .gpu-wheels/ when missing. Sized for ≤ 8 min on an H100/H200
+# (not yet run on one: no device was lent to the sessions so far).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.gpu-wheels
@@ -27,4 +30,5 @@ if ! "$PY" -c "import diffusers, omegaconf" 2>/dev/null; then
     "$PY" -m pip install --no-index --find-links "$WHEELS" --no-deps -q "$WHEELS"/*
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader || true
-HF_HUB_OFFLINE=1 TQDM_DISABLE=1 "$PY" benchmarks/gpu_check.py "$@"
+# the device tool brings back what is written under $OUT
+HF_HUB_OFFLINE=1 TQDM_DISABLE=1 "$PY" benchmarks/gpu_check.py --json-out "${OUT:-outputs}/gpu_check.json" "$@"

@@ -1,4 +1,4 @@
-"""The command line: ``python -m ncis_core {run,presets,datasets,evaluate,strip-notebooks}``.
+"""The command line: ``python -m ncis_core {run,presets,datasets,plan,evaluate,compare,strip-notebooks}``.
 
 Errors a researcher can fix (an unknown preset or key, a missing dataset, a stale artefact, a
 failing notebook) print one clear message and exit with status 2; no traceback.
@@ -6,6 +6,7 @@ failing notebook) print one clear message and exit with status 2; no traceback.
 Example:
     python -m ncis_core presets
     python -m ncis_core datasets --preset demo
+    python -m ncis_core plan --preset cifar100 --gpu h100 --gpus 8
     python -m ncis_core run --preset smoke --out outputs/smoke --set cvpn.epochs=1 --stages 0-2
     python -m ncis_core train-generator --preset demo
 """
@@ -62,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated classifier seeds")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
 
+    pl = sub.add_parser("plan", help="cost and preflight of a run, before it starts (nothing is computed)")
+    pl.add_argument("--preset", required=True)
+    pl.add_argument("--out", default=None, help="the run folder to check (default outputs/<preset>)")
+    pl.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    pl.add_argument("--gpu", default="h100", help="h100, h200, a100, cpu (measured) or NAME:TFLOPS")
+    pl.add_argument("--fraction", type=float, default=0.4,
+                    help="assumed fraction of the card's datasheet rate reached (default 0.4)")
+    pl.add_argument("--gpus", type=int, default=1, help="processes under accelerate launch")
+    pl.add_argument("--json", action="store_true", help="one JSON line instead of the table")
+    pl.add_argument("--compare", default=None, metavar="METHODS:SEEDS",
+                    help="also plan a compare run, e.g. none,idgen,linear,ncis:0,1,2 (make demo runs that)")
+
     data = sub.add_parser("datasets", help="one JSON line per split of a preset")
     data.add_argument("--preset", required=True)
     data.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
@@ -99,6 +112,23 @@ def _cmd_evaluate(args) -> int:
     print(run.path("table_md").read_text())
     print(f"results: {run.path('results_dir')}")
     return 0
+
+
+def _cmd_plan(args) -> int:
+    from .config import load_config
+    from .plan import format_plan, plan
+
+    cfg = load_config(args.preset, args.overrides, out=args.out or f"outputs/{args.preset}")
+    compare = None
+    if args.compare:
+        methods, _, seeds = args.compare.partition(":")
+        try:
+            compare = ([m for m in methods.split(",") if m], [int(x) for x in seeds.split(",") if x.strip()])
+        except ValueError:
+            raise ValueError(f"--compare {args.compare!r}: use METHODS:SEEDS, e.g. none,ncis:0,1,2") from None
+    report = plan(cfg, card=args.gpu, fraction=args.fraction, gpus=args.gpus, compare=compare)
+    print(json.dumps(report) if args.json else format_plan(report), end="\n" if args.json else "")
+    return 0 if report["preflight"]["ok"] else 2
 
 
 def _cmd_strip(args) -> int:
@@ -159,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate,
                 "strip-notebooks": _cmd_strip, "train-generator": _cmd_train_generator,
-                "compare": _cmd_compare}
+                "compare": _cmd_compare, "plan": _cmd_plan}
     try:
         return commands[args.command](args)
     except (ConfigError, DataError, NotebookFailed, MissingArtefactError, StaleArtefactError,

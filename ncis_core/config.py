@@ -156,6 +156,9 @@ class EmbedConfig:
     # Embed only the first N images of each class of the ID training split (null: all); image ids
     # stay the split's. The demo preset uses it to fit a CPU; the paper embeds every image.
     max_per_class: Optional[int] = None
+    # Embed only the first N of those images (null: all): quick checks at the paper's shapes
+    # (benchmarks/rehearse_paper.py embeds 2); a real run leaves it null.
+    max_images: Optional[int] = None
     precision: str = "fp32"
     loss_scale: float = 65536.0
     loss_scale_window: int = 200

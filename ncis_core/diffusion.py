@@ -47,6 +47,10 @@ from .progress import bar_options
 __all__ = [
     "vae_reconstruct",
     "TINY_RANDOM",
+    "tiny_configs",
+    "offline_tokenizer",
+    "local_source",
+    "pipeline_problem",
     "PROMPT_WORDS",
     "PipelineLoadError",
     "resolve_dtype",
@@ -120,6 +124,96 @@ def _hint(source: str) -> str:
             f"add `--set diffusion.single_file_config=/path/to/diffusers-folder` to load it offline).")
 
 
+def local_source(source: str) -> Path | None:
+    """``diffusion.pipeline`` (or ``single_file_config``) as an existing local path, resolved as the
+    loader resolves it (the working directory, then the project root), or None."""
+    return _local_path(source) if source else None
+
+
+def pipeline_problem(dcfg) -> str | None:
+    """Why ``dcfg.pipeline`` could not be loaded without a download, or None when it can (local
+    folder, single-file checkpoint with a local ``single_file_config``, or a hub id in the Hugging
+    Face cache). The messages are the loader's own (:func:`load_pipeline`). Nothing is loaded."""
+    dcfg = getattr(dcfg, "diffusion", dcfg)
+    source = dcfg.pipeline
+    if source == TINY_RANDOM:
+        return None
+    path = _local_path(source)
+    if path is not None and path.is_dir():
+        if not (path / "model_index.json").exists():
+            return (f"diffusion.pipeline={source!r} is a folder without model_index.json, so it is not a "
+                    f"diffusers pipeline (save one with `pipe.save_pretrained(folder)`). " + _hint(source))
+        return None
+    if path is not None and path.is_file():
+        config = dcfg.single_file_config
+        if config and _local_path(config) is not None:
+            return None
+        if config and _looks_like_hub_id(config) and _in_hub_cache(config):
+            return None
+        return (f"the single-file checkpoint {path} needs its component configs and tokenizer: "
+                f"diffusion.single_file_config={config!r} is " + ("neither a local folder nor in the "
+                f"Hugging Face cache" if config else "empty, so diffusers would fetch them from the hub")
+                + "; set it to a local diffusers folder of the same model (e.g. a snapshot of "
+                  "CompVis/stable-diffusion-v1-4).")
+    if not _looks_like_hub_id(source):
+        return (f"diffusion.pipeline={source!r} is neither an existing local folder or file nor a hub id "
+                f"(owner/name). " + _hint(source))
+    if not _in_hub_cache(source):
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        return (f"diffusion.pipeline={source!r} is not in the Hugging Face cache ({HF_HUB_CACHE}), so "
+                f"stage 1 would download it (about 4 GB; this fails offline). " + _hint(source))
+    return None
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, "model_index.json")
+    return isinstance(found, str)
+
+
+def offline_tokenizer(words: Sequence[str] = ()):
+    """A ``CLIPTokenizer`` built without a download whose vocabulary keeps :data:`PROMPT_WORDS` and
+    ``words`` whole where its merge rules allow (the tiny pipeline's, and the paper-shape
+    rehearsal's stand-in for CLIP's 49 408-token vocabulary)."""
+    from .demo_generator import build_tokenizer
+
+    vocab_words = tuple(dict.fromkeys([*PROMPT_WORDS, *(w.lower() for w in words if w.strip())]))
+    # Multi-word names ("aquarium fish") are kept whole word by word.
+    vocab_words = tuple(dict.fromkeys(p for w in vocab_words for p in re.findall(r"[a-z]+", w)))
+    try:
+        return build_tokenizer(vocab_words)
+    except ValueError:
+        # The builder's left-to-right merge chains can collide ("quality" takes the "q u" that
+        # "aquarium" needs): keep the words greedily, in order, while the chains stay intact. The
+        # dropped words split into pieces, which the class-token strategies handle anyway.
+        kept: list[str] = []
+        for word in vocab_words:
+            try:
+                build_tokenizer((*kept, word))
+                kept.append(word)
+            except ValueError:
+                pass
+        log.info("offline tokenizer: %s split into pieces", sorted(set(vocab_words) - set(kept)))
+        return build_tokenizer(tuple(kept))
+
+
+def tiny_configs(width: int = 32) -> dict[str, dict]:
+    """The component configs of :func:`build_tiny_pipeline` (also what ``plan`` costs for ``tiny-random``)."""
+    return {
+        "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                     block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width,
+                     attention_head_dim=4, norm_num_groups=8),
+        "vae": dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
+                    down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                    layers_per_block=1, norm_num_groups=8, sample_size=32),
+        "text_encoder": dict(vocab_size=1000, hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+                             num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu"),
+    }
+
+
 def build_tiny_pipeline(words: Sequence[str] = (), seed: int = 0, width: int = 32):
     """A ``StableDiffusionPipeline`` of tiny random components, built from configs (no download).
 
@@ -137,43 +231,19 @@ def build_tiny_pipeline(words: Sequence[str] = (), seed: int = 0, width: int = 3
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .demo_generator import build_pipeline, build_tokenizer
+    from .demo_generator import build_pipeline
 
-    vocab_words = tuple(dict.fromkeys([*PROMPT_WORDS, *(w.lower() for w in words if w.strip())]))
-    # Multi-word names ("aquarium fish") are kept whole word by word.
-    vocab_words = tuple(dict.fromkeys(p for w in vocab_words for p in re.findall(r"[a-z]+", w)))
-    try:
-        tokenizer = build_tokenizer(vocab_words)
-    except ValueError:
-        # The builder's left-to-right merge chains can collide ("quality" takes the "q u" that
-        # "aquarium" needs): keep the words greedily, in order, while the chains stay intact. The
-        # dropped words split into pieces, which the class-token strategies handle anyway.
-        kept: list[str] = []
-        for word in vocab_words:
-            try:
-                build_tokenizer((*kept, word))
-                kept.append(word)
-            except ValueError:
-                pass
-        log.info("tiny tokenizer: %s split into pieces", sorted(set(vocab_words) - set(kept)))
-        tokenizer = build_tokenizer(tuple(kept))
+    tokenizer = offline_tokenizer(words)
+    configs = tiny_configs(width)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=width,
-            attention_head_dim=4, norm_num_groups=8)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-            down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-            layers_per_block=1, norm_num_groups=8, sample_size=32)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
-            projection_dim=width, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            hidden_act="quick_gelu"))
+        unet = UNet2DConditionModel(**configs["unet"])
+        vae = AutoencoderKL(**configs["vae"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{
+            **configs["text_encoder"], "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length, "projection_dim": width,
+            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}))
     for module in (unet, vae, text_encoder):
         module.eval()
     return build_pipeline(vae, text_encoder, tokenizer, unet)

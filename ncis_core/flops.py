@@ -34,7 +34,7 @@ __all__ = ["count_flops", "unet_forward_flops", "unet_flops", "vae_flops", "text
 
 def count_flops(build: Callable[[], torch.nn.Module], inputs: Callable[[], tuple], *,
                 backward: bool = False, call: Callable | None = None,
-                trainable: Callable[[torch.nn.Module], torch.Tensor] | None = None) -> dict[str, int]:
+                trainable: Callable[[torch.nn.Module], object] | None = None) -> dict[str, int]:
     """FLOPs of one call of a model built on the meta device.
 
     Args:
@@ -43,26 +43,41 @@ def count_flops(build: Callable[[], torch.nn.Module], inputs: Callable[[], tuple
         backward: also count a backward pass from the output's sum (frozen weights: only inputs
             that require grad get gradients).
         call: ``call(module, *inputs) -> tensor`` when the output needs unpacking.
-        trainable: picks the one parameter that gets a gradient (e.g. the token-embedding table
-            that carries stage 1's rows); every other weight is frozen.
+        trainable: picks the parameter(s) that get a gradient (e.g. the token-embedding table that
+            carries stage 1's rows, or all of a classifier's); every other weight is frozen.
 
     Returns:
-        ``{"forward": …, "backward": …}`` (backward 0 unless asked for).
+        ``{"forward", "backward", "conv", "matmul"}``: forward and backward FLOPs (backward 0
+        unless asked for), and the total of both split into convolutions and matrix products.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         module = build().eval().requires_grad_(False)
         if trainable is not None:
-            trainable(module).requires_grad_(True)
+            chosen = trainable(module)
+            for p in chosen if isinstance(chosen, (list, tuple)) else [chosen]:
+                p.requires_grad_(True)
         args = inputs()
     call = call or (lambda m, *a: m(*a))
     with FlopCounterMode(display=False) as counter:
         out = call(module, *args)
-        forward = counter.get_total_flops()
+        forward = _by_kind(counter)
         if backward:
             out.float().sum().backward()
-    return {"forward": int(forward), "backward": int(counter.get_total_flops() - forward)}
+    total = _by_kind(counter)
+    backward_kinds = {k: total[k] - forward[k] for k in total}
+    return {"forward": sum(forward.values()), "backward": sum(backward_kinds.values()),
+            "conv": total["conv"], "matmul": total["matmul"]}
+
+
+def _by_kind(counter) -> dict[str, int]:
+    """Counted FLOPs split into convolutions and matrix products: on a GPU in fp32 they run at
+    different rates (cuDNN convolutions in TF32 by default, matmuls in full fp32)."""
+    kinds = {"conv": 0, "matmul": 0}
+    for op, flops in counter.get_flop_counts().get("Global", {}).items():
+        kinds["conv" if "convolution" in str(op) else "matmul"] += int(flops)
+    return kinds
 
 
 def _unet(config: Mapping):
@@ -92,10 +107,10 @@ def vae_flops(config: Mapping, image: int) -> dict[str, int]:
     latent = image // factor
     enc = count_flops(lambda: AutoencoderKL.from_config(dict(config)),
                       lambda: (torch.zeros(1, config.get("in_channels", 3), image, image),),
-                      call=lambda m, x: m.encode(x).latent_dist.mode())["forward"]
+                      call=lambda m, x: m.encode(x).latent_dist.mode())
     dec = count_flops(lambda: AutoencoderKL.from_config(dict(config)),
                       lambda: (torch.zeros(1, config.get("latent_channels", 4), latent, latent),),
-                      call=lambda m, z: m.decode(z).sample)["forward"]
+                      call=lambda m, z: m.decode(z).sample)
     return {"encode": enc, "decode": dec}
 
 
@@ -110,12 +125,15 @@ def text_encoder_flops(config: Mapping, tokens: int = 77, backward: bool = False
                        trainable=(lambda m: m.get_input_embeddings().weight) if backward else None)
 
 
-def classifier_flops(arch: str, num_classes: int, image: int, width: int = 32) -> int:
-    """One forward of a stage-5 network on one ``image × image`` picture (meta device)."""
+def classifier_flops(arch: str, num_classes: int, image: int, width: int = 32,
+                     training: bool = False) -> dict[str, int]:
+    """One stage-5 network call on one ``image × image`` picture (meta device); ``training``:
+    forward + backward with weight gradients (a training step's share per image)."""
     from .models.resnet import build_classifier
 
     return count_flops(lambda: build_classifier(arch, num_classes, width),
-                       lambda: (torch.zeros(1, 3, image, image),))["forward"]
+                       lambda: (torch.zeros(1, 3, image, image),), backward=training,
+                       trainable=(lambda m: list(m.parameters())) if training else None)
 
 
 # ----------------------------------------------------------------------------- the UNet as a formula

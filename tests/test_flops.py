@@ -65,7 +65,7 @@ def test_meta_counts_equal_real_counts_for_the_other_models():
         net = build_classifier(arch, 6, width).eval()
         with torch.no_grad():
             real = _counted(lambda: net(torch.randn(1, 3, 32, 32)))
-        assert flops.classifier_flops(arch, 6, 32, width) == real
+        assert flops.classifier_flops(arch, 6, 32, width)["forward"] == real
     text = dict(vocab_size=100, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=77)
     model = CLIPTextModel(CLIPTextConfig(**text)).eval()

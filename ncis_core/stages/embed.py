@@ -378,6 +378,8 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
             # the images to embed, as indices of the ID training split (all, or the first
             # embed.max_per_class of each class): image ids stay those of the split
             selected = first_per_class(split.dataset.labels, ecfg.max_per_class)
+            if ecfg.max_images is not None:
+                selected = selected[:ecfg.max_images]
             n = len(selected)
             if n == 0:
                 raise ValueError("the ID training split is empty: nothing to embed")

@@ -433,12 +433,15 @@ def _cycle(loader: DataLoader, generator: torch.Generator, epoch: int, seed: int
 
 
 def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
-          progress: bool = True, stop_after: int | None = None) -> dict | None:
+          progress: bool = True, stop_after: int | None = None,
+          stop_after_steps: int | None = None) -> dict | None:
     """Train (or resume) the stage-5 classifier into ``folder`` (default ``classifier/``).
 
     Args:
         stop_after: train at most this many epochs in this call, then return None (time-boxing
             long runs; the next call resumes). None: train to the end.
+        stop_after_steps: stop after this many optimizer steps and return None without writing
+            a checkpoint (a rehearsal of the step at full shapes, ``benchmarks/rehearse_paper.py``).
 
     Returns:
         The history dict (also written as ``history.json``), or None when stopped early.
@@ -534,6 +537,8 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
             accelerator.backward(loss)
             opt.step()
             step += 1
+            if stop_after_steps is not None and step >= stop_after_steps:
+                return None
             with torch.no_grad():
                 s = torch.logsumexp(logits.float(), dim=1)
                 sums["ce"] += ce.item() * len(x_in)

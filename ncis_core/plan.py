@@ -1,0 +1,611 @@
+"""``python -m ncis_core plan``: what a run will cost, and whether it could start, before it starts.
+
+Nothing is computed. :func:`plan` reads the resolved config and the disk and returns, per stage
+(the manifest's names: data, embed, cvpn, sample, generate, classifier, evaluate):
+
+* the **work** (images embedded and UNet forward+backward passes, cVPN steps, draws, images
+  generated and guided UNet evaluations, classifier steps and images seen, images scored);
+* its **FLOPs**, counted for the config's own models on the meta device (:mod:`ncis_core.flops`),
+  split into convolutions and matrix products;
+* the projected **hours** on a card (:data:`CARDS`, or ``NAME:TFLOPS``) at a stated fraction of its
+  datasheet rate (default 40 %, an assumption until ``benchmarks/gpu_check.sh`` measures it). The
+  rate depends on the stage's precision: bf16/fp16 run at the dense bf16 rate; fp32 runs
+  convolutions at the TF32 rate (cuDNN's default) and matrix products at the plain fp32 rate
+  (PyTorch's default: ``torch.backends.cuda.matmul.allow_tf32`` is off); per process under
+  ``accelerate`` with ``gpus`` processes for the sharded stages (1, 4, 5);
+* **disk** per artefact and a **peak memory** estimate per stage (weights + what the backward pass
+  keeps, counted on the meta device; for generation weights + a guided batch's largest activations);
+* **preflight**: every dataset root, the SD pipeline, the classifier initialisation, the output
+  folder (writable, enough free disk) and the config checks, each with the message the stage would
+  give. ``ok`` only when the run could start.
+
+Example:
+    >>> report = plan(load_config("smoke"))  # doctest: +SKIP
+    >>> report["preflight"]["ok"], sorted(report["stages"])[:2]  # doctest: +SKIP
+    (True, ['classifier', 'cvpn'])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .config import ExperimentConfig
+
+__all__ = ["Card", "CARDS", "parse_card", "plan", "format_plan", "pipeline_configs", "saved_activation_bytes",
+           "NOMINAL_COUNTS"]
+
+ROOT = Path(__file__).resolve().parent.parent
+SD14_CONFIGS = ROOT / "data" / "sd14_configs"
+
+
+@dataclass(frozen=True)
+class Card:
+    """A device's datasheet rates in TFLOP/s (dense, no sparsity) and its memory.
+
+    Args:
+        name: what the tables print.
+        bf16: dense bf16/fp16 tensor-core rate.
+        tf32: dense TF32 rate (fp32 convolutions under cuDNN's default).
+        fp32: plain fp32 rate (fp32 matrix products under PyTorch's default).
+        memory_gib: device memory.
+        measured: whether the rates were measured (``cpu``) or are the vendor's (GPUs).
+    """
+
+    name: str
+    bf16: float
+    tf32: float
+    fp32: float
+    memory_gib: float
+    measured: bool = False
+
+
+#: The cards ``--gpu`` knows (NVIDIA datasheets, SXM parts). ``cpu``: this project's 2-core CPU
+#: machine, rates measured by ``benchmarks/rehearse_paper.py`` (``cpu_tflops`` of its JSON line):
+#: what the real code reached there, at SD-1.4 shapes, in fp32 (its fraction is then 1).
+CARDS: dict[str, Card] = {
+    "h100": Card("NVIDIA H100 SXM", 989.4, 494.7, 66.9, 80),
+    "h200": Card("NVIDIA H200 SXM", 989.4, 494.7, 66.9, 141),
+    "a100": Card("NVIDIA A100 SXM", 312.0, 156.0, 19.5, 80),
+    "cpu": Card("2-core CPU (measured)", 0.060, 0.060, 0.060, 24, measured=True),
+}
+
+#: Image counts used when a dataset is not on disk (the official splits; METHOD.md §6).
+NOMINAL_COUNTS = {
+    "cifar100": {"id-train": 50_000, "id-test": 10_000},
+    "imagenet100": {"id-train": 126_689, "id-test": 5_000},
+    "demo": {"id-train": 4_800, "id-test": 1_200},
+}
+_NOMINAL_OOD = {"svhn": 26_032, "places365": 36_500, "lsun_crop": 10_000, "lsun_resize": 10_000,
+                "isun": 8_925, "textures": 5_640, "inaturalist": 10_000, "sun": 10_000, "places": 10_000,
+                "demo_near": 800, "digits": 1_797, "texture_crops": 600, "faces": 200}
+_PNG_RATIO = 0.6   # PNG bytes / raw RGB bytes for generated photographs (assumed)
+_SHARDED = {"embed", "generate", "classifier"}
+
+
+def parse_card(spec: str) -> tuple[str, Card]:
+    """``h100`` / ``h200`` / ``a100`` / ``cpu``, or ``NAME:TFLOPS`` (one dense rate for every precision).
+
+    Example:
+        >>> parse_card("l40s:362")[1].bf16
+        362.0
+    """
+    key = spec.strip().lower()
+    if key in CARDS:
+        return key, CARDS[key]
+    if ":" in spec:
+        name, rate = spec.rsplit(":", 1)
+        try:
+            tflops = float(rate)
+        except ValueError:
+            raise ValueError(f"--gpu {spec!r}: the rate after ':' must be a number of TFLOP/s") from None
+        return name, Card(name, tflops, tflops, tflops, float("nan"))
+    raise ValueError(f"--gpu {spec!r}: use one of {', '.join(CARDS)} or NAME:TFLOPS (e.g. l40s:362)")
+
+
+# ----------------------------------------------------------------------------- model configs
+def pipeline_configs(cfg: ExperimentConfig) -> tuple[dict, str]:
+    """The UNet, VAE and text-encoder configs of ``diffusion.pipeline`` without loading weights,
+    and where they came from. A hub id or a single-file checkpoint without a local
+    ``single_file_config`` is costed as SD 1.4 (``data/sd14_configs``)."""
+    from . import diffusion
+
+    d = cfg.diffusion
+    if d.pipeline == diffusion.TINY_RANDOM:
+        return diffusion.tiny_configs(), "tiny-random"
+    folder = diffusion.local_source(d.pipeline)
+    if not (folder is not None and folder.is_dir() and (folder / "unet" / "config.json").exists()):
+        single = diffusion.local_source(d.single_file_config)
+        folder = single if single and (single / "unet" / "config.json").exists() else SD14_CONFIGS
+    configs = {name: json.loads((folder / name / "config.json").read_text())
+               for name in ("unet", "vae", "text_encoder")}
+    return configs, str(folder)
+
+
+@lru_cache(maxsize=32)
+def _counted(kind: str, config_json: str, size: int, backward: bool = False) -> dict:
+    from . import flops
+
+    config = json.loads(config_json)
+    if kind == "unet":
+        return flops.unet_flops(config, size, backward=backward)
+    if kind == "vae":
+        return flops.vae_flops(config, size)
+    return flops.text_encoder_flops(config, backward=backward)
+
+
+def _count(kind: str, config: dict, size: int = 0, backward: bool = False) -> dict:
+    return _counted(kind, json.dumps(config, sort_keys=True, default=list), size, backward)
+
+
+class _FusedAttention:
+    """``F.scaled_dot_product_attention`` as the fused GPU kernels keep it for the backward (q, k, v
+    and the output, not the n × n probabilities of the math path the meta device would take)."""
+
+    def __enter__(self):
+        import torch
+        import torch.nn.functional as F
+
+        self.original = F.scaled_dot_product_attention
+
+        class Fused(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                out = (q @ k.transpose(-1, -2)).softmax(-1) @ v
+                ctx.save_for_backward(q, k, v, out)
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):  # never run: only what forward saves is measured
+                raise NotImplementedError
+
+        F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: Fused.apply(q, k, v)
+        return self
+
+    def __exit__(self, *exc):
+        import torch.nn.functional as F
+
+        F.scaled_dot_product_attention = self.original
+
+
+def saved_activation_bytes(build, inputs, bytes_per_element: int = 4) -> int:
+    """Bytes a forward keeps for its backward (activations, not weights), counted on the meta device
+    with fused attention: the activation part of a training step's peak memory, per call."""
+    import torch
+
+    kept: dict[int, int] = {}
+    with torch.device("meta"):
+        module = build()
+        args = inputs()
+        weights = {t.untyped_storage()._cdata for t in [*module.parameters(), *module.buffers()]}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage._cdata not in weights:  # each storage once, however many ops keep it
+                kept[storage._cdata] = storage.nbytes() // t.element_size() * bytes_per_element
+            return t
+
+        with _FusedAttention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(*args)
+    return sum(kept.values())
+
+
+@lru_cache(maxsize=16)
+def _unet_saved_bytes(config_json: str, latent: int, bytes_per: int) -> int:
+    """Bytes the UNet's forward keeps for stage 1's backward, per noised copy."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = json.loads(config_json)
+
+    class Call(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = UNet2DConditionModel.from_config(config).requires_grad_(False)
+
+        def forward(self, z, t, ctx):
+            return self.unet(z, t, encoder_hidden_states=ctx).sample
+
+    width = config.get("cross_attention_dim", 768)
+    return saved_activation_bytes(
+        Call, lambda: (torch.zeros(1, config.get("in_channels", 4), latent, latent), torch.tensor([1]),
+                       torch.zeros(1, 77, width, requires_grad=True)), bytes_per)
+
+
+def _params(config: dict, kind: str) -> int:
+    import torch
+
+    with torch.device("meta"):
+        if kind == "unet":
+            from diffusers import UNet2DConditionModel
+
+            model = UNet2DConditionModel.from_config(config)
+        elif kind == "vae":
+            from diffusers import AutoencoderKL
+
+            model = AutoencoderKL.from_config(config)
+        else:
+            from transformers import CLIPTextConfig, CLIPTextModel
+
+            model = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- counts
+def _split_counts(cfg: ExperimentConfig) -> tuple[dict[str, int], list[str], bool]:
+    """Images per split: from the disk when the datasets are there, else :data:`NOMINAL_COUNTS`."""
+    from .data import build_splits
+    from .data.base import DataError
+
+    try:
+        splits = build_splits(cfg.data)
+        counts = {s.name: len(s.dataset) for s in splits}
+        classes = list(next(s for s in splits if s.role == "id-train").classes)
+        return counts, classes, True
+    except (DataError, FileNotFoundError, OSError):
+        nominal = dict(NOMINAL_COUNTS.get(cfg.data.dataset, {"id-train": 0, "id-test": 0}))
+        for name in cfg.data.ood_sets:
+            full = _NOMINAL_OOD.get(name, 0)
+            size = cfg.data.ood_subset_size
+            nominal[name] = min(full, size) if size is not None else full
+        from .data.classes import CIFAR100_SHORT, DEMO_ID_CLASSES, IMAGENET100_WNIDS
+
+        classes = {"cifar100": CIFAR100_SHORT, "imagenet100": IMAGENET100_WNIDS,
+                   "demo": DEMO_ID_CLASSES}.get(cfg.data.dataset, [])
+        return nominal, list(classes), False
+
+
+def _hours(conv: float, matmul: float, precision: str, card: Card, fraction: float) -> float:
+    if precision in ("bf16", "fp16"):
+        seconds = (conv + matmul) / (card.bf16 * 1e12)
+    else:
+        seconds = conv / (card.tf32 * 1e12) + matmul / (card.fp32 * 1e12)
+    return seconds / max(fraction, 1e-9) / 3600
+
+
+def _dtype_name(name: str, device_is_cuda: bool = True) -> str:
+    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "auto": "fp16"}.get(name, name)
+
+
+def _stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict[str, dict]:
+    """Per stage: the work, its FLOPs (conv / matmul split), precision, disk and peak memory."""
+    configs, _ = pipeline_configs(cfg)
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    width = text.get("hidden_size", 768)
+    num_classes = max(len(classes), 1)
+    e, g, c, cv, s = cfg.embed, cfg.generate, cfg.classifier, cfg.cvpn, cfg.sample
+    out: dict[str, dict] = {}
+    gib = 2 ** 30
+
+    # stage 1: per image, steps × noise_batch UNet forward+backward, the prompt fwd+bwd per step, one VAE encode
+    n_train = counts.get("id-train", 0)
+    n_embed = min(n_train, e.max_per_class * num_classes) if e.max_per_class else n_train
+    n_embed = min(n_embed, e.max_images) if e.max_images is not None else n_embed
+    latent1 = max(e.resolution // factor, 1)
+    u1 = _count("unet", unet, latent1, backward=True)
+    t1 = _count("text", text, 0, backward=True)
+    v1 = _count("vae", vae, e.resolution)["encode"]
+    passes = n_embed * e.steps * e.noise_batch
+    conv = passes * u1["conv"] + n_embed * v1["conv"] + n_embed * e.steps * t1["conv"]
+    mm = passes * u1["matmul"] + n_embed * v1["matmul"] + n_embed * e.steps * t1["matmul"]
+    bytes1 = {"fp32": 4, "bf16": 2, "fp16": 2}[e.precision]
+    weights1 = (_params(unet, "unet") + _params(vae, "vae") + _params(text, "text")) * bytes1
+    batch1 = e.micro_batch if e.micro_batch > 0 else e.images_per_step
+    act1 = _unet_saved_bytes(json.dumps(unet, sort_keys=True, default=list), latent1, bytes1) * batch1 * e.noise_batch
+    out["embed"] = {
+        "work": {"images": n_embed, "unet_forward_backward": passes, "unet_batch": batch1 * e.noise_batch},
+        "conv": conv, "matmul": mm, "precision": e.precision,
+        "disk_bytes": {"embeddings.safetensors": n_embed * (width * 4 + 16)},
+        "peak_memory_gib": (weights1 + act1) / gib,
+    }
+
+    # stage 2: two Adam steps per mini-batch; forward, inverse and their backward
+    n_cvpn = int(round(n_embed * (1 - cv.holdout_fraction)))
+    steps2 = math.ceil(n_cvpn / cv.batch_size) * cv.epochs
+    hidden = cv.hidden or 4 * math.ceil(width / 2)
+    coupling = 2 * (width // 2 * hidden + 3 * hidden * hidden + hidden * (width - width // 2))
+    per_sample = cv.num_layers * coupling + (cv.num_layers + 1) * 2 * width * width
+    # 2 passes (forward, inverse) × 3 (forward + backward with weight gradients), plus the orthogonal
+    # matrices' exponentials (≈ 14 D³ each, forward and backward) every step
+    mm2 = steps2 * (2 * 3 * cv.batch_size * per_sample + 2 * 3 * (cv.num_layers + 1) * 14 * width ** 3)
+    params2 = cv.num_layers * coupling // 2 + (cv.num_layers + 1) * width * width + num_classes * hidden
+    out["cvpn"] = {"work": {"steps": steps2, "batch": cv.batch_size, "embeddings": n_cvpn},
+                   "conv": 0, "matmul": mm2, "precision": "bf16" if cv.mixed_precision else "fp32",
+                   "disk_bytes": {"cvpn/best.safetensors": params2 * 4},
+                   "peak_memory_gib": (4 * params2 * 4 + n_cvpn * width * 4) / gib}
+
+    # stage 3: per class a covariance, draws with their log-density, f⁻¹ of the kept ones
+    draws = num_classes * s.rounds * s.draws_per_round
+    kept = num_classes * s.rounds * s.keep_per_round
+    mm3 = draws * 2 * width * width + num_classes * 2 * width ** 3 + (n_embed + kept) * per_sample
+    out["sample"] = {"work": {"draws": draws, "kept": kept}, "conv": 0, "matmul": mm3, "precision": "fp32",
+                     "disk_bytes": {"outlier_embeddings.safetensors": kept * width * 4},
+                     "peak_memory_gib": (params2 * 4 + s.draws_per_round * width * 8) / gib}
+
+    # stage 4: per image, steps × (2 with guidance) UNet forwards, two prompts, one VAE decode
+    images4 = g.num_batches * g.batch_size
+    guided = 2 if g.guidance_scale > 1 else 1
+    u4 = _count("unet", unet, max(g.height // factor, 1))
+    t4 = _count("text", text, 0)
+    v4 = _count("vae", vae, g.height)["decode"]
+    evals = images4 * g.steps * guided
+    precision4 = _dtype_name(cfg.diffusion.dtype)
+    bytes4 = {"fp32": 4, "bf16": 2, "fp16": 2}[precision4]
+    weights4 = (_params(unet, "unet") + _params(vae, "vae") + _params(text, "text")) * bytes4
+    act4 = g.batch_size * guided * (g.height // factor) ** 2 * unet["block_out_channels"][0] * bytes4 * 24
+    out["generate"] = {
+        "work": {"images": images4, "unet_evaluations": evals, "guidance": guided > 1},
+        "conv": evals * u4["conv"] + images4 * (v4["conv"] + guided * t4["conv"]),
+        "matmul": evals * u4["matmul"] + images4 * (v4["matmul"] + guided * t4["matmul"]),
+        "precision": precision4,
+        "disk_bytes": {"outliers/*.png": int(images4 * g.output_size ** 2 * 3 * _PNG_RATIO)},
+        "peak_memory_gib": (weights4 + act4) / gib,
+    }
+
+    # stage 5: forward + backward with weight gradients over ID + outliers (+ generated ID) per step
+    from . import flops
+
+    n_id = n_train
+    steps_epoch = (n_id // c.batch_size if c.drop_last else math.ceil(n_id / c.batch_size)) if n_id else 0
+    steps5 = steps_epoch * c.epochs
+    with_outliers = c.outliers != "none"
+    per_step = c.batch_size + (c.outlier_batch_size if with_outliers else 0) + \
+        (c.outlier_batch_size if with_outliers and c.id_generated != "none" else 0)
+    cl = flops.classifier_flops(c.arch, num_classes, cfg.data.image_size, c.width, training=True)
+    seen = steps5 * per_step
+    # classifier.id_generated=vae_recon: one VAE round trip per ID training image (cached afterwards)
+    recon = _count("vae", vae, max(8, e.resolution)) if with_outliers and c.id_generated == "vae_recon" else None
+    recon_conv = n_id * (recon["encode"]["conv"] + recon["decode"]["conv"]) if recon else 0
+    recon_mm = n_id * (recon["encode"]["matmul"] + recon["decode"]["matmul"]) if recon else 0
+    params5 = _classifier_params(c.arch, num_classes, c.width)
+    out["classifier"] = {
+        "work": {"steps": steps5, "steps_per_epoch": steps_epoch, "images_seen": seen, "images_per_step": per_step},
+        "conv": seen * cl["conv"] + recon_conv, "matmul": seen * cl["matmul"] + recon_mm,
+        "recon_conv": recon_conv, "recon_matmul": recon_mm, "precision": c.precision,
+        "disk_bytes": {"classifier/best.safetensors": params5 * 4, "classifier/last.safetensors": params5 * 8},
+        # weights, gradients, momentum (fp32) + what the forward keeps for the backward, per image
+        "peak_memory_gib": (params5 * 12 + per_step *
+                            _classifier_activation_bytes(c.arch, num_classes, cfg.data.image_size, c.width)) / gib,
+    }
+
+    # stage 6: one forward per image and score group (logit scores share it; ODIN adds a backward)
+    scored = counts.get("id-test", 0) + sum(counts.get(n, 0) for n in cfg.data.ood_sets)
+    names = [cfg.evaluate.score, *cfg.evaluate.extra_scores]
+    passes6 = 1 + 2 * ("odin" in names)
+    fwd = flops.classifier_flops(c.arch, num_classes, cfg.data.image_size, c.width)
+    extra = n_id if "mahalanobis" in names else 0
+    out["evaluate"] = {"work": {"images_scored": scored, "scores": len(set(names))},
+                       "conv": (scored * passes6 + extra) * fwd["conv"],
+                       "matmul": (scored * passes6 + extra) * fwd["matmul"], "precision": "fp32",
+                       "disk_bytes": {"results/scores.npz": scored * len(set(names)) * 8},
+                       "peak_memory_gib": (params5 * 4 + cfg.evaluate.batch_size *
+                                           _classifier_activation_bytes(c.arch, num_classes,
+                                                                        cfg.data.image_size, c.width) / 3) / gib}
+    out["data"] = {"work": {"splits": len(counts)}, "conv": 0, "matmul": 0, "precision": "fp32",
+                   "disk_bytes": {}, "peak_memory_gib": 0.0}
+    return out
+
+
+@lru_cache(maxsize=8)
+def _classifier_params(arch: str, num_classes: int, width: int) -> int:
+    import torch
+
+    from .models.resnet import build_classifier
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_classifier(arch, num_classes, width).parameters())
+
+
+@lru_cache(maxsize=8)
+def _classifier_activation_bytes(arch: str, num_classes: int, image: int, width: int) -> int:
+    """Bytes a training forward keeps for the backward, per image (fp32)."""
+    import torch
+
+    from .models.resnet import build_classifier
+
+    return saved_activation_bytes(lambda: build_classifier(arch, num_classes, width).train(),
+                                  lambda: (torch.zeros(1, 3, image, image),))
+
+
+# ----------------------------------------------------------------------------- preflight
+def _preflight(cfg: ExperimentConfig, disk_needed: int, data_ok_problems: list[str]) -> list[str]:
+    from . import diffusion
+
+    problems = list(data_ok_problems)
+    problem = diffusion.pipeline_problem(cfg.diffusion)
+    if problem:
+        problems.append(problem)
+    c = cfg.classifier
+    if c.pretrained and not Path(c.pretrained).exists():
+        problems.append(f"classifier.pretrained={c.pretrained} does not exist (see data/README.md, "
+                        f"\"ImageNet-100 classifier initialisation\")")
+    if c.outliers == "folder" and not (c.outlier_folder and Path(c.outlier_folder).is_dir()):
+        problems.append(f"classifier.outliers=folder needs classifier.outlier_folder (a folder of images); "
+                        f"got {c.outlier_folder!r}")
+    out = Path(cfg.run.out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"run.out={out} is a file, not a folder: choose another --out")
+    else:
+        existing = out
+        while not existing.exists():
+            existing = existing.parent
+        if not os.access(existing, os.W_OK):
+            problems.append(f"the output folder {out} cannot be written (no write permission on {existing})")
+        else:
+            free = shutil.disk_usage(existing).free
+            if free < disk_needed:
+                problems.append(f"the output folder {out} needs ≈ {disk_needed / 2**30:.1f} GiB but "
+                                f"{existing} has {free / 2**30:.1f} GiB free")
+    return problems
+
+
+def _data_problems(cfg: ExperimentConfig) -> list[str]:
+    """Every dataset the run reads, each with the message its loader gives."""
+    from .data import get_split
+    from .data.base import DataError
+
+    problems = []
+    for name in ["id-train", "id-test", *cfg.data.ood_sets]:
+        try:
+            get_split(cfg.data, name)
+        except (DataError, FileNotFoundError, OSError) as exc:
+            problems.append(str(exc).splitlines()[0])
+            if cfg.data.dataset == "demo":
+                break
+    return problems
+
+
+# ----------------------------------------------------------------------------- the plan
+def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], methods: list[str],
+                  seeds: list[int]) -> dict:
+    """``compare``'s own work on top of the run: the idgen / linear renders (stage 4's work each),
+    one training per (method, seed) but the run's own stage 5, one evaluation each."""
+    from dataclasses import replace
+
+    stages = _stage_work(cfg, counts, classes)
+    renders = sum(m in ("idgen", "linear") for m in methods)
+    conv = renders * stages["generate"]["conv"]
+    mm = renders * stages["generate"]["matmul"]
+    trainings = 0
+    for method in methods:
+        own = cfg.classifier.outliers if method == "ncis" else None
+        per = stages["classifier"] if method != "none" else _stage_work(
+            replace(cfg, classifier=replace(cfg.classifier, outliers="none")), counts, classes)["classifier"]
+        n = sum(1 for seed in seeds if not (own == "ncis" and seed == (cfg.classifier.seed
+                                                                          if cfg.classifier.seed is not None
+                                                                          else cfg.run.seed)))
+        trainings += n
+        # the VAE reconstructions are cached once per run: count them for none of the copies
+        conv += n * per["conv"] - (n * per.get("recon_conv", 0))
+        mm += n * per["matmul"] - (n * per.get("recon_matmul", 0))
+    evaluations = len(methods) * len(seeds)
+    conv += evaluations * stages["evaluate"]["conv"]
+    mm += evaluations * stages["evaluate"]["matmul"]
+    return {"work": {"renders": renders, "images_rendered": renders * stages["generate"]["work"]["images"],
+                     "trainings": trainings, "evaluations": evaluations},
+            "conv": conv, "matmul": mm, "precision": cfg.classifier.precision,
+            "disk_bytes": {"outliers_<method>/*.png": renders * sum(stages["generate"]["disk_bytes"].values()),
+                           "compare/*": trainings * sum(stages["classifier"]["disk_bytes"].values())},
+            "peak_memory_gib": max(stages["generate"]["peak_memory_gib"], stages["classifier"]["peak_memory_gib"])}
+
+
+def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus: int = 1,
+         compare: tuple[list[str], list[int]] | None = None) -> dict:
+    """The cost projection and preflight of ``cfg`` (see the module docstring).
+
+    Args:
+        cfg: a resolved config (``load_config`` already ran the config checks).
+        card: a :data:`CARDS` key or ``NAME:TFLOPS``.
+        fraction: the assumed fraction of the card's rate reached (``cpu``: its rates are measured,
+            so 1.0 is used whatever is given).
+        gpus: processes under ``accelerate``; the sharded stages (1, 4, 5) divide their hours by it.
+        compare: ``(methods, seeds)`` of a ``compare`` run on the same folder, planned as one more
+            row (``make demo`` runs one).
+
+    Returns:
+        ``{"stages": {...}, "total": {...}, "preflight": {"ok", "problems"}, "assumptions": {...}}``.
+    """
+    if gpus < 1:
+        raise ValueError(f"--gpus {gpus}: need at least 1")
+    key, device = parse_card(card)
+    if device.measured:
+        fraction = 1.0
+    counts, classes, on_disk = _split_counts(cfg)
+    stages = _stage_work(cfg, counts, classes)
+    order = ["data", "embed", "cvpn", "sample", "generate", "classifier", "evaluate"]
+    if compare is not None:
+        stages["compare"] = _compare_work(cfg, counts, classes, *compare)
+        order.append("compare")
+    report_stages = {}
+    for name in order:
+        st = stages[name]
+        flops = st["conv"] + st["matmul"]
+        hours = _hours(st["conv"], st["matmul"], st["precision"], device, fraction)
+        per_process = hours / gpus if name in _SHARDED else hours
+        report_stages[name] = {
+            "work": st["work"], "flops": flops, "precision": st["precision"],
+            "gpu_hours": hours, "hours_per_process": per_process,
+            "gpu_hours_bf16": _hours(st["conv"], st["matmul"], "bf16", device, fraction),
+            "disk_bytes": st["disk_bytes"], "peak_memory_gib": st["peak_memory_gib"],
+        }
+    disk = sum(v for st in report_stages.values() for v in st["disk_bytes"].values())
+    problems = list(dict.fromkeys(_preflight(cfg, disk, _data_problems(cfg))))
+    if not device.measured and math.isfinite(device.memory_gib):
+        for name, st in report_stages.items():
+            if st["peak_memory_gib"] > device.memory_gib:
+                problems.append(f"stage {name} needs ≈ {st['peak_memory_gib']:.0f} GiB, more than the "
+                                f"{device.memory_gib:g} GiB of one {device.name}" + _memory_hint(name))
+    total = {"flops": sum(s["flops"] for s in report_stages.values()),
+             "gpu_hours": sum(s["gpu_hours"] for s in report_stages.values()),
+             "hours_per_process": sum(s["hours_per_process"] for s in report_stages.values()),
+             "disk_bytes": disk,
+             "peak_memory_gib": max(s["peak_memory_gib"] for s in report_stages.values())}
+    _, source = pipeline_configs(cfg)
+    return {
+        "preset": cfg.run.preset, "card": device.name, "card_key": key, "fraction": fraction,
+        "gpus": gpus, "stages": report_stages, "total": total,
+        "preflight": {"ok": not problems, "problems": problems},
+        "assumptions": {
+            "rates": "measured on this project's CPU machine" if device.measured else
+                     f"datasheet: bf16 {device.bf16:g}, tf32 {device.tf32:g}, fp32 {device.fp32:g} TFLOP/s",
+            "fraction": f"{fraction:.0%} of those rates (assumed)" if not device.measured else "1 (measured rates)",
+            "fp32": "convolutions at the TF32 rate, matrix products at the fp32 rate (PyTorch defaults)",
+            "counts": "from the datasets on disk" if on_disk else "nominal split sizes (datasets not found)",
+            "models": f"component configs from {source}",
+            "png": f"PNG ≈ {_PNG_RATIO:.0%} of raw RGB bytes",
+        },
+    }
+
+
+def _memory_hint(stage: str) -> str:
+    return {"embed": ": set embed.micro_batch (images per UNet call; the result does not change)",
+            "classifier": ": lower classifier.batch_size / outlier_batch_size or use more processes",
+            "generate": ": lower generate.batch_size"}.get(stage, "")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _duration(hours: float) -> str:
+    if hours < 1 / 60:
+        return f"{hours * 3600:.0f} s"
+    if hours < 1:
+        return f"{hours * 60:.1f} min"
+    return f"{hours:.2f} h"
+
+
+def format_plan(report: dict) -> str:
+    """The plan as a markdown table plus the preflight's verdict."""
+    gpus = report["gpus"]
+    lines = [f"Plan for preset **{report['preset']}** on {report['card']} at {report['fraction']:.0%} of its "
+             f"rate{f', {gpus} processes' if gpus > 1 else ''}.", "",
+             "| stage | work | precision | FLOPs | hours | per process | disk | peak memory |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for name, st in report["stages"].items():
+        work = ", ".join(f"{k.replace('_', ' ')} {v:,}" if isinstance(v, int) and not isinstance(v, bool)
+                         else f"{k.replace('_', ' ')} {v}" for k, v in st["work"].items())
+        lines.append(f"| {name} | {work} | {st['precision']} | {st['flops']:.3g} | {_duration(st['gpu_hours'])} | "
+                     f"{_duration(st['hours_per_process'])} | {_size(sum(st['disk_bytes'].values()))} | "
+                     f"{st['peak_memory_gib']:.1f} GiB |")
+    t = report["total"]
+    lines.append(f"| **total** | | | {t['flops']:.3g} | {_duration(t['gpu_hours'])} | "
+                 f"{_duration(t['hours_per_process'])} | {_size(t['disk_bytes'])} | {t['peak_memory_gib']:.1f} GiB |")
+    lines += ["", "Assumptions: " + "; ".join(f"{k}: {v}" for k, v in report["assumptions"].items()) + ".", ""]
+    pre = report["preflight"]
+    if pre["ok"]:
+        lines.append("Preflight: ok — the run could start.")
+    else:
+        lines.append(f"Preflight: {len(pre['problems'])} problem(s) — the run could not start:")
+        lines += [f"- {p}" for p in pre["problems"]]
+    return "\n".join(lines) + "\n"

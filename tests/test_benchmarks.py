@@ -1,0 +1,40 @@
+"""The paper-path benchmarks run in their smoke modes, so a crash fails the suite (their timings are
+only printed, never asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script, *args, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0])
+
+
+def test_rehearse_paper_smoke_runs_every_stage(tmp_path):
+    out = _run("rehearse_paper.py", "--preset", "cifar100", "--smoke", tmp_path=tmp_path)
+    assert out["shapes_ok"], out["problems"]
+    assert set(out["stages"]) == {"embed", "cvpn", "sample", "generate", "classifier", "evaluate"}
+    for stage in out["stages"].values():
+        assert stage["seconds"] > 0 and stage["peak_rss_gib"] > 0 and stage["plan_flops"] > 0
+    assert out["stages"]["embed"]["artefacts"]["embeddings"][0] == [2, 32]
+    assert out["stages"]["evaluate"]["artefacts"]["sets"]["svhn"] == 8
+
+
+def test_gpu_check_quick_runs_every_section_on_a_cpu(tmp_path):
+    out = _run("gpu_check.py", "--quick", "--json-out", str(tmp_path / "gpu_check.json"), tmp_path=tmp_path)
+    assert out["errors"] == {}, out["errors"]
+    assert {"stage1_fp32", "stage1_bf16", "stage1_rows_by_precision", "stage4_fp16", "stage4_bf16",
+            "stage5_fp32", "stage5_bf16", "projection"} <= set(out["results"])
+    rows = out["results"]["stage1_rows_by_precision"]
+    assert 0 <= rows["bf16"]["mean_rel_diff"] <= rows["bf16"]["max_rel_diff"]
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == out
