@@ -108,7 +108,16 @@ def write_data(preset: str, root: Path, smoke: bool) -> list[str]:
         for name, folder in sets.items():
             for i in range(5):
                 write_image(folder / "x" / f"{i}.jpg", (256, 320), seed=hash(name) % 1000 + i)
-        data = [f"data.root={root / 'imagenet'}"]
+        # the initialisation in its real layout: Dream-OOD's DataParallel ResNet-34 (module.encoder.*, module.fc.*)
+        import torch
+
+        from ncis_core.models.resnet import build_classifier
+
+        net = build_classifier("small" if smoke else "resnet34", 100)
+        state = {("module.fc." + k[3:]) if k.startswith("fc.") else "module.encoder." +
+                 k.replace(".downsample.", ".shortcut."): v for k, v in net.state_dict().items()}
+        torch.save(state, root / "dreamood-in100-resnet34.pt")
+        data = [f"data.root={root / 'imagenet'}", f"classifier.pretrained={root / 'dreamood-in100-resnet34.pt'}"]
     del np
     return [*data, *(f"data.ood_roots.{k}={v}" for k, v in sets.items()), "data.ood_subset_size=8"]
 
@@ -283,7 +292,7 @@ def main(argv=None) -> int:
                 "generate.steps=2", "classifier.epochs=1", "classifier.outliers_with_replacement=true",
                 "classifier.num_outliers=256"]
         if not is_cifar:
-            rest += ["classifier.batch_size=8", "classifier.outlier_batch_size=8", "classifier.pretrained="]
+            rest += ["classifier.batch_size=8", "classifier.outlier_batch_size=8"]
         if args.smoke:
             rest += ["generate.height=32", "generate.width=32", "generate.output_size=32",
                      "classifier.batch_size=16", "classifier.outlier_batch_size=16", "classifier.arch=small",

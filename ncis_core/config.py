@@ -441,6 +441,9 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
             valid = ", ".join(_valid_keys())
         return ConfigError(f"unknown config key {key!r} in {origin}; valid keys: {valid}")
     message = str(exc).splitlines()[0]
+    if "Incompatible value 'None'" in message and "type 'str'" in message:
+        # `--set key=` reads as null in a dot-list; an empty string must be quoted
+        message += f" (for an empty string write {key}=\'\')"
     return ConfigError(f"bad value for {key!r} in {origin}: {message}")
 
 

@@ -63,16 +63,30 @@ class Card:
     fp32: float
     memory_gib: float
     measured: bool = False
+    #: measured cards only: TFLOP/s per stage, for models of SD-1.4 size (``sd14``) and for the
+    #: small ones of the demo world (``small``); small kernels run far below a CPU's peak
+    stage_tflops: dict | None = None
+
+
+#: ``cpu``, per stage. ``sd14``: ``benchmarks/rehearse_paper.py --preset cifar100`` on this
+#: project's 2-core machine (``cpu_tflops`` of each stage, 2026-12-01); ``small``: ``make demo``'s
+#: stage times on the same machine (``manifest.json``) over ``plan``'s FLOPs for the demo preset.
+CPU_STAGE_TFLOPS = {
+    "sd14": {"embed": 0.123, "cvpn": 0.094, "sample": 0.077, "generate": 0.124, "classifier": 0.112,
+             "evaluate": 0.059},
+    "small": {"embed": 0.123, "cvpn": 0.094, "sample": 0.077, "generate": 0.124, "classifier": 0.112,
+              "evaluate": 0.059},
+}
 
 
 #: The cards ``--gpu`` knows (NVIDIA datasheets, SXM parts). ``cpu``: this project's 2-core CPU
-#: machine, rates measured by ``benchmarks/rehearse_paper.py`` (``cpu_tflops`` of its JSON line):
-#: what the real code reached there, at SD-1.4 shapes, in fp32 (its fraction is then 1).
+#: machine, with the per-stage rates the real code reached there (:data:`CPU_STAGE_TFLOPS`; its
+#: fraction is then 1).
 CARDS: dict[str, Card] = {
     "h100": Card("NVIDIA H100 SXM", 989.4, 494.7, 66.9, 80),
     "h200": Card("NVIDIA H200 SXM", 989.4, 494.7, 66.9, 141),
     "a100": Card("NVIDIA A100 SXM", 312.0, 156.0, 19.5, 80),
-    "cpu": Card("2-core CPU (measured)", 0.060, 0.060, 0.060, 24, measured=True),
+    "cpu": Card("2-core CPU (measured)", 0.1, 0.1, 0.1, 24, measured=True, stage_tflops=CPU_STAGE_TFLOPS),
 }
 
 #: Image counts used when a dataset is not on disk (the official splits; METHOD.md §6).
@@ -472,6 +486,7 @@ def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], metho
     renders = sum(m in ("idgen", "linear") for m in methods)
     conv = renders * stages["generate"]["conv"]
     mm = renders * stages["generate"]["matmul"]
+    parts = {"generate": conv + mm}
     trainings = 0
     for method in methods:
         own = cfg.classifier.outliers if method == "ncis" else None
@@ -484,10 +499,12 @@ def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], metho
         # the VAE reconstructions are cached once per run: count them for none of the copies
         conv += n * per["conv"] - (n * per.get("recon_conv", 0))
         mm += n * per["matmul"] - (n * per.get("recon_matmul", 0))
+    parts["classifier"] = conv + mm - parts["generate"]
     evaluations = len(methods) * len(seeds)
     conv += evaluations * stages["evaluate"]["conv"]
     mm += evaluations * stages["evaluate"]["matmul"]
-    return {"work": {"renders": renders, "images_rendered": renders * stages["generate"]["work"]["images"],
+    parts["evaluate"] = evaluations * (stages["evaluate"]["conv"] + stages["evaluate"]["matmul"])
+    return {"parts": parts, "work": {"renders": renders, "images_rendered": renders * stages["generate"]["work"]["images"],
                      "trainings": trainings, "evaluations": evaluations},
             "conv": conv, "matmul": mm, "precision": cfg.classifier.precision,
             "disk_bytes": {"outliers_<method>/*.png": renders * sum(stages["generate"]["disk_bytes"].values()),
@@ -523,10 +540,16 @@ def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus:
         stages["compare"] = _compare_work(cfg, counts, classes, *compare)
         order.append("compare")
     report_stages = {}
+    regime = "sd14" if _params(pipeline_configs(cfg)[0]["unet"], "unet") > 1e8 else "small"
     for name in order:
         st = stages[name]
         flops = st["conv"] + st["matmul"]
-        hours = _hours(st["conv"], st["matmul"], st["precision"], device, fraction)
+        if device.stage_tflops:  # measured per stage: the stage's own rate on this machine
+            rates = device.stage_tflops[regime]
+            parts = st.get("parts", {name: flops})
+            hours = sum(f / (rates.get(part, device.fp32) * 1e12) for part, f in parts.items()) / 3600
+        else:
+            hours = _hours(st["conv"], st["matmul"], st["precision"], device, fraction)
         per_process = hours / gpus if name in _SHARDED else hours
         report_stages[name] = {
             "work": st["work"], "flops": flops, "precision": st["precision"],
@@ -552,7 +575,7 @@ def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus:
         "gpus": gpus, "stages": report_stages, "total": total,
         "preflight": {"ok": not problems, "problems": problems},
         "assumptions": {
-            "rates": "measured on this project's CPU machine" if device.measured else
+            "rates": f"measured per stage on this project's CPU machine ({regime} models)" if device.measured else
                      f"datasheet: bf16 {device.bf16:g}, tf32 {device.tf32:g}, fp32 {device.fp32:g} TFLOP/s",
             "fraction": f"{fraction:.0%} of those rates (assumed)" if not device.measured else "1 (measured rates)",
             "fp32": "convolutions at the TF32 rate, matrix products at the fp32 rate (PyTorch defaults)",

@@ -143,3 +143,9 @@ def test_the_presets_command_lists_every_preset():
     assert proc.returncode == 0, proc.stderr
     for name in available_presets():
         assert name in proc.stdout
+
+
+def test_an_empty_string_override_gets_a_hint_that_works():
+    with pytest.raises(ConfigError, match=r"write classifier\.pretrained=''"):
+        load_config("imagenet100", ["classifier.pretrained="])
+    assert load_config("imagenet100", ["classifier.pretrained=''"]).classifier.pretrained == ""
