@@ -83,8 +83,6 @@ def build_sd14(folder: Path, words, smoke: bool) -> dict:
 
 def write_data(preset: str, root: Path, smoke: bool) -> list[str]:
     """Synthetic ID and OOD data in the official layouts; returns the config overrides."""
-    import numpy as np
-
     from data_fixtures import write_image, write_svhn_mat, write_tiny_cifar100, write_tiny_imagenet
     from ncis_core.data.classes import IMAGENET100_WNIDS
 
@@ -118,7 +116,6 @@ def write_data(preset: str, root: Path, smoke: bool) -> list[str]:
                  k.replace(".downsample.", ".shortcut."): v for k, v in net.state_dict().items()}
         torch.save(state, root / "dreamood-in100-resnet34.pt")
         data = [f"data.root={root / 'imagenet'}", f"classifier.pretrained={root / 'dreamood-in100-resnet34.pt'}"]
-    del np
     return [*data, *(f"data.ood_roots.{k}={v}" for k, v in sets.items()), "data.ood_subset_size=8"]
 
 
@@ -317,6 +314,8 @@ def main(argv=None) -> int:
             flops = work["conv"] + work["matmul"]
             if name == "classifier":  # 2 steps rehearsed, not the epoch plan counts
                 flops = flops / max(work["work"]["steps"], 1) * 2
+            if name == "cvpn":  # trained on the synthetic embeddings, not on the dataset's count
+                flops = flops / max(work["work"]["steps"], 1) * st["artefacts"]["steps"]
             st["plan_flops"] = flops
             st["plan_peak_memory_gib"] = round(work["peak_memory_gib"], 2)
             st["cpu_tflops"] = round(flops / st["seconds"] / 1e12, 4) if st["seconds"] else None

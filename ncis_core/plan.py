@@ -68,14 +68,14 @@ class Card:
     stage_tflops: dict | None = None
 
 
-#: ``cpu``, per stage. ``sd14``: ``benchmarks/rehearse_paper.py --preset cifar100`` on this
-#: project's 2-core machine (``cpu_tflops`` of each stage, 2026-12-01); ``small``: ``make demo``'s
+#: ``cpu``, per stage. ``sd14``: ``benchmarks/rehearse_paper.py`` (cifar100 and imagenet100, the mean
+#: of their ``cpu_tflops``) on this project's 2-core machine, 2026-12-01; ``small``: ``make demo``'s
 #: stage times on the same machine (``manifest.json``) over ``plan``'s FLOPs for the demo preset.
 CPU_STAGE_TFLOPS = {
-    "sd14": {"embed": 0.123, "cvpn": 0.094, "sample": 0.077, "generate": 0.124, "classifier": 0.112,
-             "evaluate": 0.059},
-    "small": {"embed": 0.123, "cvpn": 0.094, "sample": 0.077, "generate": 0.124, "classifier": 0.112,
-              "evaluate": 0.059},
+    "sd14": {"embed": 0.122, "cvpn": 0.094, "sample": 0.076, "generate": 0.121, "classifier": 0.107,
+             "evaluate": 0.061},
+    "small": {"embed": 0.066, "cvpn": 0.014, "sample": 0.005, "generate": 0.038, "classifier": 0.060,
+              "evaluate": 0.008},
 }
 
 
@@ -187,9 +187,11 @@ class _FusedAttention:
         F.scaled_dot_product_attention = self.original
 
 
-def saved_activation_bytes(build, inputs, bytes_per_element: int = 4) -> int:
+def saved_activation_bytes(build, inputs, bytes_per_element: int = 4, largest: bool = False) -> int:
     """Bytes a forward keeps for its backward (activations, not weights), counted on the meta device
-    with fused attention: the activation part of a training step's peak memory, per call."""
+    with fused attention: the activation part of a training step's peak memory, per call.
+    ``largest``: the biggest single activation instead (what a no-grad forward holds at a time,
+    give or take its neighbours)."""
     import torch
 
     kept: dict[int, int] = {}
@@ -206,7 +208,7 @@ def saved_activation_bytes(build, inputs, bytes_per_element: int = 4) -> int:
 
         with _FusedAttention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             module(*args)
-    return sum(kept.values())
+    return max(kept.values(), default=0) if largest else sum(kept.values())
 
 
 @lru_cache(maxsize=16)
@@ -282,7 +284,8 @@ def _hours(conv: float, matmul: float, precision: str, card: Card, fraction: flo
     return seconds / max(fraction, 1e-9) / 3600
 
 
-def _dtype_name(name: str, device_is_cuda: bool = True) -> str:
+def _dtype_name(name: str) -> str:
+    """``diffusion.dtype`` as a precision name (``auto`` is fp16 on the GPUs being planned for)."""
     return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "auto": "fp16"}.get(name, name)
 
 
@@ -394,13 +397,16 @@ def _stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict
     passes6 = 1 + 2 * ("odin" in names)
     fwd = flops.classifier_flops(c.arch, num_classes, cfg.data.image_size, c.width)
     extra = n_id if "mahalanobis" in names else 0
+    sets = [counts.get(n, 0) for n in ["id-test", *cfg.data.ood_sets]]
+    eval_batch = min(cfg.evaluate.batch_size, max(sets, default=1))
     out["evaluate"] = {"work": {"images_scored": scored, "scores": len(set(names))},
                        "conv": (scored * passes6 + extra) * fwd["conv"],
                        "matmul": (scored * passes6 + extra) * fwd["matmul"], "precision": "fp32",
                        "disk_bytes": {"results/scores.npz": scored * len(set(names)) * 8},
-                       "peak_memory_gib": (params5 * 4 + cfg.evaluate.batch_size *
-                                           _classifier_activation_bytes(c.arch, num_classes,
-                                                                        cfg.data.image_size, c.width) / 3) / gib}
+                       # no-grad: weights + a batch's few live activations (input, output, shortcut)
+                       "peak_memory_gib": (params5 * 4 + 3 * eval_batch *
+                                           _classifier_activation_bytes(c.arch, num_classes, cfg.data.image_size,
+                                                                        c.width, largest=True)) / gib}
     out["data"] = {"work": {"splits": len(counts)}, "conv": 0, "matmul": 0, "precision": "fp32",
                    "disk_bytes": {}, "peak_memory_gib": 0.0}
     return out
@@ -417,14 +423,16 @@ def _classifier_params(arch: str, num_classes: int, width: int) -> int:
 
 
 @lru_cache(maxsize=8)
-def _classifier_activation_bytes(arch: str, num_classes: int, image: int, width: int) -> int:
-    """Bytes a training forward keeps for the backward, per image (fp32)."""
+def _classifier_activation_bytes(arch: str, num_classes: int, image: int, width: int,
+                                 largest: bool = False) -> int:
+    """Bytes a training forward keeps for the backward, per image (fp32); ``largest``: its biggest
+    single activation."""
     import torch
 
     from .models.resnet import build_classifier
 
     return saved_activation_bytes(lambda: build_classifier(arch, num_classes, width).train(),
-                                  lambda: (torch.zeros(1, 3, image, image),))
+                                  lambda: (torch.zeros(1, 3, image, image),), largest=largest)
 
 
 # ----------------------------------------------------------------------------- preflight

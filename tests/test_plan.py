@@ -13,7 +13,7 @@ from ncis_core.config import load_config
 from ncis_core.embeddings_io import load_embeddings
 from ncis_core.plan import CARDS, parse_card, plan
 from ncis_core.runs import RunDir
-from ncis_core.stages import evaluate, generate, train_classifier, train_cvpn
+from ncis_core.stages import evaluate, generate, train_classifier
 
 
 def test_plan_counts_match_what_the_smoke_stages_did(smoke_run_1_to_4, tmp_path):
