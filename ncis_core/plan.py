@@ -393,6 +393,9 @@ def _stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict
         # weights, gradients, momentum (fp32) + what the forward keeps for the backward, per image
         "peak_memory_gib": (params5 * 12 + per_step *
                             _classifier_activation_bytes(c.arch, num_classes, cfg.data.image_size, c.width)) / gib,
+        # split_batches: each process holds 1/N of every step's images
+        "activation_gib": per_step * _classifier_activation_bytes(c.arch, num_classes, cfg.data.image_size,
+                                                                  c.width) / gib,
     }
 
     # stage 6: one forward per image and score group (logit scores share it; ODIN adds a backward)
@@ -567,7 +570,8 @@ def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus:
             "work": st["work"], "flops": flops, "precision": st["precision"],
             "gpu_hours": hours, "hours_per_process": per_process,
             "gpu_hours_bf16": _hours(st["conv"], st["matmul"], "bf16", device, fraction),
-            "disk_bytes": st["disk_bytes"], "peak_memory_gib": st["peak_memory_gib"],
+            "disk_bytes": st["disk_bytes"],
+            "peak_memory_gib": st["peak_memory_gib"] - st.get("activation_gib", 0) * (1 - 1 / gpus),
         }
     disk = sum(v for st in report_stages.values() for v in st["disk_bytes"].values())
     problems = list(dict.fromkeys(_preflight(cfg, disk, _data_problems(cfg))))

@@ -72,6 +72,12 @@ def test_gpus_divide_the_sharded_stages_only():
     eight = plan(load_config("cifar100"), card="h200", gpus=8)["stages"]
     assert eight["embed"]["hours_per_process"] == pytest.approx(one["embed"]["gpu_hours"] / 8)
     assert eight["cvpn"]["hours_per_process"] == one["cvpn"]["gpu_hours"]
+    # stage 5 splits every step's images between processes: the memory hint "more processes" works
+    inet = load_config("imagenet100", ["embed.micro_batch=1"])
+    alone = [p for p in plan(inet, card="h100")["preflight"]["problems"] if p.startswith("stage classifier")]
+    assert alone and "more processes" in alone[0]
+    two = [p for p in plan(inet, card="h100", gpus=2)["preflight"]["problems"] if p.startswith("stage classifier")]
+    assert not two
 
 
 def test_cards():
