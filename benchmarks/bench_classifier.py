@@ -159,7 +159,12 @@ def main(argv=None) -> None:
                         help="ID and outlier batch for resnet* (default 16; --quick: 4; 0: the preset's)")
     parser.add_argument("--outliers", type=int, default=256, help="random PNGs in the outlier folder")
     parser.add_argument("--outlier-size", type=int, default=64, help="side of the outlier PNGs")
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: the smoke preset, the small network, 1 + 1 steps, 16 outliers (the test suite)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.preset, args.archs, args.steps, args.warmup = True, "smoke", "small", 1, 1
+        args.workers, args.outliers, args.outlier_size = args.workers or "0", 16, 32
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     load = os.getloadavg()[0]
     steps = {"small": args.steps or (2 if args.quick else 16), "resnet": args.steps or (2 if args.quick else 4)}

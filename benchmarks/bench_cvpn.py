@@ -111,7 +111,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sampler-classes", type=int)
     parser.add_argument("--part", choices=["kit", "naive", "ref64"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true", help="seconds: D=16, C=3, 1 step (the test suite runs it)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.dim, args.classes, args.steps, args.sampler_classes, args.batch = 16, 3, 1, 2, 8
     args.dim = args.dim or (256 if args.quick else 768)
     args.classes = args.classes or (20 if args.quick else 100)
     args.steps = args.steps or (3 if args.quick else 10)

@@ -46,7 +46,7 @@ def sd14_shaped_pipeline(latent: int = 8):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ncis_core.demo_generator import build_pipeline, build_tokenizer
+    from ncis_core.diffusion import build_pipeline, build_tokenizer
 
     tokenizer = build_tokenizer((*D.PROMPT_WORDS, *WORDS))
     torch.manual_seed(0)
@@ -146,12 +146,16 @@ def main(argv=None) -> int:
     parser.add_argument("--noise-batch", type=int, default=None)
     parser.add_argument("--images-per-step", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 2 images, noise batch 2, 1 step (the test suite)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.quick, args.images, args.noise_batch, args.images_per_step = True, 2, 2, 2
     images = args.images or (6 if args.quick else 32)
     noise = args.noise_batch or (8 if args.quick else 32)
-    cfg = EmbedConfig(noise_batch=noise, images_per_step=args.images_per_step or (6 if args.quick else 8))
+    cfg = EmbedConfig(noise_batch=noise, images_per_step=args.images_per_step or (6 if args.quick else 8),
+                      steps=1 if args.smoke else EmbedConfig.steps)
     result = {"benchmark": "embed", "quick": args.quick, "steps": cfg.steps, "noise_batch": noise,
               "images_per_step": cfg.images_per_step, "threads": torch.get_num_threads(),
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "torch": torch.__version__}

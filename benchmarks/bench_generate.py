@@ -37,7 +37,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="two batches per mode (< 1 min on the demo)")
     parser.add_argument("--batches", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="seconds: one batch per mode at 2 steps (the test suite)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.batches = True, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     demo = ROOT / "data" / "demo" / "generator"
@@ -46,6 +49,8 @@ def main(argv=None) -> int:
     else:
         cfg, pipeline = load_config("smoke"), "tiny random (demo generator not there)"
     batches = args.batches or (2 if args.quick else 8)
+    if args.smoke:
+        cfg = replace(cfg, generate=replace(cfg.generate, steps=2))
     pipe, tokens = generate.prepare(cfg, NAMES)
     dim = D.embedding_width(pipe)
     outliers = torch.randn(len(NAMES), 100, dim, generator=torch.Generator().manual_seed(0))

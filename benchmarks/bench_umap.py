@@ -124,7 +124,11 @@ def main(argv=None) -> None:
     parser.add_argument("--part", choices=["plain", "kit"], help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: 3 classes × 40 points of width 16, 20 epochs, no plain UMAP (the test suite)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.classes, args.per_class, args.dim, args.n_epochs, args.skip_plain = 3, 40, 16, 20, True
     if args.part:
         result = _plain(Path(args.dir)) if args.part == "plain" else _kit(Path(args.dir), args.n_epochs)
         Path(args.out).write_text(json.dumps(result))

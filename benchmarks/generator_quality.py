@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from ncis_core import demo_generator as dg  # noqa: E402
 from ncis_core.config import load_config  # noqa: E402
 from ncis_core.data import get_split  # noqa: E402
+from ncis_core.diffusion import vae_reconstruct  # noqa: E402
 
 __all__ = ["main"]
 
@@ -71,7 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--montage", default="outputs/generator-quality/montage.png")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--smoke", action="store_true",
+                        help="seconds: the smoke preset's few images, the shipped generator, 2 per class, 2 steps")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.folder = "smoke", args.folder or "data/demo/generator"
+        args.guidance, args.per_class, args.steps, args.epochs = [5.0], 2, 2, 1
+        args.montage = str(Path(os.environ.get("TMPDIR", "/tmp")) / "ncis-generator-quality-smoke.png")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)  # see GeneratorConfig.threads: shared CPUs spin otherwise
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     x_train = dg._to_tensor(np.stack([train.dataset[i][0] for i in range(len(train.dataset))]))
     x_test = dg._to_tensor(np.stack([test.dataset[i][0] for i in range(len(test.dataset))]))
     y_train, y_test = np.asarray(train.dataset.labels), np.asarray(test.dataset.labels)
-    rec_train, rec_test = dg.vae_reconstruct(pipe.vae, x_train), dg.vae_reconstruct(pipe.vae, x_test)
+    rec_train, rec_test = vae_reconstruct(pipe.vae, x_train), vae_reconstruct(pipe.vae, x_test)
 
     clf = dg.train_quality_classifier(torch.cat([x_train, rec_train]), np.concatenate([y_train, y_train]),
                                       len(classes), epochs=args.epochs, seed=args.seed)

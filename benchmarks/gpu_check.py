@@ -56,8 +56,7 @@ def sd14_components(dtype: torch.dtype, device: str):
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from ncis_core.demo_generator import build_pipeline
-    from ncis_core.diffusion import offline_tokenizer
+    from ncis_core.diffusion import build_pipeline, offline_tokenizer
 
     tokenizer = offline_tokenizer(("bear", "cat", "dog"))
     torch.manual_seed(0)

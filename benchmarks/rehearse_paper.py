@@ -55,7 +55,6 @@ def build_sd14(folder: Path, words, smoke: bool) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from ncis_core import diffusion
-    from ncis_core.demo_generator import build_pipeline
 
     tokenizer = diffusion.offline_tokenizer(words)
     torch.manual_seed(0)
@@ -75,7 +74,7 @@ def build_sd14(folder: Path, words, smoke: bool) -> dict:
     if not smoke:
         for name, expected in PAPER_PARAMS.items():
             assert abs(counts[name] - expected) / expected < 0.01, (name, counts[name])
-    pipe = build_pipeline(vae, text, tokenizer, unet)
+    pipe = diffusion.build_pipeline(vae, text, tokenizer, unet)
     pipe.scheduler = PNDMScheduler.from_config(PNDMScheduler.load_config(str(SD14 / "scheduler")))
     pipe.save_pretrained(str(folder))
     return counts

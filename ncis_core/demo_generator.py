@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .diffusion import vae_reconstruct
+from .diffusion import build_pipeline, build_scheduler, build_tokenizer, vae_reconstruct
 from .progress import bar_options
 from .data.classes import DEMO_ID_CLASSES, DEMO_NEAR_CLASSES
 from .runs import atomic_path, atomic_write_json
@@ -52,12 +52,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEMO_WORDS",
-    "build_tokenizer",
     "build_vae",
     "build_text_encoder",
     "build_unet",
-    "build_scheduler",
-    "build_pipeline",
     "count_parameters",
     "training_images",
     "train_vae",
@@ -70,7 +67,6 @@ __all__ = [
     "train_quality_classifier",
     "class_consistency",
     "accuracy",
-    "vae_reconstruct",
     "reconstruction_rows",
 ]
 
@@ -80,69 +76,6 @@ log = logging.getLogger(__name__)
 #: near-OOD prompts are one token each) and the words of the training and generation prompts.
 DEMO_WORDS: tuple[str, ...] = tuple(DEMO_ID_CLASSES) + tuple(DEMO_NEAR_CLASSES) + (
     "an", "image", "of", "a", "the", "high", "quality")
-
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-# ------------------------------------------------------------------------------------- tokenizer
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (GPT-2's) reversible byte → printable character table, which its BPE vocab uses."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_tokenizer(words: Sequence[str] = DEMO_WORDS, max_length: int = 77):
-    """A ``CLIPTokenizer`` built offline whose vocabulary holds every byte and every word in ``words``.
-
-    CLIP's BPE only produces a multi-letter token through a chain of merges, so a vocabulary with
-    the words but no merges splits every word into letters. Each word ``w`` gets the left-to-right
-    chain ``w[0] w[1] → w[:2]``, ``w[:2] w[2] → w[:3]`` … ending in ``w</w>`` (CLIP marks a word's
-    end with ``</w>``). The chains are checked: every word must come out as one token.
-
-    Args:
-        words: lower-case words to keep whole.
-        max_length: ``model_max_length`` (77 like SD 1.4: the pipeline pads prompts to it).
-
-    Example:
-        >>> tok = build_tokenizer(["giraffe"])
-        >>> tok.tokenize("An image of a giraffe")[-1]
-        'giraffe</w>'
-    """
-    from transformers import CLIPTokenizer
-
-    symbols = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for s in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(s, len(vocab))
-    merges: list[tuple[str, str]] = []
-    for word in dict.fromkeys(w.lower() for w in words):
-        if len(word) < 2:
-            continue  # a one-letter word is already the byte token "a</w>"
-        prefix = word[0]
-        for i, ch in enumerate(word[1:], start=1):
-            piece = ch + ("</w>" if i == len(word) - 1 else "")
-            merge = (prefix, piece)
-            prefix = prefix + piece
-            if merge not in merges:
-                merges.append(merge)
-            vocab.setdefault(prefix, len(vocab))
-    vocab[BOS] = len(vocab)
-    vocab[EOS] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-    broken = [w for w in words if tok.tokenize(w) != [w.lower() + "</w>"]]
-    if broken:  # another word's chain won over this one's: reorder DEMO_WORDS or add a merge
-        raise ValueError(f"tokenizer splits {broken}: {[tok.tokenize(w) for w in broken]}")
-    return tok
-
 
 # ---------------------------------------------------------------------------------------- models
 
@@ -184,26 +117,6 @@ def build_unet(gcfg: "GeneratorConfig"):
         block_out_channels=tuple(gcfg.unet_channels), layers_per_block=gcfg.unet_layers_per_block,
         cross_attention_dim=gcfg.text_width, attention_head_dim=gcfg.attention_head_dim,
         norm_num_groups=gcfg.norm_groups)
-
-
-def build_scheduler(kind: str = "pndm"):
-    """SD 1.4's scheduler settings: PNDM (PLMS, ``skip_prk_steps``) for sampling, DDPM for training."""
-    from diffusers import DDPMScheduler, PNDMScheduler
-
-    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                  beta_schedule="scaled_linear", steps_offset=1)
-    if kind == "ddpm":
-        return DDPMScheduler(**common, clip_sample=False)
-    return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
-
-
-def build_pipeline(vae, text_encoder, tokenizer, unet):
-    """A ``StableDiffusionPipeline`` from the parts (no safety checker: silhouettes need none)."""
-    from diffusers import StableDiffusionPipeline
-
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=build_scheduler("pndm"), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def count_parameters(*modules: nn.Module) -> int:

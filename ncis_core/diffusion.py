@@ -49,6 +49,9 @@ __all__ = [
     "TINY_RANDOM",
     "tiny_configs",
     "offline_tokenizer",
+    "build_tokenizer",
+    "build_scheduler",
+    "build_pipeline",
     "local_source",
     "pipeline_problem",
     "PROMPT_WORDS",
@@ -173,12 +176,92 @@ def _in_hub_cache(repo_id: str) -> bool:
     return isinstance(found, str)
 
 
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (GPT-2's) reversible byte → printable character table, which its BPE vocab uses."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer(words: Sequence[str] = (), max_length: int = 77):
+    """A ``CLIPTokenizer`` built offline whose vocabulary holds every byte and every word in ``words``.
+
+    CLIP's BPE only produces a multi-letter token through a chain of merges, so a vocabulary with
+    the words but no merges splits every word into letters. Each word ``w`` gets the left-to-right
+    chain ``w[0] w[1] → w[:2]``, ``w[:2] w[2] → w[:3]`` … ending in ``w</w>`` (CLIP marks a word's
+    end with ``</w>``). The chains are checked: every word must come out as one token.
+
+    Args:
+        words: lower-case words to keep whole.
+        max_length: ``model_max_length`` (77 like SD 1.4: the pipeline pads prompts to it).
+
+    Example:
+        >>> tok = build_tokenizer(["giraffe"])
+        >>> tok.tokenize("An image of a giraffe")[-1]
+        'giraffe</w>'
+    """
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for s in symbols + [s + "</w>" for s in symbols]:
+        vocab.setdefault(s, len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in dict.fromkeys(w.lower() for w in words):
+        if len(word) < 2:
+            continue  # a one-letter word is already the byte token "a</w>"
+        prefix = word[0]
+        for i, ch in enumerate(word[1:], start=1):
+            piece = ch + ("</w>" if i == len(word) - 1 else "")
+            merge = (prefix, piece)
+            prefix = prefix + piece
+            if merge not in merges:
+                merges.append(merge)
+            vocab.setdefault(prefix, len(vocab))
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    broken = [w for w in words if tok.tokenize(w) != [w.lower() + "</w>"]]
+    if broken:  # another word's chain won over this one's: reorder the words or add a merge
+        raise ValueError(f"tokenizer splits {broken}: {[tok.tokenize(w) for w in broken]}")
+    return tok
+
+
+def build_scheduler(kind: str = "pndm"):
+    """SD 1.4's scheduler settings: PNDM (PLMS, ``skip_prk_steps``) for sampling, DDPM for training."""
+    from diffusers import DDPMScheduler, PNDMScheduler
+
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                  beta_schedule="scaled_linear", steps_offset=1)
+    if kind == "ddpm":
+        return DDPMScheduler(**common, clip_sample=False)
+    return PNDMScheduler(**common, skip_prk_steps=True, set_alpha_to_one=False)
+
+
+def build_pipeline(vae, text_encoder, tokenizer, unet):
+    """A ``StableDiffusionPipeline`` from the parts, with SD's PNDM scheduler and no safety checker
+    (the demo generator, the tiny pipeline and the SD-1.4-shaped benchmarks are assembled here)."""
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=build_scheduler("pndm"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 def offline_tokenizer(words: Sequence[str] = ()):
     """A ``CLIPTokenizer`` built without a download whose vocabulary keeps :data:`PROMPT_WORDS` and
     ``words`` whole where its merge rules allow (the tiny pipeline's, and the paper-shape
     rehearsal's stand-in for CLIP's 49 408-token vocabulary)."""
-    from .demo_generator import build_tokenizer
-
     vocab_words = tuple(dict.fromkeys([*PROMPT_WORDS, *(w.lower() for w in words if w.strip())]))
     # Multi-word names ("aquarium fish") are kept whole word by word.
     vocab_words = tuple(dict.fromkeys(p for w in vocab_words for p in re.findall(r"[a-z]+", w)))
@@ -230,8 +313,6 @@ def build_tiny_pipeline(words: Sequence[str] = (), seed: int = 0, width: int = 3
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .demo_generator import build_pipeline
 
     tokenizer = offline_tokenizer(words)
     configs = tiny_configs(width)
@@ -596,9 +677,12 @@ def encode_prompts(pipe, prompts: Sequence[str] | torch.Tensor, token_ids: Seque
 # ----------------------------------------------------------------------------- processes
 
 
+@torch.no_grad()
 def vae_reconstruct(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
     """The VAE round trip: decode the posterior modes of ``x`` (``N × 3 × H × W`` in [-1, 1]) and
-    return the same range (the demo generator's montages and stage 5's ``id_generated=vae_recon``)."""
+    return the same range (the demo generator's montages and stage 5's ``id_generated=vae_recon``).
+    Without gradients: its outputs are data, never trained through (with them, the quality check's
+    classifier later backpropagated into the VAE's graph a second time)."""
     out = []
     for i in range(0, len(x), batch):
         out.append(vae.decode(vae.encode(x[i:i + batch]).latent_dist.mode()).sample.clamp(-1, 1))

@@ -1,4 +1,4 @@
-"""The paper-path benchmarks run in their smoke modes, so a crash fails the suite (their timings are
+"""Every benchmark runs in its smoke mode, so a crash fails the suite (their timings are
 only printed, never asserted)."""
 
 import json
@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,3 +40,26 @@ def test_gpu_check_quick_runs_every_section_on_a_cpu(tmp_path):
     rows = out["results"]["stage1_rows_by_precision"]
     assert 0 <= rows["bf16"]["mean_rel_diff"] <= rows["bf16"]["max_rel_diff"]
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == out
+
+
+SMOKE = {
+    "bench_classifier.py": "classifier",
+    "bench_cvpn.py": "cvpn",
+    "bench_embed.py": "embed",
+    "bench_generate.py": "generate",
+    "bench_umap.py": "umap",
+    "generator_quality.py": "generator_quality",
+}
+
+
+def test_every_benchmark_has_a_smoke_mode_that_a_test_runs():
+    scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
+    assert scripts == set(SMOKE) | {"rehearse_paper.py", "gpu_check.py"}
+    for name in scripts:
+        assert "--smoke" in (ROOT / "benchmarks" / name).read_text(), name
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_smoke_mode_runs(script, tmp_path):
+    out = _run(script, "--smoke", tmp_path=tmp_path)
+    assert out["benchmark"] == SMOKE[script]

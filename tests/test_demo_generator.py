@@ -33,7 +33,7 @@ def _generate(pipe, prompt="An image of a cat", guidance=3.0):
 
 
 def test_tokenizer_keeps_class_names_and_prompt_words_whole():
-    tok = dg.build_tokenizer()
+    tok = dg.build_tokenizer(dg.DEMO_WORDS)
     for word in list(DEMO_ID_CLASSES) + list(DEMO_NEAR_CLASSES) + ["an", "image", "of", "a", "the"]:
         assert tok.tokenize(word) == [word + "</w>"], word
     ids = tok("An image of a giraffe").input_ids

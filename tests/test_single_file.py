@@ -210,7 +210,7 @@ def source(tmp_path_factory):
     """The tiny source components, their config-only diffusers folder and the checkpoint files."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
-    from ncis_core.demo_generator import build_tokenizer
+    from ncis_core.diffusion import build_tokenizer
 
     tokenizer = build_tokenizer(D.PROMPT_WORDS)  # the kit's offline tokenizer (as build_tiny_pipeline)
     with torch.random.fork_rng(devices=[]):
