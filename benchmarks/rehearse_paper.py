@@ -250,11 +250,11 @@ def check(preset: str, stages: dict, smoke: bool) -> list[str]:
 def planned(preset: str, overrides: list[str], out: Path) -> dict:
     """``plan``'s FLOPs and peak memory for exactly the rehearsed work (fp32 on a CPU)."""
     from ncis_core.config import load_config
-    from ncis_core.plan import _split_counts, _stage_work
+    from ncis_core.plan import dataset_counts, stage_work
 
     cfg = load_config(preset, [*overrides, "diffusion.dtype=float32"], out=str(out))
-    counts, classes, _ = _split_counts(cfg)
-    return _stage_work(cfg, counts, classes)
+    counts, classes, _ = dataset_counts(cfg)
+    return stage_work(cfg, counts, classes)
 
 
 def main(argv=None) -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 from .config import ExperimentConfig
 
 __all__ = ["Card", "CARDS", "parse_card", "plan", "format_plan", "pipeline_configs", "saved_activation_bytes",
+           "dataset_counts", "stage_work",
            "NOMINAL_COUNTS"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,7 +239,15 @@ def _unet_saved_bytes(config_json: str, latent: int, bytes_per: int) -> int:
 
 
 def _params(config: dict, kind: str) -> int:
+    return _params_cached(json.dumps(config, sort_keys=True, default=list), kind)
+
+
+@lru_cache(maxsize=16)
+def _params_cached(config_json: str, kind: str) -> int:
+    """Parameters of a pipeline component, built on the meta device."""
     import torch
+
+    config = json.loads(config_json)
 
     with torch.device("meta"):
         if kind == "unet":
@@ -257,27 +266,37 @@ def _params(config: dict, kind: str) -> int:
 
 
 # ----------------------------------------------------------------------------- counts
-def _split_counts(cfg: ExperimentConfig) -> tuple[dict[str, int], list[str], bool]:
-    """Images per split: from the disk when the datasets are there, else :data:`NOMINAL_COUNTS`."""
-    from .data import build_splits
+def dataset_counts(cfg: ExperimentConfig) -> tuple[dict[str, int], list[str], list[str]]:
+    """Images per split, the ID class names, and the problems: each split is read once, counted
+    when it is on disk, else given its nominal size (:data:`NOMINAL_COUNTS`) and the message its
+    loader gives (the preflight's dataset check)."""
+    from .data import build_splits, get_split
     from .data.base import DataError
+    from .data.classes import CIFAR100_SHORT, DEMO_ID_CLASSES, IMAGENET100_WNIDS
 
-    try:
-        splits = build_splits(cfg.data)
-        counts = {s.name: len(s.dataset) for s in splits}
-        classes = list(next(s for s in splits if s.role == "id-train").classes)
-        return counts, classes, True
-    except (DataError, FileNotFoundError, OSError):
-        nominal = dict(NOMINAL_COUNTS.get(cfg.data.dataset, {"id-train": 0, "id-test": 0}))
-        for name in cfg.data.ood_sets:
-            full = _NOMINAL_OOD.get(name, 0)
-            size = cfg.data.ood_subset_size
-            nominal[name] = min(full, size) if size is not None else full
-        from .data.classes import CIFAR100_SHORT, DEMO_ID_CLASSES, IMAGENET100_WNIDS
-
-        classes = {"cifar100": CIFAR100_SHORT, "imagenet100": IMAGENET100_WNIDS,
-                   "demo": DEMO_ID_CLASSES}.get(cfg.data.dataset, [])
-        return nominal, list(classes), False
+    counts: dict[str, int] = {}
+    classes = {"cifar100": CIFAR100_SHORT, "imagenet100": IMAGENET100_WNIDS,
+               "demo": DEMO_ID_CLASSES}.get(cfg.data.dataset, [])
+    problems: list[str] = []
+    names = ["id-train", "id-test", *cfg.data.ood_sets]
+    # the demo world is built in one go; the other datasets split by split
+    loaders = [lambda: build_splits(cfg.data)] if cfg.data.dataset == "demo" else \
+        [lambda n=n: [get_split(cfg.data, n)] for n in names]
+    for load in loaders:
+        try:
+            for split in load():
+                counts[split.name] = len(split.dataset)
+                if split.role == "id-train":
+                    classes = list(split.classes)
+        except (DataError, FileNotFoundError, OSError) as exc:
+            problems.append(str(exc).splitlines()[0])
+    nominal = NOMINAL_COUNTS.get(cfg.data.dataset, {})
+    size = cfg.data.ood_subset_size
+    for name in names:
+        if name not in counts:
+            full = nominal.get(name, _NOMINAL_OOD.get(name, 0))
+            counts[name] = min(full, size) if size is not None and name in cfg.data.ood_sets else full
+    return counts, list(classes), list(dict.fromkeys(problems))
 
 
 def _hours(conv: float, matmul: float, precision: str, card: Card, fraction: float) -> float:
@@ -293,7 +312,7 @@ def _dtype_name(name: str) -> str:
     return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "auto": "fp16"}.get(name, name)
 
 
-def _stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict[str, dict]:
+def stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict[str, dict]:
     """Per stage: the work, its FLOPs (conv / matmul split), precision, disk and peak memory."""
     configs, _ = pipeline_configs(cfg)
     unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
@@ -358,7 +377,7 @@ def _stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict
     evals = images4 * g.steps * guided
     precision4 = _dtype_name(cfg.diffusion.dtype)
     bytes4 = {"fp32": 4, "bf16": 2, "fp16": 2}[precision4]
-    weights4 = (_params(unet, "unet") + _params(vae, "vae") + _params(text, "text")) * bytes4
+    weights4 = weights1 // bytes1 * bytes4
     act4 = g.batch_size * guided * (g.height // factor) ** 2 * unet["block_out_channels"][0] * bytes4 * 24
     out["generate"] = {
         "work": {"images": images4, "unet_evaluations": evals, "guidance": guided > 1},
@@ -474,22 +493,6 @@ def _preflight(cfg: ExperimentConfig, disk_needed: int, data_ok_problems: list[s
     return problems
 
 
-def _data_problems(cfg: ExperimentConfig) -> list[str]:
-    """Every dataset the run reads, each with the message its loader gives."""
-    from .data import get_split
-    from .data.base import DataError
-
-    problems = []
-    for name in ["id-train", "id-test", *cfg.data.ood_sets]:
-        try:
-            get_split(cfg.data, name)
-        except (DataError, FileNotFoundError, OSError) as exc:
-            problems.append(str(exc).splitlines()[0])
-            if cfg.data.dataset == "demo":
-                break
-    return problems
-
-
 # ----------------------------------------------------------------------------- the plan
 def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], methods: list[str],
                   seeds: list[int]) -> dict:
@@ -497,7 +500,7 @@ def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], metho
     one training per (method, seed) but the run's own stage 5, one evaluation each."""
     from dataclasses import replace
 
-    stages = _stage_work(cfg, counts, classes)
+    stages = stage_work(cfg, counts, classes)
     renders = sum(m in ("idgen", "linear") for m in methods)
     conv = renders * stages["generate"]["conv"]
     mm = renders * stages["generate"]["matmul"]
@@ -505,7 +508,7 @@ def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], metho
     trainings = 0
     for method in methods:
         own = cfg.classifier.outliers if method == "ncis" else None
-        per = stages["classifier"] if method != "none" else _stage_work(
+        per = stages["classifier"] if method != "none" else stage_work(
             replace(cfg, classifier=replace(cfg.classifier, outliers="none")), counts, classes)["classifier"]
         n = sum(1 for seed in seeds if not (own == "ncis" and seed == (cfg.classifier.seed
                                                                           if cfg.classifier.seed is not None
@@ -548,8 +551,8 @@ def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus:
     key, device = parse_card(card)
     if device.measured:
         fraction = 1.0
-    counts, classes, on_disk = _split_counts(cfg)
-    stages = _stage_work(cfg, counts, classes)
+    counts, classes, data_problems = dataset_counts(cfg)
+    stages = stage_work(cfg, counts, classes)
     order = ["data", "embed", "cvpn", "sample", "generate", "classifier", "evaluate"]
     if compare is not None:
         stages["compare"] = _compare_work(cfg, counts, classes, *compare)
@@ -574,7 +577,7 @@ def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus:
             "peak_memory_gib": st["peak_memory_gib"] - st.get("activation_gib", 0) * (1 - 1 / gpus),
         }
     disk = sum(v for st in report_stages.values() for v in st["disk_bytes"].values())
-    problems = list(dict.fromkeys(_preflight(cfg, disk, _data_problems(cfg))))
+    problems = list(dict.fromkeys(_preflight(cfg, disk, data_problems)))
     if not device.measured and math.isfinite(device.memory_gib):
         for name, st in report_stages.items():
             if st["peak_memory_gib"] * MEMORY_MARGIN > device.memory_gib:
@@ -595,7 +598,8 @@ def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus:
                      f"datasheet: bf16 {device.bf16:g}, tf32 {device.tf32:g}, fp32 {device.fp32:g} TFLOP/s",
             "fraction": f"{fraction:.0%} of those rates (assumed)" if not device.measured else "1 (measured rates)",
             "fp32": "convolutions at the TF32 rate, matrix products at the fp32 rate (PyTorch defaults)",
-            "counts": "from the datasets on disk" if on_disk else "nominal split sizes (datasets not found)",
+            "counts": "from the datasets on disk" if not data_problems else
+                      "nominal sizes for the datasets not found",
             "models": f"component configs from {source}",
             "png": f"PNG ≈ {_PNG_RATIO:.0%} of raw RGB bytes",
         },
