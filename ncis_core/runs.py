@@ -55,6 +55,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "content_hash",
+    "cache_key",
+    "cache_path",
     "package_versions",
     "git_commit",
 ]
@@ -82,6 +84,9 @@ ARTEFACTS: dict[str, str] = {
     "table_md": "results/table.md",
     "figures": "figures",
     "notebooks": "notebooks",
+    # derived results kept between commands (UMAP maps, other methods' outlier embeddings, ...):
+    # never an input of a stage, always keyed by everything they were computed from (cache_key)
+    "cache_dir": "cache",
 }
 
 
@@ -235,6 +240,44 @@ def git_commit(repo: str | os.PathLike | None = None) -> dict[str, Any] | None:
         return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def cache_key(inputs: dict[str, str], config: Any = None, versions: tuple[str, ...] = ()) -> str:
+    """The key of a cached result: a short SHA-256 over what it was computed from.
+
+    Args:
+        inputs: name → content hash (:func:`content_hash`) of every file the result was read from.
+        config: everything else it depends on, JSON-serialisable (dataclasses are converted; other
+            objects by ``str``).
+        versions: package names whose installed versions change the result (e.g. ``umap-learn``).
+
+    Example:
+        >>> cache_key({"embeddings": "ab12"}, {"k": 3}) == cache_key({"embeddings": "ab12"}, {"k": 3})
+        True
+        >>> cache_key({"embeddings": "ab12"}, {"k": 3}) == cache_key({"embeddings": "ab12"}, {"k": 4})
+        False
+    """
+    def plain(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return dataclasses.asdict(value)
+        return str(value)
+
+    found = {}
+    for name in versions:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    payload = {"inputs": dict(inputs), "config": config, "versions": found}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=plain).encode()).hexdigest()[:24]
+
+
+def cache_path(root: str | os.PathLike, kind: str, key: str, suffix: str = "") -> Path:
+    """``<run>/cache/<kind>/<key><suffix>``: where a cached result of ``kind`` lives (the folder is
+    created). Every cache of the kit goes through here and :func:`cache_key`."""
+    folder = Path(root) / ARTEFACTS["cache_dir"] / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{key}{suffix}"
 
 
 def _section_hash(cfg: ExperimentConfig, dotted: str) -> str:
