@@ -11,7 +11,7 @@ machine, reported as ``setup_import_umap_s``).
 
 * ``plain``: ``umap.UMAP(random_state=0).fit(x)`` then ``transform(outliers)`` (pynndescent builds
   the kNN graph and the search index); ``plain_warm``: the same again, numba's disk cache now warm.
-* ``kit_cold``: :func:`ncis_core.viz_umap.umap_map` (scikit-learn kNN as ``precomputed_knn``),
+* ``kit_cold``: :func:`ncis_core.viz.maps.umap_map` (scikit-learn kNN as ``precomputed_knn``),
   the first ever on this cache folder; ``kit_warm``: again in a new process, map cache removed
   (the usual case: a new kernel on a machine that drew a map before).
 * ``reopen``: a new process that finds the map in the run folder's cache.
@@ -69,12 +69,12 @@ def _plain(folder: Path) -> dict:
 def _kit(folder: Path, n_epochs: int | None) -> dict:
     """The kit's map of the run folder (methods: the linear baseline, recomputed)."""
     t = time.perf_counter()
-    from ncis_core import viz_umap
     from ncis_core.runs import RunDir
+    from ncis_core.viz import maps
     out = {"import_s": time.perf_counter() - t}  # the kit (torch, matplotlib); umap comes in umap_map
     import numpy as np
 
-    m = viz_umap.umap_map(RunDir.open(folder / "run"), methods=("linear",), n_epochs=n_epochs, progress=False)
+    m = maps.umap_map(RunDir.open(folder / "run"), methods=("linear",), n_epochs=n_epochs, progress=False)
     out.update({f"{k}_s": v for k, v in m.timings.items()})
     out["total_s"] = time.perf_counter() - _START
     out["from_cache"] = m.from_cache

@@ -49,7 +49,7 @@ def _montage(generated: np.ndarray, classes: list[str], path: Path, title: str, 
     import matplotlib
 
     matplotlib.use("Agg")
-    from ncis_core.viz import image_grid
+    from ncis_core.viz.common import image_grid
 
     fig = image_grid(classes, [list(row[:per_row]) for row in generated], title=title)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from diffusion_fixtures import copy_run
 
-from ncis_core import explorer
 from ncis_core.embeddings_io import load_embeddings
 from ncis_core.runs import MissingArtefactError, RunDir
 from ncis_core.stages.sample import load_outliers
+from ncis_core.viz import explorer
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""UMAP maps (viz_umap.py): the scikit-learn kNN graph, seeding, the run-folder cache, outliers
+"""UMAP maps (viz/maps.py): the scikit-learn kNN graph, seeding, the run-folder cache, outliers
 placed by UMAP's transform, class selection, and the linear baseline shared with `compare`."""
 
 import shutil
@@ -9,11 +9,11 @@ import pytest
 import torch
 import umap
 
-from ncis_core import viz_umap
 from ncis_core.config import load_config
 from ncis_core.embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
 from ncis_core.runs import MissingArtefactError, RunDir
 from ncis_core.stages import sample, train_cvpn
+from ncis_core.viz import maps as viz_maps
 
 PER_CLASS, CLASSES, DIM = 8, 3, 10
 
@@ -74,7 +74,7 @@ def _brute_force_knn(x: np.ndarray, k: int):
 
 
 def test_the_knn_handed_to_umap_is_the_exact_one_self_included(run, recording):
-    m = viz_umap.umap_map(run, cache=False, progress=False)
+    m = viz_maps.umap_map(run, cache=False, progress=False)
     x = load_embeddings(run.path("embeddings"))["embeddings"].numpy()
     k = min(15, len(x) - 1)
     indices, distances, index = recording.made[0]["precomputed_knn"]
@@ -90,9 +90,9 @@ def test_the_knn_handed_to_umap_is_the_exact_one_self_included(run, recording):
 
 
 def test_same_seed_same_map_other_seed_other_map(run):
-    a = viz_umap.umap_map(run, cache=False, progress=False)
-    b = viz_umap.umap_map(run, cache=False, progress=False)
-    c = viz_umap.umap_map(run, seed=7, cache=False, progress=False)
+    a = viz_maps.umap_map(run, cache=False, progress=False)
+    b = viz_maps.umap_map(run, cache=False, progress=False)
+    c = viz_maps.umap_map(run, seed=7, cache=False, progress=False)
     assert a.params["seed"] == run.cfg.run.seed and c.params["seed"] == 7
     assert np.array_equal(a.coords, b.coords)
     for method in a.methods:
@@ -101,7 +101,7 @@ def test_same_seed_same_map_other_seed_other_map(run):
 
 
 def test_outliers_are_placed_with_transform(run, recording):
-    m = viz_umap.umap_map(run, cache=False, progress=False)
+    m = viz_maps.umap_map(run, cache=False, progress=False)
     per_class = run.cfg.sample.rounds * run.cfg.sample.keep_per_round
     assert m.methods == ("ncis", "linear") and recording.transforms == 2   # one transform per method
     assert m.coords.shape == (CLASSES * PER_CLASS, 2) and np.isfinite(m.coords).all()
@@ -114,7 +114,7 @@ def test_outliers_are_placed_with_transform(run, recording):
 
 
 def test_a_per_class_map_holds_only_that_class(run):
-    m = viz_umap.umap_map(run, classes=[1], progress=False)
+    m = viz_maps.umap_map(run, classes=[1], progress=False)
     assert m.classes == [1] and m.coords.shape == (PER_CLASS, 2)
     assert set(m.labels.tolist()) == {1} and m.params["n_neighbors"] == PER_CLASS - 1   # clipped
     ids = load_embeddings(run.path("embeddings"))["image_ids"].numpy()[PER_CLASS:2 * PER_CLASS]
@@ -122,19 +122,19 @@ def test_a_per_class_map_holds_only_that_class(run):
     for method in m.methods:
         assert set(m.outlier_labels[method].tolist()) == {1}
     with pytest.raises(ValueError, match="not class indices"):
-        viz_umap.umap_map(run, classes=[CLASSES], progress=False)
+        viz_maps.umap_map(run, classes=[CLASSES], progress=False)
 
 
 def test_the_cache_is_reused_and_follows_the_embeddings(run, monkeypatch):
-    first = viz_umap.umap_map(run, progress=False)
-    assert not first.from_cache and (viz_umap.umap_cache_dir(run) / f"{first.params['key']}.npz").exists()
+    first = viz_maps.umap_map(run, progress=False)
+    assert not first.from_cache and (viz_maps.umap_cache_dir(run) / f"{first.params['key']}.npz").exists()
 
     class Refuse:
         def __init__(self, **kwargs):
             raise AssertionError("UMAP refitted although the map is cached")
 
     monkeypatch.setattr(umap, "UMAP", Refuse)
-    again = viz_umap.umap_map(RunDir.open(run.root), progress=False)        # as a fresh process would
+    again = viz_maps.umap_map(RunDir.open(run.root), progress=False)        # as a fresh process would
     assert again.from_cache and again.methods == first.methods and again.class_names == first.class_names
     assert np.array_equal(again.coords, first.coords) and np.array_equal(again.image_ids, first.image_ids)
     for method in first.methods:
@@ -142,7 +142,7 @@ def test_the_cache_is_reused_and_follows_the_embeddings(run, monkeypatch):
         assert np.array_equal(again.outlier_log_density[method], first.outlier_log_density[method])
     # other settings: another key, so a refit
     with pytest.raises(AssertionError, match="refitted"):
-        viz_umap.umap_map(run, min_dist=0.3, progress=False)
+        viz_maps.umap_map(run, min_dist=0.3, progress=False)
     # stage 1 redone with other embeddings: the cached map no longer applies
     cfg2 = load_config("smoke", ["sample.draws_per_round=20", "embed.lr=0.5"], out=str(run.root))
     run2 = RunDir.create(cfg2)
@@ -150,7 +150,7 @@ def test_the_cache_is_reused_and_follows_the_embeddings(run, monkeypatch):
         save_embeddings(run2.path("embeddings"),
                         **synthetic_embeddings(CLASSES, PER_CLASS, DIM, seed=1, rank=2))
     with pytest.raises(AssertionError, match="refitted"):
-        viz_umap.umap_map(run2, methods=("linear",), progress=False)
+        viz_maps.umap_map(run2, methods=("linear",), progress=False)
 
 
 def test_linear_outliers_are_those_compare_renders(run, monkeypatch):
@@ -176,22 +176,22 @@ def test_linear_outliers_are_those_compare_renders(run, monkeypatch):
                                     replace(run.cfg.sample, method="linear"), run.cfg.run.seed,
                                     progress=False)
     assert torch.equal(shared["outliers"], direct["outliers"]) and shared["method"] == "linear"
-    m = viz_umap.umap_map(run, methods=("linear",), progress=False)
+    m = viz_maps.umap_map(run, methods=("linear",), progress=False)
     assert np.array_equal(m.outlier_log_density["linear"], shared["log_density"].numpy().reshape(-1))
 
 
 def test_missing_stage_1_is_a_clear_error_and_missing_stage_3_a_warning(tmp_path):
     cfg = load_config("smoke", out=str(tmp_path / "empty"))
     with pytest.raises(MissingArtefactError, match=r"stage 1 \(embed\)"):
-        viz_umap.umap_map(RunDir.create(cfg), progress=False)
+        viz_maps.umap_map(RunDir.create(cfg), progress=False)
     run = RunDir.create(load_config("smoke", out=str(tmp_path / "only1")))
     with run.stage("embed"):
         save_embeddings(run.path("embeddings"), **synthetic_embeddings(2, 6, DIM, seed=0, rank=2))
     with pytest.warns(UserWarning, match=r"no ncis outlier embeddings to map .*stage 3"):
-        m = viz_umap.umap_map(run, progress=False)
+        m = viz_maps.umap_map(run, progress=False)
     assert m.methods == ("linear",) and m.coords.shape == (12, 2)
     with pytest.raises(ValueError, match="unknown outlier methods"):
-        viz_umap.umap_map(run, methods=("pca",), progress=False)
+        viz_maps.umap_map(run, methods=("pca",), progress=False)
 
 
 def test_too_few_points_is_clear_and_small_classes_are_left_out(tmp_path):
@@ -202,24 +202,24 @@ def test_too_few_points_is_clear_and_small_classes_are_left_out(tmp_path):
             "image_ids": data["image_ids"][keep]}
     with run.stage("embed"):
         save_embeddings(run.path("embeddings"), **data)
-    with pytest.raises(viz_umap.TooFewEmbeddings, match="3 embedding\\(s\\) of class_1: a UMAP map needs at least 5"):
-        viz_umap.umap_map(run, classes=[1], methods=(), progress=False)
+    with pytest.raises(viz_maps.TooFewEmbeddings, match="3 embedding\\(s\\) of class_1: a UMAP map needs at least 5"):
+        viz_maps.umap_map(run, classes=[1], methods=(), progress=False)
     with pytest.warns(UserWarning, match="class 1 left out"):
-        maps = viz_umap.umap_maps_per_class(run, [0, 1], methods=(), progress=False)
+        maps = viz_maps.umap_maps_per_class(run, [0, 1], methods=(), progress=False)
     assert [m.classes for m in maps] == [[0]] and maps[0].params["n_neighbors"] == 5
 
 
 def test_pictures(run):
     import matplotlib.pyplot as plt
 
-    m = viz_umap.umap_map(run, progress=False)
-    fig = viz_umap.plot_umap_map(m)
+    m = viz_maps.umap_map(run, progress=False)
+    fig = viz_maps.plot_umap_map(m)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "class_0 (8)" in labels and any(lab.startswith("NCIS outliers") for lab in labels)
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                    # nothing to complain about
-        maps = viz_umap.umap_maps_per_class(run, range(CLASSES), progress=False)
-    grid = viz_umap.plot_umap_per_class(maps)
+        maps = viz_maps.umap_maps_per_class(run, range(CLASSES), progress=False)
+    grid = viz_maps.plot_umap_per_class(maps)
     assert len([ax for ax in grid.axes if ax.has_data()]) == CLASSES
     plt.close("all")
 

@@ -1,7 +1,7 @@
-"""Pictures of stages 2 and 3: cVPN loss curves, per-class PCA spectra, invariant energies, class maps.
+"""Pictures of stages 2 and 3 (``02_train_cvpn.ipynb``, ``03_sample_outliers.ipynb``): cVPN loss
+curves, per-class PCA spectra, invariant energies, class maps.
 
-Kept apart from :mod:`ncis_core.viz` (data pictures) so each stays short. Every function returns a
-matplotlib ``Figure``; save it with :func:`ncis_core.viz.save_figure`.
+Every function returns a matplotlib ``Figure``; save it with :func:`ncis_core.viz.common.save_figure`.
 
 Example:
     >>> fig = plot_cvpn_history(result.history)        # doctest: +SKIP

@@ -3,7 +3,7 @@ outlier embeddings of NCIS and of the linear baseline placed on the same map.
 
 :func:`umap_map` fits umap-learn's ``UMAP`` (seeded) on the ID embeddings of the chosen classes and
 places each method's outliers with UMAP's own ``transform``; :func:`plot_umap_map` and
-:func:`plot_umap_per_class` draw the result. Kept apart from :mod:`ncis_core.viz` so each stays short.
+:func:`plot_umap_per_class` draw the result. Notebooks 01, 03 and 07 (the explorer) show them.
 
 Why the first map in a fresh kernel takes seconds, not a minute:
 
@@ -15,9 +15,10 @@ Why the first map in a fresh kernel takes seconds, not a minute:
   the rest of the transform is UMAP's own;
 * umap-learn compiles its parallel numba kernels without ``cache=True``; :func:`umap_map` switches
   numba's disk cache on for them, so only the first kernel ever on a machine pays ~8 s for them;
-* the result is kept in ``RUN/cache/umap/<key>.npz``, the key hashing the input files' contents,
-  the classes, the methods, the seed, the UMAP settings and the package versions: reopening a map
-  (also from a new process) reads it back.
+* the result is kept in ``RUN/cache/umap/<key>.npz`` (:func:`ncis_core.runs.cache_path`), the key
+  (:func:`ncis_core.runs.cache_key`) hashing the input files' contents, the classes, the methods, the
+  seed, the UMAP settings and the package versions: reopening a map (also from a new process) reads
+  it back.
 
 Example:
     >>> m = umap_map(run, classes=[3])                        # doctest: +SKIP
@@ -26,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -41,10 +41,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm.auto import tqdm
 
-from .embeddings_io import load_embeddings
-from .progress import bar_options
-from .runs import MissingArtefactError, RunDir, StaleArtefactError, atomic_path, content_hash
-from .stages.sample import linear_outlier_embeddings, load_outliers
+from ..embeddings_io import load_embeddings
+from ..progress import bar_options
+from ..runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_path, cache_key, cache_path,
+                    content_hash)
+from ..stages.sample import linear_outlier_embeddings, load_outliers
 
 __all__ = ["MAP_METHODS", "MIN_POINTS", "TooFewEmbeddings", "UmapMap", "knn_graph", "umap_map", "umap_maps_per_class",
            "umap_cache_dir", "plot_umap_map", "plot_umap_per_class"]
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 MAP_METHODS = ("ncis", "linear")
 MIN_POINTS = 5               # fewer ID embeddings than this make no map (UMAP needs n_neighbors ≥ 2)
 _CACHE_FORMAT = "ncis-umap/1"  # bump when what is cached, or how it is computed, changes
+_CACHE_VERSIONS = ("umap-learn", "scikit-learn", "numba")  # packages whose versions key a cached map
 
 
 class TooFewEmbeddings(ValueError):
@@ -191,7 +193,7 @@ def _fit_and_place(x: np.ndarray, outliers: dict[str, np.ndarray], n_neighbors: 
 # ----------------------------------------------------------------------------- the map of a run
 def umap_cache_dir(run: RunDir) -> Path:
     """``RUN/cache/umap``: the folder of cached maps (safe to delete)."""
-    return run.root / "cache" / "umap"
+    return run.path("cache_dir") / "umap"
 
 
 def _version(name: str) -> str | None:
@@ -305,19 +307,21 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     params = {"seed": seed, "n_neighbors": k, "min_dist": min_dist, "n_epochs": n_epochs,
               "umap-learn": _version("umap-learn"), "scikit-learn": _version("scikit-learn")}
 
-    def cache_file() -> Path:
-        key_inputs = {
-            "format": _CACHE_FORMAT, "embeddings": content_hash(embeddings_file), "classes": chosen,
-            "methods": found, "params": {k_: v for k_, v in params.items() if k_ != "key"},
-            "stage3": content_hash(stage3_file) if stage3_method in found else None,
+    def cache_file() -> Path | None:
+        inputs = {"embeddings": content_hash(embeddings_file)}
+        if stage3_method in found:
+            inputs["stage3"] = content_hash(stage3_file)
+        config = {
+            "format": _CACHE_FORMAT, "classes": chosen, "methods": found,
+            "params": {k_: v for k_, v in params.items() if k_ != "key"},
             # what the recomputed linear baseline depends on besides the embeddings
             "linear": ([asdict(cfg.sample), cfg.cvpn.holdout_fraction, cfg.run.seed]
                        if "linear" in found and stage3_method != "linear" else None)}
-        params["key"] = hashlib.sha256(json.dumps(key_inputs, sort_keys=True).encode()).hexdigest()[:24]
-        return umap_cache_dir(run) / f"{params['key']}.npz"
+        params["key"] = cache_key(inputs, config, versions=_CACHE_VERSIONS)
+        return cache_path(run.root, "umap", params["key"], ".npz") if cache else None
 
     path = cache_file()
-    if cache and path.exists():
+    if path is not None and path.exists():
         try:
             m = _load(path)
             m.timings = {"load": time.perf_counter() - started}
@@ -355,7 +359,7 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     m = UmapMap(coords, labels_all[rows].astype(np.int64), data["image_ids"].numpy()[rows].astype(np.int64),
                 list(names), chosen, tuple(found), {k_: v.astype(np.float32) for k_, v in placed.items()},
                 outlier_labels, log_density, params, timings=timings)
-    if cache:
+    if path is not None:
         t = time.perf_counter()
         _save(path, m)
         timings["save"] = time.perf_counter() - t

@@ -1,8 +1,5 @@
-"""Pictures of stages 1 and 4: how far per-image embeddings moved from their class token, a PCA map
-of the embeddings, and ordinary generations beside NCIS outliers.
-
-Kept apart from :mod:`ncis_core.viz` (data pictures) like :mod:`ncis_core.viz_cvpn`. Every function
-returns a matplotlib ``Figure``; save it with :func:`ncis_core.viz.save_figure`.
+"""Pictures of stage 1 (``01_embed.ipynb``): how far per-image embeddings moved from their class
+token, and a PCA map of the embeddings. (The notebook's UMAP maps are :mod:`ncis_core.viz.maps`.)
 
 Example:
     >>> fig = plot_token_distances(x, labels, rows, names)   # doctest: +SKIP
@@ -16,9 +13,7 @@ from typing import Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .viz import image_grid
-
-__all__ = ["plot_token_distances", "plot_embedding_pca", "plot_outlier_rows"]
+__all__ = ["plot_token_distances", "plot_embedding_pca"]
 
 
 def plot_token_distances(embeddings, labels, class_rows, names: Sequence[str], max_classes: int = 30):
@@ -60,13 +55,3 @@ def plot_embedding_pca(embeddings, labels, names: Sequence[str], class_rows=None
         ax.legend(fontsize=7, markerscale=2, loc="best")
     fig.tight_layout()
     return fig
-
-
-def plot_outlier_rows(names: Sequence[str], ordinary: Sequence[Sequence[np.ndarray]],
-                      outliers: Sequence[Sequence[np.ndarray]], title: str = ""):
-    """Per class two rows: ordinary generations from the class prompt, then NCIS outliers."""
-    row_names, rows = [], []
-    for name, plain, odd in zip(names, ordinary, outliers):
-        row_names += [f"{name}: class prompt", f"{name}: NCIS outliers"]
-        rows += [list(plain), list(odd)]
-    return image_grid(row_names, rows, title=title)

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .runs import RunDir
+from ..runs import RunDir
 
 __all__ = [
     "ALL_CLASSES",
@@ -210,9 +210,9 @@ class ExplorerData:
         Raises:
             MissingArtefactError: a stage has not run; the message names it.
         """
-        from .embeddings_io import load_embeddings
-        from .stages.generate import load_index
-        from .stages.sample import load_outliers
+        from ..embeddings_io import load_embeddings
+        from ..stages.generate import load_index
+        from ..stages.sample import load_outliers
 
         embeddings = load_embeddings(run.require("embeddings"))
         outliers = load_outliers(run.require("outlier_embeddings"))
@@ -238,7 +238,7 @@ class ExplorerData:
         """``method``'s ``index.json`` (file → class, embedding index, seed); None when not rendered."""
         self._check_method(method)
         if method not in self._indexes:
-            from .stages.generate import load_index
+            from ..stages.generate import load_index
 
             file = self.image_folder(method) / "index.json"
             self._indexes[method] = load_index(file) if file.exists() else None
@@ -248,7 +248,7 @@ class ExplorerData:
         """``(C × M × D outlier embeddings, C × M log-densities)`` of ``method``."""
         self._check_method(method)
         if method not in self._outliers:
-            from .stages.sample import linear_outlier_embeddings  # as `compare` renders them
+            from ..stages.sample import linear_outlier_embeddings  # as `compare` renders them
 
             result = linear_outlier_embeddings(self.run.cfg, self.run, progress=False)
             self._outliers[method] = (result["outliers"], result["log_density"])
@@ -258,7 +258,7 @@ class ExplorerData:
     def id_split(self):
         """The ID training split (stage 1's ``image_ids`` index it)."""
         if self._split is None:
-            from .data import get_split
+            from ..data import get_split
 
             self._split = get_split(self.run.cfg, "id-train")
         return self._split
@@ -302,7 +302,7 @@ def classes_with_images(data: ExplorerData, method: str = "ncis") -> list[int]:
 
 def id_examples(data: ExplorerData, class_index: int = ALL_CLASSES, n: int = 8, seed: int = 0) -> list[int]:
     """Up to ``n`` seeded random ID training images of a class (or of all): their indices in the split,
-    ascending. Drawn as :func:`ncis_core.viz.split_examples` draws its rows."""
+    ascending. Drawn as :func:`ncis_core.viz.data.split_examples` draws its rows."""
     labels = np.asarray(data.id_split.dataset.labels)
     candidates = np.arange(len(labels)) if class_index == ALL_CLASSES else np.flatnonzero(labels == class_index)
     rng = np.random.default_rng(seed)
@@ -363,9 +363,9 @@ def outlier_detail(data: ExplorerData, outlier: OutlierImage, k: int = 5) -> Out
 
 def class_map(data: ExplorerData, class_index: int = ALL_CLASSES, ax=None):
     """The UMAP map of a class (or of all) with every method's outlier embeddings
-    (:func:`ncis_core.viz_umap.umap_map`, cached in the run folder); returns the figure. A class
+    (:func:`ncis_core.viz.maps.umap_map`, cached in the run folder); returns the figure. A class
     with too few embeddings for a map gets a note in its place."""
-    from .viz_umap import TooFewEmbeddings, plot_umap_map, umap_map
+    from .maps import TooFewEmbeddings, plot_umap_map, umap_map
 
     classes = None if class_index == ALL_CLASSES else [class_index]
     title = "all classes" if class_index == ALL_CLASSES else data.class_names[class_index]
@@ -450,7 +450,7 @@ def _slug(text: str) -> str:
 def save_class_view(data: ExplorerData, view: ClassView, with_map: bool = True):
     """Draw :func:`plot_class_view` and save it as ``figures/07_<class>_<method>.png``;
     returns ``(figure, path)``."""
-    from .viz import save_figure
+    from .common import save_figure
 
     fig = plot_class_view(data, view, with_map)
     return fig, save_figure(fig, data.run, f"07_{_slug(view.title)}_{view.method}.png")
@@ -459,7 +459,7 @@ def save_class_view(data: ExplorerData, view: ClassView, with_map: bool = True):
 def save_outlier_detail(data: ExplorerData, detail: OutlierDetail):
     """Draw :func:`plot_outlier_detail` and save it as ``figures/07_detail_<method>_<file>.png``;
     returns ``(figure, path)``."""
-    from .viz import save_figure
+    from .common import save_figure
 
     fig = plot_outlier_detail(detail)
     stem = _slug(Path(detail.outlier.file).with_suffix("").as_posix())

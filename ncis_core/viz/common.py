@@ -1,0 +1,45 @@
+"""Pictures used by several stages: a labelled image grid, and saving a figure into the run folder.
+
+Every picture function of :mod:`ncis_core.viz` returns a matplotlib ``Figure``; :func:`save_figure`
+writes it under the run's ``figures/`` so that what a notebook shows survives a headless papermill run.
+
+Example:
+    >>> fig = image_grid(["bear"], [images])          # doctest: +SKIP
+    >>> save_figure(fig, run, "00_id_examples.png")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+__all__ = ["save_figure", "image_grid"]
+
+
+def save_figure(fig, run, name: str, dpi: int = 120) -> Path:
+    """Save ``fig`` as ``<run>/figures/<name>`` and return the path."""
+    path = run.figure_path(name)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def image_grid(row_names: list[str], rows: list[list[np.ndarray]], title: str = "", cell: float = 0.9):
+    """A grid with one labelled row per entry of ``rows`` (lists of ``H×W×3`` uint8 images)."""
+    n_cols = max((len(r) for r in rows), default=1) or 1
+    fig, axes = plt.subplots(len(rows), n_cols, figsize=(cell * n_cols + 1.2, cell * len(rows) + 0.4),
+                             squeeze=False)
+    for r, (name, images) in enumerate(zip(row_names, rows)):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                ax.imshow(images[c], interpolation="nearest")
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_size_inches()[1]) if title else None)
+    return fig
