@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from ncis_core import demo_generator as dg  # noqa: E402
 from ncis_core.config import load_config  # noqa: E402
 from ncis_core.data import get_split  # noqa: E402
+from ncis_core.demo_generator.quality import _to_tensor  # noqa: E402
 from ncis_core.diffusion import vae_reconstruct  # noqa: E402
 
 __all__ = ["main"]
@@ -95,8 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = dg.load_pipeline(folder)
     train, test = get_split(cfg.data, "id-train"), get_split(cfg.data, "id-test")
     classes = list(train.classes)
-    x_train = dg._to_tensor(np.stack([train.dataset[i][0] for i in range(len(train.dataset))]))
-    x_test = dg._to_tensor(np.stack([test.dataset[i][0] for i in range(len(test.dataset))]))
+    x_train = _to_tensor(np.stack([train.dataset[i][0] for i in range(len(train.dataset))]))
+    x_test = _to_tensor(np.stack([test.dataset[i][0] for i in range(len(test.dataset))]))
     y_train, y_test = np.asarray(train.dataset.labels), np.asarray(test.dataset.labels)
     rec_train, rec_test = vae_reconstruct(pipe.vae, x_train), vae_reconstruct(pipe.vae, x_test)
 

@@ -20,6 +20,8 @@ from diffusers import StableDiffusionPipeline  # noqa: E402
 from ncis_core import demo_generator as dg  # noqa: E402
 from ncis_core.config import load_config  # noqa: E402
 from ncis_core.data.classes import DEMO_ID_CLASSES, DEMO_NEAR_CLASSES  # noqa: E402
+from ncis_core.demo_generator.train import _encode_all  # noqa: E402
+from ncis_core.diffusion import build_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "data" / "demo" / "generator"
@@ -33,7 +35,7 @@ def _generate(pipe, prompt="An image of a cat", guidance=3.0):
 
 
 def test_tokenizer_keeps_class_names_and_prompt_words_whole():
-    tok = dg.build_tokenizer(dg.DEMO_WORDS)
+    tok = build_tokenizer(dg.DEMO_WORDS)
     for word in list(DEMO_ID_CLASSES) + list(DEMO_NEAR_CLASSES) + ["an", "image", "of", "a", "the"]:
         assert tok.tokenize(word) == [word + "</w>"], word
     ids = tok("An image of a giraffe").input_ids
@@ -94,7 +96,7 @@ def test_scaling_factor_is_one_over_latent_std():
     vae = dg.build_vae(gcfg).eval()
     x = torch.rand(16, 3, 32, 32) * 2 - 1
     scale = dg.measure_scaling_factor(vae, x)
-    mean, std = dg._encode_all(vae, x)
+    mean, std = _encode_all(vae, x)
     z = mean + std * torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
     assert scale == pytest.approx(1 / z.std().item(), rel=1e-5)
 

@@ -1,13 +1,6 @@
-"""The demo world's generator: a small Stable-Diffusion-architecture pipeline the kit trains itself.
+"""The demo generator's training (:mod:`ncis_core.demo_generator`), on the ID training split only.
 
-Without pretrained weights on the demo machines, NCIS's diffusion stages can only run for real on a
-generator trained here. It has SD 1.4's parts and mechanics, only smaller: a diffusers
-``AutoencoderKL`` (32 × 32 RGB ↔ 4 × 8 × 8 latents), a ``UNet2DConditionModel`` with cross-attention
-on a transformers ``CLIPTextModel``, a ``CLIPTokenizer`` built offline, and a PNDM scheduler with
-SD's β schedule. It is saved with ``save_pretrained``, so ``StableDiffusionPipeline.from_pretrained``
-loads it exactly as it loads SD 1.4.
-
-Training (on the ID training split only) is two phases, each seeded, checkpointed and resumable:
+Two phases, each seeded, checkpointed and resumable:
 
 1. the VAE (L1 reconstruction + a small KL term); then its ``scaling_factor`` is *measured* as
    1 / std of the training latents (SD's 0.18215 belongs to SD's VAE, not to this one);
@@ -15,14 +8,11 @@ Training (on the ID training split only) is two phases, each seeded, checkpointe
    ``cfg.prompts`` ("An image of a {class}") and ``cfg.empty_prompt_prob`` empty prompts so that
    classifier-free guidance works; an EMA of both is what gets shipped.
 
-The quality check (:func:`class_consistency`) trains a small classifier on the real ID images plus
-the VAE's reconstructions of them and counts how often it names the class a generated image was
-prompted with.
+:func:`train_generator` runs both and saves the pipeline with ``save_pretrained``.
 
 Example:
     >>> cfg = load_config("smoke")                                   # doctest: +SKIP
     >>> folder = train_generator(cfg, out="outputs/tiny-generator")  # doctest: +SKIP
-    >>> pipe = StableDiffusionPipeline.from_pretrained(folder)        # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -42,104 +32,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .diffusion import build_pipeline, build_scheduler, build_tokenizer, vae_reconstruct
-from .progress import bar_options
-from .data.classes import DEMO_ID_CLASSES, DEMO_NEAR_CLASSES
-from .runs import atomic_path, atomic_write_json
+from ..diffusion import build_pipeline, build_scheduler, build_tokenizer
+from ..progress import bar_options
+from ..runs import atomic_path, atomic_write_json
+from .build import DEMO_WORDS, build_text_encoder, build_unet, build_vae, count_parameters
 
 if TYPE_CHECKING:
-    from .config import ExperimentConfig, GeneratorConfig
+    from ..config import ExperimentConfig, GeneratorConfig
 
-__all__ = [
-    "DEMO_WORDS",
-    "build_vae",
-    "build_text_encoder",
-    "build_unet",
-    "count_parameters",
-    "training_images",
-    "train_vae",
-    "measure_scaling_factor",
-    "train_unet",
-    "train_generator",
-    "load_pipeline",
-    "generate_per_class",
-    "QualityClassifier",
-    "train_quality_classifier",
-    "class_consistency",
-    "accuracy",
-    "reconstruction_rows",
-]
+__all__ = ["training_images", "train_vae", "measure_scaling_factor", "train_unet", "train_generator"]
 
 log = logging.getLogger(__name__)
-
-#: Words the tokenizer keeps whole: every demo class (ID and near-OOD, so stage 1's class tokens and
-#: near-OOD prompts are one token each) and the words of the training and generation prompts.
-DEMO_WORDS: tuple[str, ...] = tuple(DEMO_ID_CLASSES) + tuple(DEMO_NEAR_CLASSES) + (
-    "an", "image", "of", "a", "the", "high", "quality")
-
-# ---------------------------------------------------------------------------------------- models
-
-def build_vae(gcfg: "GeneratorConfig"):
-    """The ``AutoencoderKL``: ``len(vae_channels)`` levels, so 32 px → 32 / 2^(levels-1) latents."""
-    from diffusers import AutoencoderKL
-
-    levels = len(gcfg.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=gcfg.latent_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(gcfg.vae_channels), layers_per_block=gcfg.vae_layers_per_block,
-        norm_num_groups=gcfg.norm_groups, sample_size=gcfg.image_size)
-
-
-def build_text_encoder(gcfg: "GeneratorConfig", tokenizer):
-    """A ``CLIPTextModel`` over the tokenizer's vocabulary (width ``text_width``)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=gcfg.text_width, intermediate_size=4 * gcfg.text_width,
-        num_hidden_layers=gcfg.text_layers, num_attention_heads=gcfg.text_heads,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=gcfg.text_width,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, hidden_act="quick_gelu")
-    return CLIPTextModel(config)
-
-
-def build_unet(gcfg: "GeneratorConfig"):
-    """The ``UNet2DConditionModel``: cross-attention on every level, like SD's but smaller."""
-    from diffusers import UNet2DConditionModel
-
-    levels = len(gcfg.unet_channels)
-    return UNet2DConditionModel(
-        sample_size=gcfg.image_size // 2 ** (len(gcfg.vae_channels) - 1),
-        in_channels=gcfg.latent_channels, out_channels=gcfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * levels,
-        up_block_types=("CrossAttnUpBlock2D",) * levels,
-        block_out_channels=tuple(gcfg.unet_channels), layers_per_block=gcfg.unet_layers_per_block,
-        cross_attention_dim=gcfg.text_width, attention_head_dim=gcfg.attention_head_dim,
-        norm_num_groups=gcfg.norm_groups)
-
-
-def count_parameters(*modules: nn.Module) -> int:
-    """Total number of parameters of ``modules``."""
-    return sum(p.numel() for m in modules for p in m.parameters())
-
-
-def load_pipeline(folder: str | Path, device: str | torch.device = "cpu", progress: bool = False):
-    """``StableDiffusionPipeline.from_pretrained(folder)`` in float32 on ``device``, offline."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), dtype=torch.float32,
-                                                   local_files_only=True)
-    if not progress:  # otherwise leave tqdm's own default, so TQDM_DISABLE=1 still silences it
-        pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 # ------------------------------------------------------------------------------------------ data
 
 def training_images(cfg: "ExperimentConfig") -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """The ID training split as a float tensor ``N × 3 × H × W`` in [-1, 1], labels and class names."""
-    from .data import get_split
+    from ..data import get_split
 
     # Only the ID split: building the OOD sets too (textures, faces …) would cost seconds for nothing.
     split = get_split(dataclasses.replace(cfg.data, ood_sets=[]), "id-train")
@@ -299,26 +209,6 @@ def measure_scaling_factor(vae, x: torch.Tensor, seed: int = 0) -> float:
     return float(1.0 / z.std())
 
 
-@torch.no_grad()
-def reconstruction_rows(pipe, cfg: ExperimentConfig, per_class: int = 8) -> tuple[list[str], list[list[np.ndarray]]]:
-    """Real ID training images and their VAE reconstructions, two rows per class (for a montage)."""
-    x, labels, classes = training_images(cfg)
-    k = min(per_class, int(np.bincount(labels).min()))
-    pick = np.concatenate([np.flatnonzero(labels == c)[:k] for c in range(len(classes))])
-    with torch.no_grad():
-        recon = vae_reconstruct(pipe.vae, x[pick])
-
-    def to_uint8(t: torch.Tensor) -> np.ndarray:
-        return ((t.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-
-    real, rec = to_uint8(x[pick]), to_uint8(recon)
-    names, rows = [], []
-    for c, name in enumerate(classes):
-        names += [name, f"{name} (VAE)"]
-        rows += [list(real[c * k:(c + 1) * k]), list(rec[c * k:(c + 1) * k])]
-    return names, rows
-
-
 class _EMA:
     """Exponential moving average of a module's parameters (buffers copied as they are)."""
 
@@ -441,7 +331,7 @@ def train_generator(cfg: "ExperimentConfig", out: str | Path | None = None, work
     """
     import shutil
 
-    from .device import seed_everything
+    from ..device import seed_everything
 
     gcfg = cfg.generator
     out = Path(out or gcfg.out)
@@ -509,117 +399,3 @@ def train_generator(cfg: "ExperimentConfig", out: str | Path | None = None, work
     tmp.rename(out)  # the shipped folder changes in one step: never half old, half new
     log.info("saved the generator to %s", out)
     return out
-
-
-# ------------------------------------------------------------------------------- quality checks
-
-@torch.no_grad()
-def generate_per_class(pipe, classes: Sequence[str], per_class: int, guidance_scale: float,
-                       steps: int = 25, seed: int = 0, prompt: str = "An image of a {}",
-                       batch_size: int = 64) -> np.ndarray:
-    """``per_class`` images per class from ``prompt``, as ``C × per_class × H × W × 3`` uint8.
-
-    Seeded: image ``j`` of every class starts from the same noise, so rows of a montage compare."""
-    images = []
-    for c in classes:
-        row = []
-        for start in range(0, per_class, batch_size):
-            n = min(batch_size, per_class - start)
-            g = torch.Generator().manual_seed(seed + start)
-            out = pipe([prompt.format(c)] * n, num_inference_steps=steps, guidance_scale=guidance_scale,
-                       generator=g, output_type="np").images
-            row.append((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
-        images.append(np.concatenate(row))
-    return np.stack(images)
-
-
-class QualityClassifier(nn.Module):
-    """A small CNN for 32 × 32 silhouettes (three conv stages, global pool, linear), only used to
-    judge the generator; the kit's real classifiers live in ``ncis_core.models``. Width 16 by
-    default: 4.6 ms per training image on one CPU thread (width 32 took 17 ms).
-
-    Example:
-        >>> QualityClassifier(6)(torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 6])
-    """
-
-    def __init__(self, num_classes: int, width: int = 16):
-        super().__init__()
-        layers, c_in = [], 3
-        for c_out in (width, 2 * width, 4 * width):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                       nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                       nn.MaxPool2d(2)]
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c_in, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean((2, 3)))
-
-
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-
-
-def train_quality_classifier(x: torch.Tensor, y: np.ndarray, num_classes: int, epochs: int = 4,
-                             seed: int = 0, progress: bool = True) -> QualityClassifier:
-    """Train :class:`QualityClassifier` on ``x`` (``N × 3 × 32 × 32`` in [-1, 1]) with flips and
-    ±2 px shifts; Adam, batch 128, one-cycle-ish cosine learning rate."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = QualityClassifier(num_classes)
-    y_t = torch.as_tensor(y)
-    steps = epochs * math.ceil(len(x) / 128)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
-    model.train()
-    bar = tqdm(total=steps, desc="quality classifier", **bar_options(progress))
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), 128):
-            idx = perm[i:i + 128]
-            xb = x[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            dx, dy = torch.randint(-2, 3, (2,), generator=g).tolist()
-            xb = torch.roll(xb, (dy, dx), (2, 3))
-            loss = F.cross_entropy(model(xb), y_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update()
-    bar.close()
-    return model.eval()
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
-    return torch.cat([model(x[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).numpy()
-
-
-def class_consistency(classifier: nn.Module, generated: np.ndarray, classes: Sequence[str]) -> dict:
-    """How often ``classifier`` names the class each generated image was prompted with.
-
-    Args:
-        generated: ``C × n × H × W × 3`` uint8, row ``c`` prompted with ``classes[c]``.
-
-    Returns:
-        ``{"class_consistency": overall, "per_class": {name: fraction}, "confusion": C × C list}``.
-    """
-    c, n = generated.shape[:2]
-    pred = _predict(classifier, _to_tensor(generated.reshape(c * n, *generated.shape[2:]))).reshape(c, n)
-    confusion = np.zeros((c, c), dtype=int)
-    for i in range(c):
-        np.add.at(confusion[i], pred[i], 1)
-    per_class = {name: float((pred[i] == i).mean()) for i, name in enumerate(classes)}
-    return {"class_consistency": float((pred == np.arange(c)[:, None]).mean()),
-            "per_class": per_class, "confusion": confusion.tolist()}
-
-
-def accuracy(classifier: nn.Module, images: np.ndarray | torch.Tensor, labels: np.ndarray) -> float:
-    """Top-1 accuracy of ``classifier`` on uint8 ``N × H × W × 3`` images (or a [-1, 1] tensor)."""
-    x = images if torch.is_tensor(images) else _to_tensor(images)
-    return float((_predict(classifier, x) == np.asarray(labels)).mean())
-
