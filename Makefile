@@ -1,5 +1,7 @@
 # The NCIS kit. First two commands: `make demo` (set up, run the embedded demo) and `make test`.
-# Both create .venv when missing and install the pinned set (requirements.txt) plus this package.
+# Both create .venv when missing and install what they need from the one pinned set
+# (requirements.txt, used as pip constraints) plus this package in editable mode: `make demo` the
+# runtime dependencies, `make test` the `[test]` extra, `make lab` the `[lab]` extra.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,19 +9,31 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PRESET ?= demo
 OUT    ?= outputs/$(PRESET)
+# pip with requirements.txt's pins as constraints: an extra installs exactly the pinned versions
+PIP    := $(BIN)/python -m pip install -c requirements.txt
 
-.PHONY: setup browser demo run test lab strip clean-venv
+.PHONY: setup setup-test setup-lab browser demo run test lab strip clean-venv
 
 setup: $(STAMP)
+setup-test: $(STAMP)-test
+setup-lab: $(STAMP)-lab
 
-# Reinstall whenever a requirements file or the package metadata changes.
+# Reinstall whenever a requirements file or the package metadata changes (the extras' stamps
+# depend on this one, so they follow).
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -r requirements.txt
+	$(PIP) -e .
 	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
-	$(BIN)/python -m pip install --no-deps -e .
 	touch $(STAMP)
+
+$(STAMP)-test: $(STAMP)
+	$(PIP) -e ".[test]"
+	touch $@
+
+$(STAMP)-lab: $(STAMP)
+	$(PIP) -e ".[lab]"
+	touch $@
 
 # The whole pipeline on the embedded demo world: notebooks 00-05, the comparison of outlier methods
 # over seeds (its ncis seed-0 run is stage 5's own training, copied), then notebooks 06 and 07, after
@@ -46,11 +60,12 @@ browser:
 	  echo "the browser test needs Debian's chromium and chromium-driver: sudo apt-get install chromium chromium-driver"; \
 	fi
 
-test: setup browser
+test: setup-test browser
 	$(BIN)/python -m pytest -q
 
-lab: setup
-	$(BIN)/jupyter lab notebooks/
+# JupyterLab on notebooks/ (as root, as in a container, Jupyter needs --allow-root)
+lab: setup-lab
+	$(BIN)/jupyter lab $$([ "$$(id -u)" = 0 ] && echo --allow-root) notebooks/
 
 strip:
 	$(BIN)/python -m ncis_core strip-notebooks notebooks
