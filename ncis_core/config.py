@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -288,6 +288,13 @@ class ClassifierConfig:
 class EvaluateConfig:
     """Stage 6: OOD scores and metrics (METHOD.md §6).
 
+    Args:
+        score: the main score (the tables' first; the paper's is ``energy``), and
+        extra_scores: the others; both registered names of :mod:`ncis_core.scores`.
+        score_args: per-score constructor arguments, ``score_args.<score>.<argument>`` (e.g.
+            ``evaluate.score_args.odin.temperature=1000``); an argument left out keeps the score's
+            own default. A score may be configured here without being evaluated.
+
     Args (beyond the paper's values):
         energy_sign: the sign the energy score is multiplied by: ``auto`` (the sign of the saved
             energy head's slope; +1 when the checkpoint has no head, as the original's never do,
@@ -301,8 +308,8 @@ class EvaluateConfig:
     score: str = "energy"
     extra_scores: List[str] = field(default_factory=lambda: ["msp", "maxlogit"])
     positive: str = "id"
-    odin_temperature: float = 1000.0
-    odin_epsilon: float = 0.0014
+    # empty: every score at its own defaults (ODIN's T = 1000, ε = 0.0014; each in its module)
+    score_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 256
     energy_sign: str = "auto"
     fpr95_rule: str = "closest"
@@ -469,6 +476,28 @@ def _check_counts(cfg: ExperimentConfig) -> None:
             f"classifier.outliers_with_replacement=true")
 
 
+def _check_scores(cfg: ExperimentConfig) -> None:
+    """``evaluate.score``, ``evaluate.extra_scores`` and ``evaluate.score_args`` against the score
+    registry (:mod:`ncis_core.scores`; a score registered before the config is loaded counts)."""
+    from . import scores  # imported here: the registry's modules need torch, the config does not
+
+    e = cfg.evaluate
+    named = [("evaluate.score", e.score)] + [(f"evaluate.extra_scores[{i}]", n)
+                                             for i, n in enumerate(e.extra_scores)]
+    for key, name in named:
+        if name not in scores.SCORES:
+            raise ConfigError(f"{key} = {name!r} is not a registered score; registered: "
+                              f"{', '.join(scores.SCORES)}")
+    for name, args in e.score_args.items():
+        if name not in scores.SCORES:
+            raise ConfigError(f"evaluate.score_args.{name}: no score {name!r}; registered: "
+                              f"{', '.join(scores.SCORES)}")
+        try:  # building one is cheap (setup does the work) and runs the constructor's own checks
+            scores.build_score(name, **scores.score_arguments(name, args))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"evaluate.score_args.{name}: {exc}") from None
+
+
 def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: str | None = None
                 ) -> ExperimentConfig:
     """Resolve a preset plus ``stage.key=value`` overrides into a frozen :class:`ExperimentConfig`.
@@ -480,7 +509,8 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
 
     Raises:
         ConfigError: unknown preset or key, a value of the wrong type, a value outside its choices,
-            or stage counts that cannot work together (fewer stage-4 images than stage 5 draws).
+            or stage counts that cannot work together (fewer stage-4 images than stage 5 draws),
+            an unregistered score or a score argument the score does not take.
     """
     presets = available_presets()
     if preset not in presets:
@@ -503,6 +533,7 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
     cfg = OmegaConf.to_object(merged)
     _check_choices(cfg)
     _check_counts(cfg)
+    _check_scores(cfg)
     return cfg
 
 

@@ -417,12 +417,16 @@ def stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict[
                                                                   c.width) / gib,
     }
 
-    # stage 6: one forward per image and score group (logit scores share it; ODIN adds a backward)
+    # stage 6: one forward per image and score group (logit scores share it; a score's own extra
+    # passes on top, ODIN's backward and second forward), one pass over ID train per score with setup
+    from .scores import score_class
+
     scored = counts.get("id-test", 0) + sum(counts.get(n, 0) for n in cfg.data.ood_sets)
     names = [cfg.evaluate.score, *cfg.evaluate.extra_scores]
-    passes6 = 1 + 2 * ("odin" in names)
+    kinds = [score_class(n) for n in dict.fromkeys(names)]
+    passes6 = 1 + sum(k.forward_passes - 1 for k in kinds)
     fwd = flops.classifier_flops(c.arch, num_classes, cfg.data.image_size, c.width)
-    extra = n_id if "mahalanobis" in names else 0
+    extra = n_id * sum(k.needs_setup for k in kinds)
     sets = [counts.get(n, 0) for n in ["id-test", *cfg.data.ood_sets]]
     eval_batch = min(cfg.evaluate.batch_size, max(sets, default=1))
     out["evaluate"] = {"work": {"images_scored": scored, "scores": len(set(names))},

@@ -1,4 +1,4 @@
-"""Stage 6: tables, conventions, the energy sign, and a case whose answer is known."""
+"""Stage 6: tables, conventions, the energy sign, scores as plug-ins, and a case whose answer is known."""
 
 import csv
 import json
@@ -12,6 +12,7 @@ from ncis_core.config import load_config
 from ncis_core.metrics import ood_metrics
 from ncis_core.models.resnet import EnergyHead
 from ncis_core.runs import RunDir
+from ncis_core.scores import SCORES, Score, register_score, unregister_score
 from ncis_core.stages import evaluate as stage6
 from ncis_core.stages import train_classifier as stage5
 from ncis_core.stages.train_classifier import ClassifierBundle
@@ -39,7 +40,7 @@ class Brightness(nn.Module):
 
 def _cfg(tmp_path, *overrides):
     return load_config("smoke", ["data.ood_sets=[texture_crops,faces]", "data.ood_subset_size=16",
-                                 "evaluate.extra_scores=[msp,maxlogit,mahalanobis]", *overrides],
+                                 "evaluate.extra_scores=[msp,maxlogit,mahalanobis,knn]", *overrides],
                        out=str(tmp_path / "run"))
 
 
@@ -54,10 +55,13 @@ def test_known_answer_and_all_outputs(tmp_path):
     # rows equal metrics recomputed from the raw scores
     again = ood_metrics(raw["energy/id-test"], raw["energy/faces"])
     assert again == {k: energy["faces"][k] for k in again}
-    assert {r["score"] for r in results["rows"]} == {"energy", "msp", "maxlogit", "mahalanobis"}
+    assert {r["score"] for r in results["rows"]} == {"energy", "msp", "maxlogit", "mahalanobis", "knn"}
+    assert results["score_args"] == {"energy": {"temperature": 1.0}, "msp": {}, "maxlogit": {},
+                                     "mahalanobis": {}, "knn": {"k": 5}}  # the smoke preset's k
     stage6.write_results(tmp_path / "res", results, raw)
     table = (tmp_path / "res" / "table.md").read_text()
     assert "Positive class: ID positive" in table and "| **mean (far)** |" in table
+    assert "Score: **knn** (k=5). Positive class" in table
     rows = list(csv.DictReader(open(tmp_path / "res" / "metrics.csv")))
     assert all(r["positive"] == "id" for r in rows)
     assert set(np.load(tmp_path / "res" / "scores.npz").files) == set(raw)
@@ -199,3 +203,81 @@ def test_energy_sign_override(tmp_path, rule, sign):
     bundle = ClassifierBundle(Brightness(), EnergyHead("linear"), {"slope": -0.5})
     results, _ = stage6.evaluate(cfg, bundle, progress=False)
     assert results["energy_sign"] == sign and rule in results["energy_sign_source"]
+
+
+@pytest.fixture
+def restore_scores():
+    """The score registry as before the test (a test's toy score must not leak into others)."""
+    saved = dict(SCORES)
+    yield
+    SCORES.clear()
+    SCORES.update(saved)
+
+
+def test_a_score_defined_in_a_test_runs_through_stage6_without_editing_the_package(tmp_path, restore_scores):
+    @register_score
+    class NegativeL1(Score):
+        """Minus the L1 norm of the logits."""
+        name = "neg_l1"
+
+        def __call__(self, model, images):
+            with torch.no_grad():
+                return -model(images).abs().sum(dim=1)
+
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[neg_l1]", "data.ood_sets=[faces]")
+    results, raw = stage6.evaluate(cfg, ClassifierBundle(Brightness(), EnergyHead("monotone"), {"slope": 1.0}),
+                                   progress=False)
+    assert {r["score"] for r in results["rows"]} == {"energy", "neg_l1"}
+    split = next(s for s in stage6.build_splits(cfg.data) if s.name == "faces")
+    images = torch.stack([stage6._Normalised(split, cfg)[i][0] for i in range(4)])
+    with torch.no_grad():
+        expected = -Brightness()(images).abs().sum(dim=1).double().numpy()
+    np.testing.assert_allclose(raw["neg_l1/faces"][:4], expected, rtol=1e-6)
+    stage6.write_results(tmp_path / "res", results, raw)
+    assert "Score: **neg_l1**. Positive class" in (tmp_path / "res" / "table.md").read_text()
+    assert {r["score"] for r in csv.DictReader(open(tmp_path / "res" / "metrics.csv"))} == {"energy", "neg_l1"}
+    unregister_score("neg_l1")
+    assert "neg_l1" not in SCORES
+
+
+def _id_train_loaders(monkeypatch):
+    """Count the loaders stage 6 builds over the ID training split."""
+    built = []
+    loader = stage6._loader
+
+    def counting(split, cfg):
+        if split.role == "id-train":
+            built.append(split.name)
+        return loader(split, cfg)
+
+    monkeypatch.setattr(stage6, "_loader", counting)
+    return built
+
+
+def test_scores_that_need_setup_share_one_id_train_loader_and_others_build_none(tmp_path, monkeypatch):
+    bundle = ClassifierBundle(Brightness(), EnergyHead("monotone"), {"slope": 1.0})
+    built = _id_train_loaders(monkeypatch)
+    stage6.evaluate(_cfg(tmp_path, "evaluate.extra_scores=[msp,maxlogit]", "data.ood_sets=[faces]"), bundle,
+                    progress=False)
+    assert built == []
+    stage6.evaluate(_cfg(tmp_path, "data.ood_sets=[faces]"), bundle, progress=False)  # mahalanobis and knn
+    assert built == ["id-train"]
+
+
+def test_knn_in_stage6_is_set_up_on_the_training_split_with_the_evaluation_transform(tmp_path):
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[knn]", "evaluate.score_args.knn.k=3", "data.ood_sets=[faces]")
+    results, raw = stage6.evaluate(cfg, ClassifierBundle(Brightness(), EnergyHead("monotone"), {"slope": 1.0}),
+                                   progress=False)
+    assert results["score_args"]["knn"] == {"k": 3}
+    splits = {s.role: s for s in stage6.build_splits(cfg.data)}
+
+    def features(split):
+        data = stage6._Normalised(split, cfg)
+        return Brightness()(torch.stack([data[i][0] for i in range(len(data))]), return_features=True)[1]
+
+    train = features(splits["id-train"]).double().numpy()
+    test = features(splits["id-test"]).double().numpy()
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    test /= np.linalg.norm(test, axis=1, keepdims=True)
+    expected = [-np.sort(((train - q) ** 2).sum(1))[2] for q in test]
+    np.testing.assert_allclose(raw["knn/id-test"], expected, rtol=1e-5, atol=1e-6)

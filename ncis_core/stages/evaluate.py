@@ -1,12 +1,14 @@
 """Stage 6: score ID test and every OOD set, compute FPR95 / AUROC / AUPR per set, write the tables.
 
-For each score function (``evaluate.score`` plus ``evaluate.extra_scores``; see
-:mod:`ncis_core.scores`) and each OOD set: :func:`ncis_core.metrics.ood_metrics` with the positive
-class of ``evaluate.positive``, then the unweighted mean rows over near-OOD sets, far-OOD sets and
-all sets. The energy score is multiplied by a sign (``evaluate.energy_sign``, see :func:`energy_sign`):
-by default the sign of the saved energy head's learned slope, so a classifier whose head learned
-"outliers have the higher logsumexp" (METHOD.md defect 6) is not silently ranked backwards, and +1
-for a checkpoint without a head (the original's). The sign and its source are written in every table.
+For each score (``evaluate.score`` plus ``evaluate.extra_scores``, built through the registry of
+:mod:`ncis_core.scores` with ``evaluate.score_args.<name>``; those that need ID training data are
+set up on the training split first) and each OOD set: :func:`ncis_core.metrics.ood_metrics` with
+the positive class of ``evaluate.positive``, then the unweighted mean rows over near-OOD sets,
+far-OOD sets and all sets. The energy score is multiplied by a sign (``evaluate.energy_sign``, see
+:func:`energy_sign`): by default the sign of the saved energy head's learned slope, so a classifier
+whose head learned "outliers have the higher logsumexp" (METHOD.md defect 6) is not silently ranked
+backwards, and +1 for a checkpoint without a head (the original's). The sign and its source are
+written in every table, and each score's arguments in its table and in ``metrics.json``.
 
 Writes ``results/metrics.json`` (everything), ``results/metrics.csv`` (one row per score and set),
 ``results/table.md`` (the main score's table, convention stated) and ``results/scores.npz`` (raw
@@ -37,10 +39,10 @@ from ..data.transforms import Compose, Normalize, ToTensor
 from ..device import resolve_device
 from ..metrics import CONVENTIONS, METRIC_KEYS, mean_row, ood_metrics
 from ..runs import RunDir, atomic_path, atomic_write_json, atomic_write_text
-from ..scores import MahalanobisScore, build_score
+from ..scores import Score, build_score, score_arguments, score_class
 from .train_classifier import ClassifierBundle, load_classifier
 
-__all__ = ["score_split", "energy_sign", "evaluate", "format_table", "run"]
+__all__ = ["score_split", "energy_sign", "build_scores", "evaluate", "format_table", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,18 @@ class _Normalised(torch.utils.data.Dataset):
 def _loader(split: Split, cfg: ExperimentConfig) -> DataLoader:
     return DataLoader(_Normalised(split, cfg), batch_size=cfg.evaluate.batch_size, shuffle=False,
                       num_workers=cfg.classifier.num_workers)
+
+
+class _OnDevice:
+    """A loader's batches with the images moved to ``device``; iterable more than once (each score
+    that needs setup reads the ID training split in full)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, desc: str, progress: bool):
+        self.loader, self.device, self.desc, self.progress = loader, device, desc, progress
+
+    def __iter__(self):
+        for images, labels in tqdm(self.loader, desc=self.desc, leave=False, **bar_options(self.progress)):
+            yield images.to(self.device), labels
 
 
 def score_split(model: torch.nn.Module, score_fn, split: Split, cfg: ExperimentConfig,
@@ -111,6 +125,24 @@ def energy_sign(rule: str, slope: float | None) -> tuple[float, str]:
     return 1.0, f"the saved energy head's slope ({slope:.3g} ≥ 0)"
 
 
+def build_scores(cfg: ExperimentConfig, sign: float) -> dict[str, Score]:
+    """The run's scores by name (``evaluate.score`` first, then ``evaluate.extra_scores``), each
+    built with its ``evaluate.score_args`` and, for the arguments it leaves to this stage
+    (``Score.stage_args``), the values stage 6 decides: ``sign``, the energy sign."""
+    e = cfg.evaluate
+    from_stage = {"sign": sign}
+    scores = {}
+    for name in dict.fromkeys([e.score, *e.extra_scores]):
+        cls = score_class(name)
+        missing = [a for a in cls.stage_args if a not in from_stage]
+        if missing:
+            raise ValueError(f"score {name!r} asks stage 6 for {missing}; it supplies {', '.join(from_stage)}")
+        # score_arguments refuses a stage argument in the config: evaluate.energy_sign decides the sign
+        scores[name] = build_score(name, **score_arguments(name, e.score_args.get(name)),
+                                   **{a: from_stage[a] for a in cls.stage_args})
+    return scores
+
+
 def _mean_rows(rows: list[dict], score: str) -> list[dict]:
     means = []
     for label, roles in [("mean (near)", {"ood-near"}), ("mean (far)", {"ood-far"}),
@@ -127,8 +159,8 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
 
     Returns:
         ``(results, raw_scores)``: ``results`` holds the convention, the ID accuracy, the energy
-        sign and one row per (score, set) plus the mean rows; ``raw_scores`` maps ``score/set``
-        to the scores.
+        sign, each score's arguments (``score_args``) and one row per (score, set) plus the mean
+        rows; ``raw_scores`` maps ``score/set`` to the scores.
     """
     device = resolve_device(cfg.run.device)
     model = bundle.model.to(device).eval()
@@ -142,15 +174,16 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
     ood = [s for s in splits if s.role.startswith("ood")]
     sign, sign_source = energy_sign(cfg.evaluate.energy_sign, bundle.slope)
     e = cfg.evaluate
-    names = [e.score] + [n for n in e.extra_scores if n != e.score]
+    scores = build_scores(cfg, sign)
+    to_set_up = [name for name, score_fn in scores.items() if score_fn.needs_setup]
+    if to_set_up:
+        # one loader over the training split with the evaluation transform, read by each in turn
+        train = next(s for s in splits if s.role == "id-train")
+        loader = _loader(train, cfg)
+        for name in to_set_up:
+            scores[name].setup(model, _OnDevice(loader, device, f"{name} · setup on {train.name}", progress))
     rows, raw = [], {}
-    for name in names:
-        score_fn = build_score(name, temperature=e.odin_temperature, epsilon=e.odin_epsilon,
-                               sign=sign if name == "energy" else 1.0)
-        if isinstance(score_fn, MahalanobisScore):
-            train = next(s for s in splits if s.role == "id-train")
-            batches = ((x.to(device), y) for x, y in _loader(train, cfg))
-            score_fn.fit(model, batches, num_classes=len(train.classes))
+    for name, score_fn in scores.items():
         raw[f"{name}/{id_test.name}"] = id_scores = score_split(model, score_fn, id_test, cfg, device, progress)
         for split in ood:
             raw[f"{name}/{split.name}"] = ood_scores = score_split(model, score_fn, split, cfg, device, progress)
@@ -163,6 +196,7 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
         "fpr95_rule": e.fpr95_rule,
         "id_accuracy": _accuracy(model, id_test, cfg, device), "energy_sign": sign,
         "energy_sign_source": sign_source,
+        "score_args": {name: score_arguments(name, e.score_args.get(name)) for name in scores},
         "slope": bundle.slope, "classifier": {k: v for k, v in bundle.meta.items() if k != "classes"},
         "sets": {s.name: {"role": s.role, "count": len(s.dataset)} for s in [id_test, *ood]},
         "rows": rows,
@@ -173,13 +207,14 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
 def format_table(results: dict, score: str | None = None) -> str:
     """The markdown table of one score (default: the main one), metrics in percent, convention stated."""
     score = score or results["main_score"]
-    sign = ""
+    notes = [f"{arg}={value}" for arg, value in results.get("score_args", {}).get(score, {}).items()]
     if score == "energy":
         source = results.get("energy_sign_source", "the head's slope")
-        sign = f" ({'+' if results['energy_sign'] > 0 else '−'}logsumexp: {source})"
+        notes.append(f"{'+' if results['energy_sign'] > 0 else '−'}logsumexp: {source}")
+    note = f" ({'; '.join(notes)})" if notes else ""
     rule = {"closest": "the ROC point with recall closest to 95 % (the original's rule)",
             "first_above": "the first ROC point with recall ≥ 95 %"}.get(results.get("fpr95_rule"))
-    lines = [f"Score: **{score}**{sign}. Positive class: {results['convention']}."
+    lines = [f"Score: **{score}**{note}. Positive class: {results['convention']}."
              + (f" FPR95 threshold: {rule}." if rule else ""),
              f"ID accuracy: {100 * results['id_accuracy']:.2f} %.", "",
              "| OOD set | role | FPR95 ↓ | AUROC ↑ | AUPR-In ↑ | AUPR-Out ↑ |", "|---|---|---:|---:|---:|---:|"]

@@ -1,0 +1,27 @@
+"""The largest logit (Hendrycks et al., 2022).
+
+Example:
+    >>> import torch
+    >>> MaxLogitScore()(lambda x: x, torch.tensor([[1.0, 3.0, 2.0]]))
+    tensor([3.])
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import Score, register_score
+
+__all__ = ["MaxLogitScore"]
+
+
+@register_score
+class MaxLogitScore(Score):
+    """``max_c f(x)_c``."""
+
+    name = "maxlogit"
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        return model(images).max(dim=1).values
