@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from . import assets
 from .progress import bar_options
 
 __all__ = [
@@ -103,15 +104,9 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 
 def _local_path(source: str) -> Path | None:
-    """``source`` as an existing local path (relative to the working directory, then to the
-    project root, where notebooks and the command line run), or None."""
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    root = Path(__file__).resolve().parent.parent
-    if not path.is_absolute() and (root / path).exists():
-        return root / path
-    return None
+    """``source`` as an existing local path (relative to the working directory, then among the
+    files the package ships, e.g. ``data/demo/generator``: :func:`ncis_core.assets.resolve`), or None."""
+    return assets.resolve(source)
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -129,7 +124,7 @@ def _hint(source: str) -> str:
 
 def local_source(source: str) -> Path | None:
     """``diffusion.pipeline`` (or ``single_file_config``) as an existing local path, resolved as the
-    loader resolves it (the working directory, then the project root), or None."""
+    loader resolves it (the working directory, then the package's shipped files), or None."""
     return _local_path(source) if source else None
 
 

@@ -3,9 +3,11 @@ config, open the run folder, set up logging), and :func:`write_notebook`, which 
 create a new numbered notebook output-free.
 
 Notebooks carry a ``parameters`` cell (``preset``, ``run_dir``, ``overrides``) and then call
-:func:`start`. Relative paths in the config (dataset roots, ``data/demo/…``) are relative to the
-project root, so :func:`start` makes the project root the working directory: a notebook opened
-from ``notebooks/`` in JupyterLab and one executed by papermill see the same files.
+:func:`start`. Relative paths in the config (dataset roots, the run folder) are relative to the
+project folder (:func:`ncis_core.assets.project_dir`): the repository checkout when the package runs
+from one, so :func:`start` makes it the working directory and a notebook opened from
+``notebooks/`` in JupyterLab and one executed by papermill see the same files; for an installed
+copy, the working directory (the runner's, or the folder a notebook was opened from).
 
 Example:
     >>> cfg, run = start("smoke", "outputs/smoke")  # doctest: +SKIP
@@ -17,12 +19,12 @@ import logging
 import os
 from pathlib import Path
 
+from .assets import project_dir
 from .config import ExperimentConfig, load_config
 from .runs import RunDir
 
-__all__ = ["PROJECT_ROOT", "start", "write_notebook", "notebook_has_outputs", "strip_outputs"]
+__all__ = ["start", "write_notebook", "notebook_has_outputs", "strip_outputs"]
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("ncis_core")
 
 
@@ -32,18 +34,20 @@ def start(preset: str, run_dir: str, overrides: list[str] | tuple[str, ...] = ()
 
     Args:
         preset: preset name.
-        run_dir: the run folder; a relative path is taken from the project root.
+        run_dir: the run folder; a relative path is taken from the project folder (the
+            repository checkout, or the working directory for an installed copy).
         overrides: ``stage.key=value`` strings.
 
     Returns:
         ``(cfg, run)``: the frozen config and the :class:`~ncis_core.runs.RunDir`.
     """
-    if (PROJECT_ROOT / "notebooks").is_dir() and Path.cwd() != PROJECT_ROOT:
-        os.chdir(PROJECT_ROOT)
+    root = project_dir()
+    if Path.cwd() != root:
+        os.chdir(root)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(run_dir)
-    out = out if out.is_absolute() else PROJECT_ROOT / out
+    out = out if out.is_absolute() else root / out
     cfg = load_config(preset, list(overrides), out=str(out))
     run = RunDir.create(cfg)
     log.info("preset %s → run folder %s", preset, out)

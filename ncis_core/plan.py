@@ -35,14 +35,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from . import assets
 from .config import ExperimentConfig
 
 __all__ = ["Card", "CARDS", "parse_card", "plan", "format_plan", "pipeline_configs", "saved_activation_bytes",
            "dataset_counts", "stage_work",
            "NOMINAL_COUNTS"]
 
-ROOT = Path(__file__).resolve().parent.parent
-SD14_CONFIGS = ROOT / "data" / "sd14_configs"
+# Stable Diffusion 1.4's component configs, shipped with the package (ncis_core/assets/)
+SD14_CONFIGS = assets.path("data/sd14_configs")
 
 
 @dataclass(frozen=True)

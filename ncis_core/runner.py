@@ -2,6 +2,9 @@
 
 The series is whatever ``notebooks/NN_*.ipynb`` holds, in numeric order; notebook ``NN`` is stage
 ``NN``. A stage added later appears in batch runs by adding its notebook: nothing here changes.
+The notebooks ship inside the package (:data:`NOTEBOOK_DIR`, ``ncis_core/assets/notebooks``, in the
+repository a link to its ``notebooks/``), so an installed copy runs them too; they execute in the
+project folder (:func:`ncis_core.assets.project_dir`: the checkout, else the working directory).
 A notebook whose input artefact comes from a stage that has no notebook yet (e.g. stage 2 before
 stage 1 is built) is skipped with a warning and recorded as ``skipped`` in the manifest. Notebooks
 numbered after the stages are views (e.g. ``07_explore``: they read artefacts and draw, they make
@@ -21,6 +24,7 @@ import os
 import re
 from pathlib import Path
 
+from .assets import notebooks_dir, project_dir
 from .config import load_config
 from .runs import ARTEFACTS, STAGES, RunDir, stage_inputs
 
@@ -28,7 +32,7 @@ __all__ = ["NOTEBOOK_DIR", "VIEW_INPUTS", "NotebookFailed", "notebook_series", "
 
 log = logging.getLogger(__name__)
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOK_DIR = notebooks_dir()
 _NUMBERED = re.compile(r"^(\d\d)_[\w-]+\.ipynb$")
 
 # Notebooks that are not stages, by number → the artefacts they read (keys of runs.ARTEFACTS).
@@ -130,7 +134,7 @@ def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple
         try:
             papermill.execute_notebook(
                 str(path), str(target), parameters=parameters, kernel_name=kernel_name,
-                progress_bar=progress, cwd=str(path.parent.parent))
+                progress_bar=progress, cwd=str(project_dir()))
         except PapermillExecutionError as exc:
             _record(run, path.name, started, "failed")
             raise NotebookFailed(_describe_failure(exc, path.name, target)) from None

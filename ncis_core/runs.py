@@ -228,8 +228,15 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> dict[str, Any] | None:
-    """``{"commit": sha, "dirty": bool}`` of the kit's checkout, or None outside a git checkout."""
-    repo = Path(repo) if repo else Path(__file__).resolve().parent.parent
+    """``{"commit": sha, "dirty": bool}`` of the kit's checkout (or of ``repo``), or None: for an
+    installed copy (no checkout: :func:`ncis_core.assets.checkout_root`) and outside a git checkout."""
+    if not repo:
+        from .assets import checkout_root
+
+        repo = checkout_root()
+        if repo is None:
+            return None
+    repo = Path(repo)
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
                              text=True, timeout=10)

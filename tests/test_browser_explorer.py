@@ -25,11 +25,13 @@ import nbformat
 import pytest
 from diffusion_fixtures import ROOT, copy_run
 
+from ncis_core.runner import NOTEBOOK_DIR
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-NOTEBOOK = ROOT / "notebooks" / "07_explore.ipynb"
+NOTEBOOK = NOTEBOOK_DIR / "07_explore.ipynb"
 WAIT = 600          # seconds, for anything that waits on the kernel
 GALLERY_SIZE = 3    # the notebook's gallery_size here: fewer than the 4 images per smoke class
 

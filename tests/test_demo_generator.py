@@ -17,6 +17,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
+from ncis_core import assets  # noqa: E402
 from ncis_core import demo_generator as dg  # noqa: E402
 from ncis_core.config import load_config  # noqa: E402
 from ncis_core.data.classes import DEMO_ID_CLASSES, DEMO_NEAR_CLASSES  # noqa: E402
@@ -24,7 +25,7 @@ from ncis_core.demo_generator.train import _encode_all  # noqa: E402
 from ncis_core.diffusion import build_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ROOT / "data" / "demo" / "generator"
+SHIPPED = assets.path("data/demo/generator")  # shipped with the package (repository: data/demo/generator)
 TINY = ["data.max_per_class=4", "generator.vae_steps=2", "generator.unet_steps=3",
         "generator.checkpoint_every=2"]
 
@@ -127,6 +128,6 @@ def test_extras_notebook_trains_and_draws_on_smoke(tmp_path):
         str(NOTEBOOK_DIR / "extras" / "train_demo_generator.ipynb"), str(tmp_path / "executed.ipynb"),
         parameters={"preset": "smoke", "run_dir": str(out), "overrides": [
             f"generator.out={tmp_path / 'gen'}", f"generator.work_dir={tmp_path / 'work'}"]},
-        progress_bar=False, cwd=str(NOTEBOOK_DIR.parent))
+        progress_bar=False, cwd=str(tmp_path))
     for figure in ["generator_losses.png", "generator_montage.png", "generator_vae_reconstructions.png"]:
         assert (out / "figures" / figure).stat().st_size > 1000

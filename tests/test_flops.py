@@ -2,17 +2,15 @@
 real ones, and SD 1.4's per-unit numbers."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ncis_core import flops
+from ncis_core import assets, flops
 
-ROOT = Path(__file__).resolve().parent.parent
-SD14 = ROOT / "data" / "sd14_configs"
+SD14 = assets.path("data/sd14_configs")  # shipped with the package (repository: data/sd14_configs)
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[16, 32],
                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],

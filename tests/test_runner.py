@@ -9,7 +9,7 @@ import pytest
 
 from ncis_core.__main__ import main
 from ncis_core.notebook import write_notebook
-from ncis_core.runner import NotebookFailed, notebook_series, parse_stages, run_series
+from ncis_core.runner import NOTEBOOK_DIR, NotebookFailed, notebook_series, parse_stages, run_series
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def test_notebook_series_is_numbered_and_ordered(tmp_path):
         (tmp_path / name).write_text("{}")
     assert [(n, p.name) for n, p in notebook_series(tmp_path)] == [
         (0, "00_a.ipynb"), (2, "02_b.ipynb"), (10, "10_late.ipynb")]
-    assert notebook_series(ROOT / "notebooks")[0][1].name == "00_data.ipynb"
+    assert notebook_series(NOTEBOOK_DIR)[0][1].name == "00_data.ipynb"
 
 
 def _params_cell():
@@ -101,7 +101,7 @@ def test_notebook_series_runs_end_to_end_on_smoke(tmp_path):
     """The path `make demo` takes, on the smoke preset: every notebook present, through papermill."""
     out = tmp_path / "smoke"
     executed = run_series("smoke", out, progress=False)
-    present = [p.name for _, p in notebook_series(ROOT / "notebooks")]
+    present = [p.name for _, p in notebook_series(NOTEBOOK_DIR)]
     assert (out / "config.yaml").exists()
     manifest = json.loads((out / "manifest.json").read_text())
     status = {name: manifest["notebooks"][name]["status"] for name in present}

@@ -28,16 +28,15 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
 
+from ncis_core import assets
 from ncis_core import diffusion as D
 from ncis_core.config import DiffusionConfig
 
-ROOT = Path(__file__).resolve().parent.parent
-SD14 = ROOT / "data" / "sd14_configs"
+SD14 = assets.path("data/sd14_configs")  # shipped with the package (repository: data/sd14_configs)
 PROMPT = "an image of a high quality"
 
 # The tiny widths: everything else comes from SD 1.4's configs. The level widths keep SD's ratios
