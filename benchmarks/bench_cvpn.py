@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ncis_core.config import SampleConfig  # noqa: E402
 from ncis_core.models.cvpn import CVPN  # noqa: E402
-from ncis_core.stages.sample import tail_sample  # noqa: E402
+from ncis_core.outliers.tail import tail_sample  # noqa: E402
 from ncis_core.stages.train_cvpn import train_step  # noqa: E402
 
 

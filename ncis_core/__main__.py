@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp = sub.add_parser("compare", help="one classifier per outlier method and seed, mean ± std table")
     cmp.add_argument("--preset", required=True)
     cmp.add_argument("--out", required=True, help="the run folder holding stages 1-4")
-    cmp.add_argument("--methods", default="none,idgen,linear,ncis",
-                     help="comma-separated: none, idgen, linear, ncis (default: all four)")
+    cmp.add_argument("--methods", default=None,
+                     help="comma-separated outlier methods of the registry (built in: none, idgen, linear, "
+                          "ncis, knn_boundary; default: every registered method)")
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated classifier seeds")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
 
@@ -159,11 +161,16 @@ def _cmd_compare(args) -> int:
         seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--seeds {args.seeds!r}: use comma-separated integers, e.g. 0,1,2") from None
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    compare(args.preset, args.out, methods, seeds, args.overrides)
-    from pathlib import Path
+    if args.methods is None:
+        from .outliers import method_names
 
-    print((Path(args.out) / "compare" / "table.md").read_text())
+        methods = method_names()
+    else:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    compare(args.preset, args.out, methods, seeds, args.overrides)
+    from .runs import ARTEFACTS
+
+    print((Path(args.out) / ARTEFACTS["compare_dir"] / "table.md").read_text())
     return 0
 
 

@@ -1,15 +1,15 @@
 """The comparison that makes the kit a research tool: one classifier per outlier method and seed on
 the same data, evaluated alike, summarised as mean ± std per OOD set.
 
-``python -m ncis_core compare --preset P --out DIR --methods none,idgen,linear,ncis --seeds 0,1,2``
+``python -m ncis_core compare --preset P --out DIR --methods none,idgen,linear,ncis,knn_boundary --seeds 0,1,2``
 
-The run folder ``DIR`` holds stages 1–4 (run them first, e.g. with ``python -m ncis_core run``);
-``compare`` reuses them: ``ncis`` trains on stage 4's ``outliers/``; ``linear`` and ``idgen`` on the
-trees ``outliers_linear/`` and ``outliers_idgen/``, which :func:`render_baseline_outliers` makes with
-the same generator settings and seeds as NCIS's (``linear``: the linear baseline's embeddings, i.e.
-Gaussian tail sampling directly in embedding space; ``idgen``: the plain class prompt, no injected
-embedding — the control that tells whether boundary sampling adds anything beyond "generated images
-are outliers"); ``none`` is the plain cross-entropy baseline. Each (method, seed) trains into
+The methods are those of the registry (:mod:`ncis_core.outliers`). The run folder ``DIR`` holds
+stages 1–4 (run them first, e.g. with ``python -m ncis_core run``); ``compare`` reuses them: stage
+3's method (``sample.method``, ``ncis`` by default) trains on stage 4's ``outliers/``; every other
+method with images on the tree ``outliers_<method>/``, which
+:func:`~ncis_core.outliers.sources.render_outliers` makes with the same generator settings and seeds
+(so image ``n`` of a class starts from the same noise for every method); a method without outliers
+(``none``) is the plain cross-entropy baseline. Each (method, seed) trains into
 ``DIR/compare/<method>/seed<k>/`` with ``classifier.seed = k`` and is skipped when already complete
 for the same config; the one (method, seed) that is the run's own stage 5 (same classifier config and
 seed, still current) is copied from ``classifier/`` rather than trained again. Writes
@@ -24,7 +24,6 @@ mean ± std columns when the seed moves every method alike.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -35,75 +34,36 @@ import numpy as np
 
 from .config import ExperimentConfig, config_to_yaml, load_config
 from .metrics import METRIC_KEYS
-from .runs import MissingArtefactError, RunDir, StaleArtefactError, atomic_write_json, atomic_write_text
+from . import outliers as registry
+from .outliers.sources import outlier_image_folder, render_outliers
+from .runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_write_json, atomic_write_text,
+                   cache_key, content_hash)
 from .stages import evaluate as stage6
 from .stages import train_classifier as stage5
 
-__all__ = ["METHODS", "render_baseline_outliers", "pixel_shift", "train_and_evaluate", "aggregate",
+__all__ = ["pixel_shift", "train_and_evaluate", "aggregate",
            "stage5_twin", "paired_differences", "format_paired", "format_comparison", "compare"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "idgen", "linear", "ncis")
+
+def _fingerprint(cfg: ExperimentConfig, run: RunDir) -> str:
+    """What one (method, seed) result was computed from: the whole config and the content of the
+    outlier images it trained on (a re-rendered ``outliers_<method>/`` makes the result stale)."""
+    images = outlier_image_folder(cfg, run)
+    return cache_key({"outlier_images": content_hash(images)} if images is not None else {},
+                     config_to_yaml(cfg), versions=("torch", "ncis-kit"))
 
 
-def _fingerprint(cfg: ExperimentConfig) -> str:
-    return hashlib.sha256(config_to_yaml(cfg).encode()).hexdigest()
-
-
-def render_baseline_outliers(cfg: ExperimentConfig, run: RunDir, method: str, progress: bool = True) -> Path:
-    """Render ``outliers_<method>/`` with stage 4's plan, settings and seeds (so image ``n`` of a
-    class starts from the same noise as NCIS's image ``n``).
-
-    ``linear``: the linear baseline's embeddings — stage 3's tail sampling done directly in
-    embedding space on the same training rows; ``idgen``: the plain class prompt, nothing injected.
-    Skipped when the folder holds a complete render of the same inputs.
-    """
-    from dataclasses import asdict
-
-    from .runs import content_hash
-    from .stages import generate as stage4
-    from .stages import sample as stage3
-
-    target = run.root / f"outliers_{method}"
-    ncis_file = run.require("outlier_embeddings")
-    inputs = {"ncis": content_hash(ncis_file), "embeddings": content_hash(run.require("embeddings")),
-              # everything stage 4 and the linear sampler read; the classifier sections do not matter
-              "config": hashlib.sha256(json.dumps([asdict(getattr(cfg, k)) for k in (
-                  "diffusion", "generate", "sample", "cvpn", "data")] + [cfg.run.seed],
-                  sort_keys=True).encode()).hexdigest()}
-    index_file = target / "index.json"
-    if index_file.exists() and json.loads(index_file.read_text()).get("inputs") == inputs:
-        return target
-    if target.exists() and index_file.exists():
-        shutil.rmtree(target)  # a complete render of other inputs; partial renders are resumed
-    ncis = stage4.load_outlier_embeddings(ncis_file)
-    names = ncis["class_names"]
-    num_classes, num_embeddings, _ = ncis["outliers"].shape
-    outliers = None
-    if method == "linear":
-        outliers = stage3.linear_outlier_embeddings(cfg, run, progress)["outliers"]
-    from .device import resolve_device
-
-    pipe, tokens = stage4.prepare(cfg, names, resolve_device(cfg.run.device))
-    batches = stage4.plan(num_classes, num_embeddings, cfg.generate, names)
-    target.mkdir(parents=True, exist_ok=True)
-    stage4.render_batches(pipe, tokens, batches, range(len(batches)), outliers, target, cfg.generate,
-                          progress, desc=f"compare: {method} outlier images")
-    atomic_write_json(index_file, {"method": method, "inputs": inputs, "images": [
-        {"file": im.file, "class": im.class_index, "embedding_index": im.embedding_index, "seed": im.seed}
-        for batch in batches for im in batch]})
-    return target
-
-
-def pixel_shift(run: RunDir, method: str) -> dict:
+def pixel_shift(cfg: ExperimentConfig, run: RunDir, method: str, plain_method: str) -> dict:
     """How far a method's outlier embeddings moved the images: mean squared pixel distance (images in
     [0, 1]) between each outlier image and the plain-prompt image with the same seed
-    (``outliers_idgen/``), beside the distance between two plain-prompt images of one class."""
+    (``plain_method``'s, e.g. ``outliers_idgen/``), beside the distance between two plain-prompt
+    images of one class."""
     from PIL import Image
 
-    folder = run.path("outliers_dir") if method == "ncis" else run.root / f"outliers_{method}"
-    plain = run.root / "outliers_idgen"
+    folder = outlier_image_folder(cfg, run, method)
+    plain = run.path("method_outliers_dir", method=plain_method)
     index = json.loads((plain / "index.json").read_text())["images"]
 
     def load(path):
@@ -140,7 +100,7 @@ def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progres
     already holds the results of the same config (resumable: an interrupted training continues).
     ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained."""
     done = folder / "results" / "metrics.json"
-    fingerprint = _fingerprint(cfg)
+    fingerprint = _fingerprint(cfg, run)
     if done.exists() and json.loads((folder / "config.json").read_text())["fingerprint"] == fingerprint:
         return json.loads(done.read_text())
     folder.mkdir(parents=True, exist_ok=True)
@@ -293,18 +253,21 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
     Returns:
         ``{"rows": aggregated rows, "per_run": method → results per seed}``.
     """
-    unknown = [m for m in methods if m not in METHODS]
+    known = registry.method_names()
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; use some of {', '.join(METHODS)}")
+        raise ValueError(f"unknown methods {unknown}; use some of {', '.join(known)}")
     if not seeds:
         raise ValueError("compare needs at least one seed")
     base = load_config(preset, list(overrides), out=str(out))
     run = RunDir.create(base)
-    folder = run.root / "compare"
+    folder = run.path("compare_dir")
     per_run: dict[str, list[dict]] = {}
     for method in methods:
-        if method in ("linear", "idgen"):
-            render_baseline_outliers(base, run, method, progress=progress)
+        produces = registry.get_method(method).produces
+        if produces != registry.NOTHING and not (produces == registry.EMBEDDINGS
+                                                 and method == base.sample.method):
+            render_outliers(base, run, method, progress=progress)
         for seed in seeds:
             cfg = load_config(preset, [*overrides, f"classifier.outliers={method}", f"classifier.seed={seed}"],
                               out=str(out))
@@ -316,8 +279,10 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
     rows = aggregate(per_run, score)
     convention = next(iter(per_run.values()))[0]["convention"]
     shifts = []
-    if (run.root / "outliers_idgen" / "index.json").exists():
-        shifts = [pixel_shift(run, m) for m in methods if m in ("ncis", "linear")]
+    plain = registry.method_names(registry.PROMPT_IMAGES)
+    if plain and (run.path("method_outliers_dir", method=plain[0]) / "index.json").exists():
+        shifts = [pixel_shift(base, run, m, plain[0]) for m in methods
+                  if registry.get_method(m).produces == registry.EMBEDDINGS]
     extra = ""
     if shifts:
         extra = "### How far the outlier embeddings moved the images\n\n" + \
@@ -326,9 +291,10 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
                 "| method | to plain, same seed | between two plain images |\n|---|---:|---:|\n" + \
                 "".join(f"| {s['method']} | {s['mse_to_plain_same_seed']:.4f} | "
                         f"{s['mse_between_plain_images']:.4f} |\n" for s in shifts)
-    # idgen is the null NCIS must beat (generated images as outliers, no boundary sampling); without
-    # it, the plain energy baseline
-    reference = "idgen" if "idgen" in per_run else "none"
+    # the null NCIS must beat: plain-prompt images as outliers (idgen: generated images, no boundary
+    # sampling); without one, a method without outliers (the plain energy baseline)
+    reference = next((m for kind in (registry.PROMPT_IMAGES, registry.NOTHING) for m in per_run
+                      if registry.get_method(m).produces == kind), methods[0])
     paired = paired_differences(per_run, score, reference) if len(per_run) > 1 else []
     if paired:
         extra = format_paired(paired) + ("\n" + extra if extra else "")

@@ -203,13 +203,23 @@ class CVPNConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Stage 3: tail sampling of outlier embeddings (METHOD.md §3)."""
+    """Stage 3: outlier embeddings (METHOD.md §3, §3b).
+
+    Args:
+        method: the outlier method stages 3 and 4 run (a registered method that produces
+            embeddings: ``ncis``, ``linear``, ``knn_boundary``; see :mod:`ncis_core.outliers`).
+        reg_weight, rounds, draws_per_round, keep_per_round: the tail sampler of ``ncis`` and
+            ``linear`` (λ of ``Σ + λI``; M = rounds × keep_per_round outliers per class).
+        method_args: per-method parameters, ``method_args.<method>.<key>`` (e.g.
+            ``sample.method_args.knn_boundary.k=54``); unset keys keep the method's paper values.
+    """
 
     method: str = "ncis"
     reg_weight: float = 1e-5
     rounds: int = 10
     draws_per_round: int = 3330
     keep_per_round: int = 10
+    method_args: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -402,13 +412,11 @@ _CHOICES = {
     ("embed", "precision"): ("fp32", "bf16", "fp16"),
     ("cvpn", "selection_subset"): ("class_balanced", "dataset_order"),
     ("cvpn", "selection_reduce"): ("sum", "mean"),
-    ("sample", "method"): ("ncis", "linear"),
     ("generate", "embedding_per"): ("batch", "image"),
     ("generate", "batch_embedding"): ("random", "cyclic"),
     ("generate", "quantize"): ("truncate", "round"),
     ("classifier", "precision"): ("fp32", "bf16"),
     ("classifier", "energy_head"): ("linear", "monotone"),
-    ("classifier", "outliers"): ("none", "idgen", "linear", "ncis", "folder"),
     ("classifier", "id_generated"): ("none", "vae_recon", "idgen"),
     ("evaluate", "positive"): ("id", "ood"),
     ("evaluate", "energy_sign"): ("auto", "positive", "negative"),
@@ -461,11 +469,31 @@ def _check_choices(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}")
 
 
+def _check_outlier_methods(cfg: ExperimentConfig) -> None:
+    """``sample.method``, ``classifier.outliers`` and ``sample.method_args`` against the registry of
+    outlier methods (:mod:`ncis_core.outliers`: a method registered before the config is loaded
+    counts)."""
+    from .outliers import base as outliers  # the package's __init__ registers the built-in methods
+
+    samplers = outliers.method_names(outliers.EMBEDDINGS)
+    if cfg.sample.method not in samplers:
+        raise ConfigError(f"sample.method = {cfg.sample.method!r} is not one of {', '.join(samplers)}")
+    sources = [*outliers.method_names(), "folder"]
+    if cfg.classifier.outliers not in sources:
+        raise ConfigError(f"classifier.outliers = {cfg.classifier.outliers!r} is not one of {', '.join(sources)}")
+    try:
+        outliers.check_method_args(cfg.sample.method_args)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_counts(cfg: ExperimentConfig) -> None:
     """Cross-stage counts that would otherwise fail hours into a run (METHOD.md defect 4)."""
     g, c = cfg.generate, cfg.classifier
     made = g.num_batches * g.batch_size
-    from_stage4 = c.outliers in ("ncis", "linear", "idgen") and not c.outlier_folder
+    from .outliers.base import NOTHING, get_method
+
+    from_stage4 = c.outliers != "folder" and get_method(c.outliers).produces != NOTHING and not c.outlier_folder
     if from_stage4 and c.num_outliers is not None and c.num_outliers > made \
             and not c.outliers_with_replacement:
         need = -(-c.num_outliers // g.batch_size)
@@ -532,6 +560,7 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
         raise _explain(exc, "--set overrides") from None
     cfg = OmegaConf.to_object(merged)
     _check_choices(cfg)
+    _check_outlier_methods(cfg)
     _check_counts(cfg)
     _check_scores(cfg)
     return cfg

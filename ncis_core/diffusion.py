@@ -59,6 +59,8 @@ __all__ = [
     "PipelineLoadError",
     "resolve_dtype",
     "load_pipeline",
+    "pipeline_with_class_tokens",
+    "class_token_rows",
     "build_tiny_pipeline",
     "clear_pipeline_cache",
     "set_progress",
@@ -581,6 +583,28 @@ def class_tokens(pipe, names: Sequence[str], strategy: str,
         pattern = r"(?<![\w])" + re.escape(name) + r"(?![\w])"
         generation.append(re.sub(pattern, token, long, count=1) if re.search(pattern, long) else token)
     return ClassTokens(strategy, names, ids, tokens, pieces, tokens, generation, long_names)
+
+
+def pipeline_with_class_tokens(cfg, class_names: Sequence[str], device: torch.device | str = "cpu",
+                               progress: bool = False, dtype: torch.dtype | None = None):
+    """The run's pipeline (``cfg.diffusion``; its tokenizer knows every word of both prompts) and the
+    :class:`ClassTokens` of ``class_names`` — what stages 1 and 4 and the samplers that read the class
+    tokens' rows share.
+
+    Returns:
+        ``(pipe, tokens)``.
+    """
+    long_names = generation_names(cfg.data.dataset, class_names)
+    words = [*class_names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
+             *cfg.generate.prompt.replace("{}", " ").split()]
+    pipe = load_pipeline(cfg.diffusion, device, words=words, progress=progress, seed=cfg.run.seed, dtype=dtype)
+    return pipe, class_tokens(pipe, class_names, cfg.diffusion.class_token, long_names)
+
+
+def class_token_rows(pipe, tokens: "ClassTokens") -> torch.Tensor:
+    """``C × D`` float32 (CPU): the class tokens' rows of the pipeline's input-embedding table."""
+    table = embedding_table(pipe.text_encoder).weight
+    return table[torch.as_tensor(tokens.token_ids, device=table.device)].detach().float().cpu()
 
 
 def tokens_missing_from_prompt(pipe, tokens: ClassTokens, template: str) -> list[int]:

@@ -365,6 +365,12 @@ def stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict[
     draws = num_classes * s.rounds * s.draws_per_round
     kept = num_classes * s.rounds * s.keep_per_round
     mm3 = draws * 2 * width * width + num_classes * 2 * width ** 3 + (n_embed + kept) * per_sample
+    from . import outliers
+
+    sampler = outliers.get_method(s.method)
+    if sampler.flops is not None:  # a sampler that is not the tail sampler counts its own work
+        mm3 = num_classes * sampler.flops(outliers.method_params(sampler, s.method_args),
+                                          int(n_embed * (1 - cv.holdout_fraction) / num_classes), width)
     out["sample"] = {"work": {"draws": draws, "kept": kept}, "conv": 0, "matmul": mm3, "precision": "fp32",
                      "disk_bytes": {"outlier_embeddings.safetensors": kept * width * 4},
                      "peak_memory_gib": (params2 * 4 + s.draws_per_round * width * 8) / gib}
@@ -498,31 +504,50 @@ def _preflight(cfg: ExperimentConfig, disk_needed: int, data_ok_problems: list[s
     return problems
 
 
+def sampler_matmul_flops(cfg: ExperimentConfig, method: str, stages: dict, num_classes: int) -> float:
+    """FLOPs of a sampler's own computation (its ``OutlierMethod.flops`` hook, e.g. the exact
+    nearest-neighbour distances of ``knn_boundary``); 0 for a method without one (the tail samplers'
+    Gaussians are negligible beside the renders)."""
+    from . import outliers
+
+    m = outliers.get_method(method)
+    if m.flops is None:
+        return 0.0
+    per_class = stages["embed"]["work"]["images"] * (1 - cfg.cvpn.holdout_fraction) / max(1, num_classes)
+    dim = pipeline_configs(cfg)[0]["text_encoder"].get("hidden_size", 768)
+    return float(num_classes * m.flops(outliers.method_params(m, cfg.sample.method_args), int(per_class), dim))
+
+
 # ----------------------------------------------------------------------------- the plan
 def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], methods: list[str],
                   seeds: list[int]) -> dict:
-    """``compare``'s own work on top of the run: the idgen / linear renders (stage 4's work each),
-    one training per (method, seed) but the run's own stage 5, one evaluation each."""
+    """``compare``'s own work on top of the run: the renders of every method with images but stage
+    3's (stage 4's work each), the other samplers' embeddings (:func:`sampler_matmul_flops`), one
+    training per (method, seed) but the run's own stage 5, one evaluation each."""
     from dataclasses import replace
 
+    from . import outliers
+
     stages = stage_work(cfg, counts, classes)
-    renders = sum(m in ("idgen", "linear") for m in methods)
+    images = [m for m in methods if outliers.get_method(m).produces != outliers.NOTHING]
+    renders = sum(1 for m in images if m != cfg.sample.method)
+    sampling = sum(sampler_matmul_flops(cfg, m, stages, len(classes)) for m in images if m != cfg.sample.method)
     conv = renders * stages["generate"]["conv"]
-    mm = renders * stages["generate"]["matmul"]
-    parts = {"generate": conv + mm}
+    mm = renders * stages["generate"]["matmul"] + sampling
+    parts = {"generate": conv + mm - sampling, "sample": sampling}
     trainings = 0
+    own_seed = cfg.classifier.seed if cfg.classifier.seed is not None else cfg.run.seed
     for method in methods:
-        own = cfg.classifier.outliers if method == "ncis" else None
-        per = stages["classifier"] if method != "none" else stage_work(
-            replace(cfg, classifier=replace(cfg.classifier, outliers="none")), counts, classes)["classifier"]
-        n = sum(1 for seed in seeds if not (own == "ncis" and seed == (cfg.classifier.seed
-                                                                          if cfg.classifier.seed is not None
-                                                                          else cfg.run.seed)))
+        without = outliers.get_method(method).produces == outliers.NOTHING
+        per = stages["classifier"] if not without else stage_work(
+            replace(cfg, classifier=replace(cfg.classifier, outliers=method)), counts, classes)["classifier"]
+        # the run's own stage 5 is copied, not trained again (compare.stage5_twin)
+        n = sum(1 for seed in seeds if not (method == cfg.classifier.outliers and seed == own_seed))
         trainings += n
         # the VAE reconstructions are cached once per run: count them for none of the copies
         conv += n * per["conv"] - (n * per.get("recon_conv", 0))
         mm += n * per["matmul"] - (n * per.get("recon_matmul", 0))
-    parts["classifier"] = conv + mm - parts["generate"]
+    parts["classifier"] = conv + mm - parts["generate"] - sampling
     evaluations = len(methods) * len(seeds)
     conv += evaluations * stages["evaluate"]["conv"]
     mm += evaluations * stages["evaluate"]["matmul"]

@@ -50,6 +50,7 @@ __all__ = [
     "RunDir",
     "StageRecord",
     "stage_inputs",
+    "stage_sections",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -75,6 +76,8 @@ ARTEFACTS: dict[str, str] = {
     "outlier_embeddings": "outlier_embeddings.safetensors",
     "outliers_dir": "outliers",
     "outliers_index": "outliers/index.json",
+    # the images of an outlier method other than stage 3's (rendered by compare; {method} = its name)
+    "method_outliers_dir": "outliers_{method}",
     "classifier_dir": "classifier",
     "classifier_best": "classifier/best.safetensors",
     "classifier_history": "classifier/history.json",
@@ -82,6 +85,9 @@ ARTEFACTS: dict[str, str] = {
     "metrics_json": "results/metrics.json",
     "metrics_csv": "results/metrics.csv",
     "table_md": "results/table.md",
+    "scores_npz": "results/scores.npz",
+    # compare: one folder per (method, seed), the tables and their summary
+    "compare_dir": "compare",
     "figures": "figures",
     "notebooks": "notebooks",
     # derived results kept between commands (UMAP maps, other methods' outlier embeddings, ...):
@@ -123,10 +129,30 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 
 def stage_inputs(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
     """The artefacts stage ``name`` reads under ``cfg``: its own list, except where the config
-    changes it (stage 5 reads stage 4's ``outliers/`` only when ``classifier.outliers=ncis``)."""
-    if name == "classifier" and cfg.classifier.outliers != "ncis":
+    changes it (stage 3 reads the cVPN only for a method that needs it; stage 5 reads stage 4's
+    ``outliers/`` only when ``classifier.outliers`` is stage 3's method)."""
+    if name == "sample":
+        from .outliers.base import method_inputs
+
+        return method_inputs(cfg, cfg.sample.method)[0]
+    if name == "classifier" and cfg.classifier.outliers != cfg.sample.method:
         return ()
     return STAGES[name].inputs
+
+
+def stage_sections(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
+    """The config sections stage ``name``'s outputs depend on under ``cfg``: its own list plus what
+    the config adds (stage 3: what its method reads, e.g. the generator for ``knn_boundary``'s class
+    token rows; stage 5: the generator and ``embed.resolution`` when it makes generated-looking ID
+    images)."""
+    own = STAGES[name].config_sections
+    if name == "sample":
+        from .outliers.base import method_inputs
+
+        return tuple(dict.fromkeys((*own, *method_inputs(cfg, cfg.sample.method)[1])))
+    if name == "classifier" and cfg.classifier.id_generated != "none":
+        return (*own, "diffusion", "embed.resolution")
+    return own
 
 
 # Config sections every stage depends on (the seed changes every random draw).
@@ -360,12 +386,14 @@ class RunDir:
         return cls(root, config_from_yaml(cfg_file.read_text()))
 
     # -- paths and manifest
-    def path(self, artefact: str) -> Path:
-        """Absolute path of an artefact by name (see :data:`ARTEFACTS`)."""
+    def path(self, artefact: str, **fields: str) -> Path:
+        """Absolute path of an artefact by name (see :data:`ARTEFACTS`); ``fields`` fill a pattern
+        (``run.path("method_outliers_dir", method="linear")``)."""
         try:
-            return self.root / ARTEFACTS[artefact]
+            relative = ARTEFACTS[artefact]
         except KeyError:
             raise KeyError(f"unknown artefact {artefact!r}; known: {', '.join(ARTEFACTS)}") from None
+        return self.root / relative.format(**fields) if fields or "{" in relative else self.root / relative
 
     def figure_path(self, name: str) -> Path:
         """``figures/<name>`` (the folder is created)."""
@@ -403,7 +431,7 @@ class RunDir:
 
     def _input_keys(self, stage: Stage, inputs: tuple[str, ...] | None = None,
                     extra: tuple[str | os.PathLike, ...] = ()) -> list[str]:
-        keys = [f"config:{s}" for s in (*_COMMON_SECTIONS, *stage.config_sections)]
+        keys = [f"config:{s}" for s in (*_COMMON_SECTIONS, *stage_sections(self.cfg, stage.name))]
         keys += list(stage.inputs if inputs is None else inputs)
         keys += [f"path:{Path(p).resolve()}" for p in extra]
         return keys
@@ -458,7 +486,8 @@ class RunDir:
             stage = STAGES[name]
         except KeyError:
             raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
-        for artefact in stage.inputs if inputs is None else inputs:
+        inputs = stage_inputs(self.cfg, name) if inputs is None else inputs
+        for artefact in inputs:
             self.require(artefact)
         inputs = self._input_hashes(stage, inputs, extra)
         manifest = self.manifest()

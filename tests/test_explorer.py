@@ -11,7 +11,7 @@ from diffusion_fixtures import copy_run
 
 from ncis_core.embeddings_io import load_embeddings
 from ncis_core.runs import MissingArtefactError, RunDir
-from ncis_core.stages.sample import load_outliers
+from ncis_core.outliers.files import load_outliers
 from ncis_core.viz import explorer
 
 
@@ -76,7 +76,7 @@ def test_id_examples_are_seeded_images_of_the_class(data):
 
 
 def test_the_linear_baseline_without_images_says_to_run_compare(data):
-    assert data.methods == ["ncis", "linear"] and data.index("linear") is None
+    assert data.methods == ["ncis", "linear", "knn_boundary"] and data.index("linear") is None
     view = explorer.class_view(data, 0, "linear", n=3)
     assert not view.rendered and view.outliers == [] and "run `python -m ncis_core compare" in view.message
     assert len(view.id_pixels) == 8  # the real images are shown all the same

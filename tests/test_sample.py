@@ -1,4 +1,5 @@
-"""Stage 3 (stages/sample.py): class Gaussians, tail sampling against a brute force, the stage."""
+"""Stage 3 (stages/sample.py, outliers/tail.py, outliers/ncis.py, outliers/linear.py): class Gaussians,
+tail sampling against a brute force, the ncis and linear samplers, the stage."""
 
 import numpy as np
 import pytest
@@ -9,8 +10,16 @@ from ncis_core.config import SampleConfig, load_config
 from ncis_core.embeddings_io import save_embeddings, synthetic_embeddings
 from ncis_core.runs import RunDir
 from ncis_core.stages import sample, train_cvpn
-from ncis_core.stages.sample import (class_gaussians, draw_standard_normal, sample_outliers,
-                                     tail_sample)
+from ncis_core.outliers.inputs import SampleInputs
+from ncis_core.outliers.linear import sample_linear
+from ncis_core.outliers.ncis import sample_ncis
+from ncis_core.outliers import tail
+from ncis_core.outliers.tail import class_gaussians, draw_standard_normal, tail_sample
+
+
+def _inputs(x, labels, cfg, model=None, mean=None):
+    cvpn = (lambda: (model, {"k": 0}, mean)) if model is not None else None
+    return SampleInputs(x, labels, 3, ["a", "b", "c"], 0, cfg, torch.device("cpu"), cvpn)
 
 
 def _data(seed=0):
@@ -52,7 +61,7 @@ def test_tail_sample_is_deterministic_and_independent_of_chunking(monkeypatch):
     cfg = SampleConfig(reg_weight=1e-4, rounds=3, draws_per_round=30, keep_per_round=2)
     a = tail_sample(z, labels, 3, cfg, seed=1, progress=False)
     b = tail_sample(z, labels, 3, cfg, seed=1, progress=False)
-    monkeypatch.setattr(sample, "_CHUNK_BYTES", 1)          # one class per chunk
+    monkeypatch.setattr(tail, "_CHUNK_BYTES", 1)            # one class per chunk
     c = tail_sample(z, labels, 3, cfg, seed=1, progress=False)
     d = tail_sample(z, labels, 3, cfg, seed=2, progress=False)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -71,14 +80,14 @@ def test_linear_baseline_and_ncis_outliers():
     data = synthetic_embeddings(3, 20, 12, seed=0, rank=2)
     x, labels = data["embeddings"], data["labels"]
     cfg = SampleConfig(rounds=2, draws_per_round=25, keep_per_round=3, method="linear")
-    linear = sample_outliers(x, labels, 3, cfg, seed=0, progress=False)
+    linear = sample_linear(_inputs(x, labels, cfg), progress=False)
     direct, _ = tail_sample(x.double(), labels, 3, cfg, seed=0, progress=False)
-    assert linear["method"] == "linear" and torch.allclose(linear["outliers"], direct.float())
+    assert torch.allclose(linear["outliers"].float(), direct.float())
     torch.manual_seed(0)
     model = train_cvpn.CVPN(12, 3, num_layers=2).eval()
     mean = x.mean(0)
-    ncis = sample_outliers(x, labels, 3, SampleConfig(rounds=2, draws_per_round=25, keep_per_round=3),
-                           seed=0, model=model, input_mean=mean, progress=False)
+    ncis = sample_ncis(_inputs(x, labels, SampleConfig(rounds=2, draws_per_round=25, keep_per_round=3),
+                               model, mean), progress=False)
     assert ncis["outliers"].shape == (3, 6, 12)
     with torch.no_grad():                                   # f(outlier − mean) is the kept latent draw
         z = model(x - mean, labels).double()
@@ -87,7 +96,7 @@ def test_linear_baseline_and_ncis_outliers():
         back = model(ncis["outliers"].reshape(-1, 12) - mean, torch.arange(3).repeat_interleave(6))
     assert torch.allclose(back.reshape(3, 6, 12).double(), latent, atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="needs the trained cVPN"):
-        sample_outliers(x, labels, 3, SampleConfig(), seed=0)
+        sample_ncis(_inputs(x, labels, SampleConfig()), progress=False)
 
 
 def _trained_run(tmp_path, name="run", overrides=()):

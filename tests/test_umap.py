@@ -11,6 +11,7 @@ import umap
 
 from ncis_core.config import load_config
 from ncis_core.embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
+from ncis_core.outliers.files import load_outliers
 from ncis_core.runs import MissingArtefactError, RunDir
 from ncis_core.stages import sample, train_cvpn
 from ncis_core.viz import maps as viz_maps
@@ -103,10 +104,12 @@ def test_same_seed_same_map_other_seed_other_map(run):
 def test_outliers_are_placed_with_transform(run, recording):
     m = viz_maps.umap_map(run, cache=False, progress=False)
     per_class = run.cfg.sample.rounds * run.cfg.sample.keep_per_round
-    assert m.methods == ("ncis", "linear") and recording.transforms == 2   # one transform per method
+    # every registered method that produces embeddings, stage 3's first; one transform per method
+    assert m.methods == ("ncis", "linear", "knn_boundary") and recording.transforms == 3
     assert m.coords.shape == (CLASSES * PER_CLASS, 2) and np.isfinite(m.coords).all()
-    stored = sample.load_outliers(run.path("outlier_embeddings"))
+    stored = load_outliers(run.path("outlier_embeddings"))
     for method in m.methods:
+        per_class = stored["outliers"].shape[1] if method != "knn_boundary" else len(m.outlier_labels[method]) // CLASSES
         assert m.outlier_coords[method].shape == (CLASSES * per_class, 2)
         assert np.isfinite(m.outlier_coords[method]).all()
         assert np.array_equal(m.outlier_labels[method], np.repeat(np.arange(CLASSES), per_class))
@@ -139,7 +142,8 @@ def test_the_cache_is_reused_and_follows_the_embeddings(run, monkeypatch):
     assert np.array_equal(again.coords, first.coords) and np.array_equal(again.image_ids, first.image_ids)
     for method in first.methods:
         assert np.array_equal(again.outlier_coords[method], first.outlier_coords[method])
-        assert np.array_equal(again.outlier_log_density[method], first.outlier_log_density[method])
+        assert np.array_equal(again.outlier_log_density[method], first.outlier_log_density[method],
+                              equal_nan=True)  # NaN: knn_boundary draws from no Gaussian
     # other settings: another key, so a refit
     with pytest.raises(AssertionError, match="refitted"):
         viz_maps.umap_map(run, min_dist=0.3, progress=False)
@@ -154,11 +158,10 @@ def test_the_cache_is_reused_and_follows_the_embeddings(run, monkeypatch):
 
 
 def test_linear_outliers_are_those_compare_renders(run, monkeypatch):
-    from dataclasses import replace
-
-    from ncis_core import compare
+    from ncis_core.outliers.linear import sample_linear
+    from ncis_core.outliers.inputs import sample_inputs
+    from ncis_core.outliers.sources import method_outlier_embeddings, render_outliers
     from ncis_core.stages import generate as stage4
-    from ncis_core.stages.train_cvpn import holdout_split
 
     rendered = {}
     monkeypatch.setattr(stage4, "prepare", lambda cfg, names, device: (None, None))
@@ -166,16 +169,12 @@ def test_linear_outliers_are_those_compare_renders(run, monkeypatch):
         rendered["outliers"] = outliers
 
     monkeypatch.setattr(stage4, "render_batches", record)
-    compare.render_baseline_outliers(run.cfg, run, "linear", progress=False)
-    shared = sample.linear_outlier_embeddings(run.cfg, run, progress=False)
+    render_outliers(run.cfg, run, "linear", progress=False)
+    shared = method_outlier_embeddings(run.cfg, run, "linear", progress=False)
     assert torch.equal(rendered["outliers"], shared["outliers"])
     # … which are stage 3's tail sampling in embedding space on stage 3's training rows
-    data = load_embeddings(run.path("embeddings"))
-    train, _ = holdout_split(data["labels"], run.cfg.cvpn.holdout_fraction, run.cfg.run.seed)
-    direct = sample.sample_outliers(data["embeddings"][train], data["labels"][train], CLASSES,
-                                    replace(run.cfg.sample, method="linear"), run.cfg.run.seed,
-                                    progress=False)
-    assert torch.equal(shared["outliers"], direct["outliers"]) and shared["method"] == "linear"
+    direct = sample_linear(sample_inputs(run.cfg, run), progress=False)
+    assert torch.equal(shared["outliers"], direct["outliers"].float()) and shared["method"] == "linear"
     m = viz_maps.umap_map(run, methods=("linear",), progress=False)
     assert np.array_equal(m.outlier_log_density["linear"], shared["log_density"].numpy().reshape(-1))
 
@@ -189,7 +188,7 @@ def test_missing_stage_1_is_a_clear_error_and_missing_stage_3_a_warning(tmp_path
         save_embeddings(run.path("embeddings"), **synthetic_embeddings(2, 6, DIM, seed=0, rank=2))
     with pytest.warns(UserWarning, match=r"no ncis outlier embeddings to map .*stage 3"):
         m = viz_maps.umap_map(run, progress=False)
-    assert m.methods == ("linear",) and m.coords.shape == (12, 2)
+    assert m.methods == ("linear", "knn_boundary") and m.coords.shape == (12, 2)
     with pytest.raises(ValueError, match="unknown outlier methods"):
         viz_maps.umap_map(run, methods=("pca",), progress=False)
 
@@ -224,16 +223,18 @@ def test_pictures(run):
     plt.close("all")
 
 
-def test_linear_outlier_embeddings_are_computed_once_per_inputs(run, monkeypatch):
-    first = sample.linear_outlier_embeddings(run.cfg, run, progress=False)
-    real = sample.sample_outliers
+def test_other_methods_outlier_embeddings_are_computed_once_per_inputs(run, monkeypatch):
+    from ncis_core.outliers import sources
+
+    first = sources.method_outlier_embeddings(run.cfg, run, "linear", progress=False)
+    real = sources.sample_method
     calls = []
-    monkeypatch.setattr(sample, "sample_outliers", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = sample.linear_outlier_embeddings(run.cfg, run, progress=False)
-    assert calls == []  # read back from RUN/cache/linear_outliers
+    monkeypatch.setattr(sources, "sample_method", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = sources.method_outlier_embeddings(run.cfg, run, "linear", progress=False)
+    assert calls == []  # read back from RUN/cache/outlier_embeddings
     assert torch.equal(again["outliers"], first["outliers"]) and again["method"] == "linear"
     assert torch.equal(again["log_density"], first["log_density"])
     # another tail depth is another result: sampled anew
     deeper = load_config("smoke", ["sample.draws_per_round=40"], out=str(run.root))
-    other = sample.linear_outlier_embeddings(deeper, RunDir(run.root, deeper), progress=False)
+    other = sources.method_outlier_embeddings(deeper, RunDir(run.root, deeper), "linear", progress=False)
     assert calls == [1] and not torch.equal(other["outliers"], first["outliers"])

@@ -264,12 +264,7 @@ def prepare(cfg: ExperimentConfig, device: torch.device | str = "cpu", progress:
     names = list(split.classes)
     if not names:
         raise ValueError("the ID training split has no class names")
-    long_names = diffusion.generation_names(cfg.data.dataset, names)
-    words = [*names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
-             *cfg.generate.prompt.replace("{}", " ").split()]
-    pipe = diffusion.load_pipeline(cfg.diffusion, device, words=words, progress=progress,
-                                   seed=cfg.run.seed, dtype=pipeline_dtype(cfg.embed))
-    tokens = diffusion.class_tokens(pipe, names, cfg.diffusion.class_token, long_names)
+    pipe, tokens = diffusion.pipeline_with_class_tokens(cfg, names, device, progress, pipeline_dtype(cfg.embed))
     res = cfg.embed.resolution
     dataset = with_transform(split.dataset, Compose([Resize(res), CenterCrop(res)]))
     return pipe, tokens, split, dataset
@@ -338,9 +333,7 @@ def class_token_rows(cfg: ExperimentConfig, device: torch.device | str = "cpu"
     (for the notebook's distance-from-class-token plot): read from stage 1's own pipeline
     (:func:`prepare`, in ``embed.precision``), so they are the rows its inversions start from."""
     pipe, tokens, _, _ = prepare(cfg, device)
-    table = diffusion.embedding_table(pipe.text_encoder).weight
-    rows = table[torch.as_tensor(tokens.token_ids, device=table.device)].detach().float().cpu()
-    return rows, tokens
+    return diffusion.class_token_rows(pipe, tokens), tokens
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,

@@ -128,7 +128,7 @@ def load_outlier_embeddings(path: str | Path) -> dict:
     Raises:
         ValueError: no ``outliers`` tensor, not ``C × M × D``, or empty (no class or no embedding).
     """
-    from .sample import load_outliers
+    from ..outliers.files import load_outliers
 
     data = load_outliers(path)
     out = data.get("outliers")
@@ -159,15 +159,10 @@ def prepare(cfg: ExperimentConfig, class_names: Sequence[str], device: torch.dev
     """
     from diffusers import PNDMScheduler
 
-    long_names = diffusion.generation_names(cfg.data.dataset, class_names)
-    words = [*class_names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
-             *cfg.generate.prompt.replace("{}", " ").split()]
-    pipe = diffusion.load_pipeline(cfg.diffusion, device, words=words, progress=progress,
-                                   seed=cfg.run.seed)
+    pipe, tokens = diffusion.pipeline_with_class_tokens(cfg, class_names, device, progress)
     if not (isinstance(pipe.scheduler, PNDMScheduler) and pipe.scheduler.config.skip_prk_steps):
         # METHOD.md §4: PLMS = PNDM without the Runge-Kutta warm-up steps
         pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
-    tokens = diffusion.class_tokens(pipe, class_names, cfg.diffusion.class_token, long_names)
     return pipe, tokens
 
 

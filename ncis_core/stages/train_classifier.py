@@ -8,10 +8,12 @@ SGD with Nesterov momentum, a cosine schedule per step from ``lr`` to ``final_lr
 over ID while the outlier loader cycles. ``outliers: none`` drops the energy term (the plain
 cross-entropy baseline, scored with the energy score at test time).
 
-Outlier sources (``classifier.outliers``): ``ncis`` — the run's ``outliers/`` tree from stage 4;
-``linear`` / ``idgen`` — the trees ``outliers_linear/`` / ``outliers_idgen/`` of the run (rendered by
-``compare``), or ``classifier.outlier_folder`` when set; ``folder`` — any folder of images
-(``classifier.outlier_folder``).
+Outlier sources (``classifier.outliers``, a registered outlier method or ``folder``): stage 3's method
+(``sample.method``, ``ncis`` by default) — the run's ``outliers/`` tree from stage 4; any other method
+with images — the tree ``outliers_<method>/`` of the run (rendered by ``compare``), or
+``classifier.outlier_folder`` when set; a method without outliers (``none``) — no energy term;
+``folder`` — any folder of images (``classifier.outlier_folder``); see
+:func:`ncis_core.outliers.sources.outlier_image_folder`.
 
 Reproducible and resumable: every epoch draws its shuffling and augmentation from generators seeded
 by ``(seed, epoch)`` (``classifier.seed``, else ``run.seed``), and a checkpoint (``classifier/last.safetensors`` + ``last.json``) is
@@ -47,7 +49,7 @@ from ..data.transforms import (Compose, Normalize, RandomChoiceResize, RandomCro
                                RandomHorizontalFlip, RandomResizedCrop, ToTensor)
 from ..device import resolve_device
 from ..models.resnet import EnergyHead, build_classifier, remap_ood_checkpoint
-from ..runs import RunDir, atomic_path, atomic_write_json, stage_inputs
+from ..runs import MissingArtefactError, RunDir, atomic_path, atomic_write_json, stage_inputs
 
 __all__ = [
     "train_transforms",
@@ -98,19 +100,16 @@ class _Tensors(Dataset):
         return image, label
 
 
-def _outlier_folder(cfg: ExperimentConfig, run_dir: RunDir) -> Path:
-    kind, folder = cfg.classifier.outliers, cfg.classifier.outlier_folder
-    if kind == "folder" or (kind in ("linear", "idgen") and folder):
-        if not folder:
-            raise DataError("classifier.outliers=folder needs classifier.outlier_folder (a folder of images)")
-        return Path(folder)
-    if kind == "ncis":
-        return run_dir.require("outliers_dir")
-    path = run_dir.root / f"outliers_{kind}"
-    if not path.exists():
-        raise DataError(f"classifier.outliers={kind} needs the images in {path}; render them with "
-                        f"`python -m ncis_core compare` or point classifier.outlier_folder at them")
-    return path
+def _outlier_folder(cfg: ExperimentConfig, run_dir: RunDir) -> Path | None:
+    """The folder of ``classifier.outliers``'s images (None for a method without outliers)."""
+    from ..outliers.sources import outlier_image_folder
+
+    try:
+        return outlier_image_folder(cfg, run_dir)
+    except FileNotFoundError as exc:
+        if isinstance(exc, MissingArtefactError):
+            raise
+        raise DataError(str(exc)) from None
 
 
 def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | None:
@@ -121,9 +120,9 @@ def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | No
             unless ``outliers_with_replacement``.
     """
     c = cfg.classifier
-    if c.outliers == "none":
-        return None
     folder = _outlier_folder(cfg, run_dir)
+    if folder is None:
+        return None
     paths = list_images(folder)
     if not paths:
         raise DataError(f"no images in the outlier folder {folder} (classifier.outliers={c.outliers})")
@@ -174,35 +173,34 @@ def id_generated_dataset(cfg: ExperimentConfig, run_dir: RunDir, progress: bool 
     plain-prompt generations of ``outliers_idgen/`` (rendered by ``compare``), labelled with their
     class. Either way "generated vs real" stops being a shortcut the energy head can learn.
     """
-    import hashlib
     from dataclasses import asdict
 
     from ..data.base import ArrayDataset
+    from ..runs import cache_key, cache_path
 
     kind = cfg.classifier.id_generated
     if kind == "none":
         return None
     if kind == "idgen":
-        folder = run_dir.root / "outliers_idgen"
+        folder = run_dir.path("method_outliers_dir", method="idgen")
         if not (folder / "index.json").exists():
             raise DataError(f"classifier.id_generated=idgen needs the plain-prompt generations in {folder}; "
                             f"render them with `python -m ncis_core compare --methods idgen,...`")
         index = json.loads((folder / "index.json").read_text())["images"]
         return ImageFolderFiles([folder / im["file"] for im in index], [im["class"] for im in index], None)
-    cache = run_dir.root / "id_generated" / "vae_recon.npz"
-    key = hashlib.sha256(json.dumps([asdict(cfg.data), asdict(cfg.diffusion), cfg.embed.resolution],
-                                    sort_keys=True).encode()).hexdigest()
+    key = cache_key({}, [asdict(cfg.data), asdict(cfg.diffusion), cfg.embed.resolution],
+                    versions=("torch", "diffusers"))
+    cache = cache_path(run_dir.root, "id_generated", f"vae_recon-{key}", ".npz")
     if cache.exists():
         with np.load(cache) as f:
-            if str(f["key"]) == key:
-                return ArrayDataset(f["images"], f["labels"])
+            return ArrayDataset(f["images"], f["labels"])
     split = get_split(cfg.data, "id-train")
     images = np.stack([split.dataset[i][0] for i in range(len(split.dataset))])
     labels = np.asarray(split.dataset.labels)
     recons = _vae_reconstructions(cfg, images, progress)
     with atomic_path(cache) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, images=recons, labels=labels, key=np.array(key))
+            np.savez(f, images=recons, labels=labels)
     return ArrayDataset(recons, labels)
 
 
@@ -600,7 +598,8 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
     c = cfg.classifier
     state, _ = process_state(cfg.run.device)
     inputs = stage_inputs(cfg, "classifier")
-    extra = (_outlier_folder(cfg, run_dir),) if c.outliers not in ("ncis", "none") else ()
+    folder = _outlier_folder(cfg, run_dir)
+    extra = (folder,) if folder is not None and "outliers_dir" not in inputs else ()
     with contextlib.ExitStack() as stack:
         rec = stack.enter_context(run_dir.stage("classifier", inputs=inputs, extra=extra)) \
             if state.is_main_process else None

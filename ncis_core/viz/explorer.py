@@ -5,8 +5,8 @@ figures ↔ ``07_explore.ipynb``.
 Three layers, so that each can be tested alone:
 
 * data: :class:`ExplorerData` reads a run's artefacts once (stage 1's embeddings, stage 3's outlier
-  embeddings and log-densities, stage 4's ``outliers/index.json``, and ``outliers_linear/`` when
-  ``python -m ncis_core compare`` has rendered the linear baseline); :func:`outlier_images`,
+  embeddings and log-densities, stage 4's ``outliers/index.json``, and every other outlier method's
+  ``outliers_<method>/`` once ``python -m ncis_core compare`` has rendered it); :func:`outlier_images`,
   :func:`id_examples`, :func:`nearest_id_images`, :func:`class_view` and :func:`outlier_detail`
   return plain values;
 * static twins: :func:`plot_class_view` and :func:`plot_outlier_detail` draw those values into a
@@ -17,7 +17,8 @@ Three layers, so that each can be tested alone:
 
 An outlier's *energy* is ``−log p`` of its embedding under the class Gaussian it was drawn from
 (stage 3's ``log_density``; for NCIS that Gaussian lives in the cVPN's latent space, for the linear
-baseline in embedding space): the larger, the further out in the tail.
+baseline in embedding space): the larger, the further out in the tail. A method that draws from no
+Gaussian (``knn_boundary``) has no energy (NaN); its images keep their index order.
 
 Widgets carry stable CSS classes (``ncis-explorer``, ``ncis-class-dropdown``, ``ncis-method``,
 ``ncis-count``, ``ncis-save``, ``ncis-status``, ``ncis-map``, ``ncis-gallery``, ``ncis-outlier``,
@@ -73,10 +74,16 @@ __all__ = [
 # The class selection that means "every class" (a dropdown value must not be None in ipywidgets).
 ALL_CLASSES = -1
 
-# Method label → folder of its rendered images, relative to the run folder. Stage 4 renders the
-# method of stage 3's file; `compare` renders the linear baseline with stage 4's plan and seeds.
-_IMAGE_FOLDERS = {"ncis": "outliers", "linear": "outliers_linear"}
-_METHOD_LABELS = {"ncis": "NCIS", "linear": "linear"}
+
+
+def _label(method: str) -> str:
+    """How the explorer writes a method (the registry's label)."""
+    from .. import outliers as registry
+
+    try:
+        return registry.get_method(method).label
+    except ValueError:
+        return method
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ class OutlierImage:
     """One generated outlier image and the embedding it was generated from.
 
     Args:
-        method: ``"ncis"`` or ``"linear"``.
+        method: the outlier method (a registered one that produces embeddings).
         file: the PNG, relative to the method's image folder (as in its ``index.json``).
         path: the PNG's absolute path.
         class_index: its class.
@@ -182,7 +189,7 @@ class ExplorerData:
     Args:
         run: the run folder (stages 1, 3 and 4 done).
         embeddings: stage 1's ``{"embeddings", "labels", "image_ids", "class_names", …}``.
-        outliers: stage 3's file (:func:`ncis_core.stages.sample.load_outliers`).
+        outliers: stage 3's file (:func:`ncis_core.outliers.files.load_outliers`).
         index: stage 4's ``outliers/index.json``.
 
     Example:
@@ -195,10 +202,13 @@ class ExplorerData:
         self.run = run
         self.embeddings = embeddings
         self.class_names: list[str] = list(embeddings["class_names"])
-        # Stage 4 renders whatever method stage 3 sampled (sample.method); the linear baseline is
-        # offered beside it only when that method is NCIS.
-        self.stage3_method: str = outliers.get("method") or "ncis"
-        self.methods: list[str] = [self.stage3_method] + (["linear"] if self.stage3_method == "ncis" else [])
+        # Stage 4 renders whatever method stage 3 sampled (sample.method); every other method that
+        # produces embeddings is offered beside it (its images once `compare` has rendered them).
+        from .. import outliers as registry
+
+        self.stage3_method: str = outliers.get("method") or run.cfg.sample.method
+        self.methods: list[str] = [self.stage3_method] + [
+            m for m in registry.method_names(registry.EMBEDDINGS) if m != self.stage3_method]
         self._outliers = {self.stage3_method: (outliers["outliers"], outliers["log_density"])}
         self._indexes: dict[str, dict | None] = {self.stage3_method: index}
         self._split = None
@@ -212,7 +222,7 @@ class ExplorerData:
         """
         from ..embeddings_io import load_embeddings
         from ..stages.generate import load_index
-        from ..stages.sample import load_outliers
+        from ..outliers.files import load_outliers
 
         embeddings = load_embeddings(run.require("embeddings"))
         outliers = load_outliers(run.require("outlier_embeddings"))
@@ -222,7 +232,7 @@ class ExplorerData:
     def describe(self) -> str:
         """One line: classes, embeddings, and which methods' images are rendered."""
         rendered = {m: self.index(m) is not None for m in self.methods}
-        images = ", ".join(f"{_METHOD_LABELS.get(m, m)}: {'yes' if r else 'not rendered yet'}"
+        images = ", ".join(f"{_label(m)}: {'yes' if r else 'not rendered yet'}"
                            for m, r in rendered.items())
         return (f"{len(self.class_names)} classes, {len(self.embeddings['labels'])} ID embeddings; "
                 f"outlier images of {images}")
@@ -232,7 +242,7 @@ class ExplorerData:
         """The folder of ``method``'s rendered outlier images."""
         if method == self.stage3_method:
             return self.run.path("outliers_dir")
-        return self.run.root / _IMAGE_FOLDERS[method]
+        return self.run.path("method_outliers_dir", method=method)
 
     def index(self, method: str) -> dict | None:
         """``method``'s ``index.json`` (file → class, embedding index, seed); None when not rendered."""
@@ -248,9 +258,9 @@ class ExplorerData:
         """``(C × M × D outlier embeddings, C × M log-densities)`` of ``method``."""
         self._check_method(method)
         if method not in self._outliers:
-            from ..stages.sample import linear_outlier_embeddings  # as `compare` renders them
+            from ..outliers.sources import method_outlier_embeddings  # as `compare` renders them
 
-            result = linear_outlier_embeddings(self.run.cfg, self.run, progress=False)
+            result = method_outlier_embeddings(self.run.cfg, self.run, method, progress=False)
             self._outliers[method] = (result["outliers"], result["log_density"])
         return self._outliers[method]
 
@@ -273,12 +283,14 @@ class ExplorerData:
 
 
 # ----------------------------------------------------------------------------- data functions
-def outlier_images(data: ExplorerData, class_index: int = ALL_CLASSES, method: str = "ncis"
+def outlier_images(data: ExplorerData, class_index: int = ALL_CLASSES, method: str | None = None
                    ) -> list[OutlierImage]:
     """The outlier images of a class (or of all), highest energy first (ties: index order).
 
     Empty when the method's images have not been rendered (see :meth:`ExplorerData.index`).
+    ``method``: default stage 3's.
     """
+    method = method or data.stage3_method
     index = data.index(method)
     if index is None:
         return []
@@ -291,11 +303,12 @@ def outlier_images(data: ExplorerData, class_index: int = ALL_CLASSES, method: s
             continue
         found.append(OutlierImage(method, entry["file"], folder / entry["file"], c, data.class_names[c], m,
                                   -float(log_density[c, m]), int(entry["seed"])))
-    # Python's sort is stable, so equal energies (one embedding per batch) keep the index's order.
-    return sorted(found, key=lambda o: -o.energy)
+    # Python's sort is stable, so equal energies (one embedding per batch) keep the index's order;
+    # a method without energies (NaN) keeps the index's order
+    return sorted(found, key=lambda o: -o.energy if o.energy == o.energy else 0.0)
 
 
-def classes_with_images(data: ExplorerData, method: str = "ncis") -> list[int]:
+def classes_with_images(data: ExplorerData, method: str | None = None) -> list[int]:
     """The classes that have rendered outlier images of ``method``, ascending."""
     return sorted({o.class_index for o in outlier_images(data, ALL_CLASSES, method)})
 
@@ -330,15 +343,16 @@ def _read_png(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def class_view(data: ExplorerData, class_index: int = ALL_CLASSES, method: str = "ncis", n: int = 8,
+def class_view(data: ExplorerData, class_index: int = ALL_CLASSES, method: str | None = None, n: int = 8,
                id_images: int = 8, seed: int = 0) -> ClassView:
     """The ``n`` highest-energy outlier images of a class (or all) and ``id_images`` real ones."""
+    method = method or data.stage3_method
     title = "all classes" if class_index == ALL_CLASSES else data.class_names[class_index]
     rendered = data.index(method) is not None
     found = outlier_images(data, class_index, method)
     shown = found[:max(n, 0)]
     ids = id_examples(data, class_index, id_images, seed)
-    label = _METHOD_LABELS.get(method, method)
+    label = _label(method)
     if not rendered:
         message = (f"no {label} images yet: run `python -m ncis_core compare --preset "
                    f"{data.run.cfg.run.preset} --out {data.run.root} --methods {method}` "
@@ -402,7 +416,7 @@ def plot_class_view(data: ExplorerData, view: ClassView, with_map: bool = True):
                              wspace=0.12)
     map_ax = fig.add_subplot(outer[0, 0]) if with_map else None
     grid = outer[0, 1].subgridspec(2, columns, hspace=0.45, wspace=0.12)
-    label = _METHOD_LABELS.get(view.method, view.method)
+    label = _label(view.method)
     for j in range(columns):
         ax = fig.add_subplot(grid[0, j])
         if j < len(view.outliers):
@@ -433,7 +447,7 @@ def plot_outlier_detail(detail: OutlierDetail):
     grid = fig.add_gridspec(1, 2 + k, wspace=0.2)
     o = detail.outlier
     _image_axes(fig.add_subplot(grid[0, :2]), detail.pixels,
-                f"{_METHOD_LABELS.get(o.method, o.method)} outlier {o.file}\n"
+                f"{_label(o.method)} outlier {o.file}\n"
                 f"class {o.class_name}, E={o.energy:.1f}", fontsize=8)
     for j, (nb, pixels) in enumerate(zip(detail.neighbours, detail.neighbour_pixels)):
         _image_axes(fig.add_subplot(grid[0, 2 + j]), pixels,
@@ -551,7 +565,7 @@ class ClassExplorer(widgets.VBox):
         self.refresh()
 
     def _method_label(self, method: str) -> str:
-        label = _METHOD_LABELS.get(method, method)
+        label = _label(method)
         return label if self.data.index(method) is not None else f"{label} (map only: run compare)"
 
     def refresh(self) -> None:
@@ -591,7 +605,7 @@ class ClassExplorer(widgets.VBox):
                       for j, (nb, pixels) in enumerate(zip(self.detail_view.neighbours,
                                                            self.detail_view.neighbour_pixels))]
         self.detail.children = [
-            widgets.HTML(f"{_METHOD_LABELS.get(outlier.method, outlier.method)} outlier "
+            widgets.HTML(f"{_label(outlier.method)} outlier "
                          f"<code>{outlier.file}</code> of class <b>{outlier.class_name}</b>, energy "
                          f"{outlier.energy:.2f}; its {len(neighbours)} nearest real ID training images in "
                          f"embedding space:"),

@@ -1,5 +1,6 @@
 """UMAP maps of the embedding manifolds: the stage-1 embeddings of some or all classes, with the
-outlier embeddings of NCIS and of the linear baseline placed on the same map.
+outlier embeddings of every outlier method of the registry (NCIS, the linear baseline, Dream-OOD's
+boundary sampler, any registered one) placed on the same map.
 
 :func:`umap_map` fits umap-learn's ``UMAP`` (seeded) on the ID embeddings of the chosen classes and
 places each method's outliers with UMAP's own ``transform``; :func:`plot_umap_map` and
@@ -32,7 +33,7 @@ import logging
 import time
 import warnings
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Sequence
@@ -45,16 +46,16 @@ from ..embeddings_io import load_embeddings
 from ..progress import bar_options
 from ..runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_path, cache_key, cache_path,
                     content_hash)
-from ..stages.sample import linear_outlier_embeddings, load_outliers
+from .. import outliers as registry
+from ..outliers.files import load_outliers
 
-__all__ = ["MAP_METHODS", "MIN_POINTS", "TooFewEmbeddings", "UmapMap", "knn_graph", "umap_map", "umap_maps_per_class",
+__all__ = ["map_methods", "MIN_POINTS", "TooFewEmbeddings", "UmapMap", "knn_graph", "umap_map", "umap_maps_per_class",
            "umap_cache_dir", "plot_umap_map", "plot_umap_per_class"]
 
 log = logging.getLogger(__name__)
 
-MAP_METHODS = ("ncis", "linear")
 MIN_POINTS = 5               # fewer ID embeddings than this make no map (UMAP needs n_neighbors ≥ 2)
-_CACHE_FORMAT = "ncis-umap/1"  # bump when what is cached, or how it is computed, changes
+_CACHE_FORMAT = "ncis-umap/2"  # bump when what is cached, or how it is computed, changes
 _CACHE_VERSIONS = ("umap-learn", "scikit-learn", "numba")  # packages whose versions key a cached map
 
 
@@ -203,27 +204,33 @@ def _version(name: str) -> str | None:
         return None
 
 
-def _stage3_method(path: Path) -> str | None:
-    """The method recorded in a stage-3 file's metadata (without reading its tensors)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("method")
+def map_methods() -> tuple[str, ...]:
+    """The methods a map can show: every registered method that produces outlier embeddings."""
+    return tuple(registry.method_names(registry.EMBEDDINGS))
 
 
-def _mappable(methods: Sequence[str], stage3_method: str | None, why: str = "") -> list[str]:
-    """The requested methods that can be mapped: the one stage 3's file holds, and ``linear``
-    (recomputed when the file holds NCIS's); the rest are skipped with a warning."""
-    unknown = [m for m in methods if m not in MAP_METHODS]
+def _mappable(run: RunDir, methods: Sequence[str]) -> list[str]:
+    """The requested methods whose outlier embeddings the run has or can compute (stage 3's method
+    once stage 3 is done; any other whose inputs exist, e.g. a cVPN for ``ncis``); the rest are
+    skipped with a warning that says what is missing."""
+    from ..outliers.base import method_inputs
+    from ..outliers.sources import sampled_by_stage3
+
+    known = map_methods()
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown outlier methods {unknown}; use some of {', '.join(MAP_METHODS)}")
+        raise ValueError(f"unknown outlier methods {unknown}; use some of {', '.join(known)}")
     found = []
     for method in dict.fromkeys(methods):
-        if method == stage3_method or method == "linear":
+        needed = ("outlier_embeddings",) if sampled_by_stage3(run.cfg, method) else \
+            method_inputs(run.cfg, method)[0]
+        missing = [a for a in needed if not run.path(a).exists()]
+        if missing:
+            makers = ", ".join(f"stage {run._producer(a).number} ({run._producer(a).name})" for a in missing)
+            warnings.warn(f"no {method} outlier embeddings to map ({', '.join(missing)} missing: run {makers} "
+                          f"first); the map shows the others", stacklevel=3)
+        else:
             found.append(method)
-        elif why:
-            warnings.warn(f"no {method} outlier embeddings to map ({why}); the map shows the others",
-                          stacklevel=3)
     return found
 
 
@@ -251,22 +258,21 @@ def _load(path: Path) -> UmapMap:
                        from_cache=True)
 
 
-def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequence[str] = MAP_METHODS,
+def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequence[str] | None = None,
              seed: int | None = None, n_neighbors: int = 15, min_dist: float = 0.1,
              n_epochs: int | None = None, cache: bool = True, progress: bool = True) -> UmapMap:
     """The UMAP map of a run's ID embeddings (all classes, or ``classes``) with outliers on it.
 
     UMAP is fitted on every stage-1 embedding of the chosen classes (training and held-out rows);
-    each method's outlier embeddings of those classes are placed with ``transform``. ``ncis``: stage
-    3's ``outlier_embeddings.safetensors``; ``linear``: the linear baseline's, recomputed by
-    :func:`~ncis_core.stages.sample.linear_outlier_embeddings` (as ``compare`` renders them), or
-    read from stage 3's file when stage 3 ran with ``sample.method=linear``. A method without
-    embeddings is skipped with a warning.
+    each method's outlier embeddings of those classes are placed with ``transform``: stage 3's
+    ``outlier_embeddings.safetensors`` for stage 3's method, the others' computed on the same rows
+    (:func:`~ncis_core.outliers.sources.method_outlier_file`, as ``compare`` renders them). A method
+    whose inputs are not in the run yet is skipped with a warning.
 
     Args:
         run: the run folder (stage 1 done; stage 3 for NCIS's outliers).
         classes: class indices to map; None: all.
-        methods: outlier methods to place, from :data:`MAP_METHODS`.
+        methods: outlier methods to place, from :func:`map_methods`; None: all of them.
         seed: UMAP's ``random_state`` (and ``transform_seed``); None: the run's seed.
         n_neighbors, min_dist, n_epochs: UMAP's settings (``n_epochs`` None: UMAP's default);
             ``n_neighbors`` is clipped to one less than the number of embeddings.
@@ -287,10 +293,9 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     embeddings_file = run.path("embeddings")
     if not embeddings_file.exists():
         run.require("embeddings")  # raises MissingArtefactError naming stage 1
-    stage3_file = run.path("outlier_embeddings")
-    stage3_method = _stage3_method(stage3_file) if stage3_file.exists() else None
-    found = _mappable(methods, stage3_method, f"stage 3 sampled {stage3_method}" if stage3_method else
-                      "no outlier_embeddings.safetensors: run stage 3 (sample) first")
+    if methods is None:  # stage 3's method first, then the registry's order
+        methods = sorted(map_methods(), key=lambda m: m != cfg.sample.method)
+    found = _mappable(run, methods)
     data = load_embeddings(embeddings_file)
     names, num_classes = data["class_names"], data["num_classes"]
     chosen = list(range(num_classes)) if classes is None else sorted({int(c) for c in classes})
@@ -307,20 +312,21 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     params = {"seed": seed, "n_neighbors": k, "min_dist": min_dist, "n_epochs": n_epochs,
               "umap-learn": _version("umap-learn"), "scikit-learn": _version("scikit-learn")}
 
-    def cache_file() -> Path | None:
-        inputs = {"embeddings": content_hash(embeddings_file)}
-        if stage3_method in found:
-            inputs["stage3"] = content_hash(stage3_file)
-        config = {
-            "format": _CACHE_FORMAT, "classes": chosen, "methods": found,
-            "params": {k_: v for k_, v in params.items() if k_ != "key"},
-            # what the recomputed linear baseline depends on besides the embeddings
-            "linear": ([asdict(cfg.sample), cfg.cvpn.holdout_fraction, cfg.run.seed]
-                       if "linear" in found and stage3_method != "linear" else None)}
-        params["key"] = cache_key(inputs, config, versions=_CACHE_VERSIONS)
-        return cache_path(run.root, "umap", params["key"], ".npz") if cache else None
+    run.require("embeddings")  # stale embeddings (edited after stage 1 wrote them) raise here
+    from ..outliers.sources import method_outlier_file
 
-    path = cache_file()
+    files = {}
+    for method in list(found):
+        try:
+            files[method] = method_outlier_file(cfg, run, method, progress)
+        except (MissingArtefactError, StaleArtefactError) as error:  # unfinished, or from other inputs
+            warnings.warn(f"no {method} outlier embeddings to map ({error}); the map shows the others",
+                          stacklevel=2)
+            found.remove(method)
+    inputs = {"embeddings": content_hash(embeddings_file), **{m: content_hash(f) for m, f in files.items()}}
+    config = {"format": _CACHE_FORMAT, "classes": chosen, "methods": found, "params": params}
+    params["key"] = cache_key(inputs, config, versions=_CACHE_VERSIONS)
+    path = cache_path(run.root, "umap", params["key"], ".npz") if cache else None
     if path is not None and path.exists():
         try:
             m = _load(path)
@@ -328,22 +334,11 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
             return m
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
             log.warning("unreadable UMAP cache %s (%s); recomputing", path, error)
-    run.require("embeddings")  # stale embeddings (edited after stage 1 wrote them) raise here
-    if stage3_method is not None:
-        try:
-            run.require("outlier_embeddings")
-        except (MissingArtefactError, StaleArtefactError) as error:  # unfinished, or from other inputs
-            stage3_method = None
-            found = _mappable(methods, stage3_method, str(error))
-            path = cache_file()
 
     t = time.perf_counter()
     outliers, outlier_labels, log_density = {}, {}, {}
     for method in found:
-        if method == stage3_method:
-            result = load_outliers(stage3_file)
-        else:
-            result = linear_outlier_embeddings(cfg, run, progress)
+        result = load_outliers(files[method])
         points, density = result["outliers"].numpy(), result["log_density"].numpy()
         per_class = points.shape[1]
         outliers[method] = points[chosen].reshape(-1, points.shape[-1]).astype(np.float32)
@@ -379,8 +374,18 @@ def umap_maps_per_class(run: RunDir, classes: Sequence[int], **kwargs) -> list[U
 
 
 # ----------------------------------------------------------------------------- pictures
-_METHOD_STYLE = {"ncis": ("x", "NCIS outliers"), "linear": ("+", "linear-baseline outliers")}
-_SINGLE_CLASS_COLOURS = {"id": "tab:blue", "ncis": "tab:red", "linear": "tab:orange"}
+_MARKERS = ("x", "+", "1", "*", "^", "s", "D", "v")
+_SINGLE_CLASS_COLOURS = ("tab:red", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
+_ID_COLOUR = "tab:blue"
+
+
+def _method_style(method: str) -> tuple[str, str, str]:
+    """Marker, legend name and single-class colour of a method: fixed by its place in the registry,
+    so a method looks the same on every map."""
+    names = list(map_methods())
+    i = names.index(method) if method in names else len(names)
+    label = registry.get_method(method).label if method in names else method
+    return _MARKERS[i % len(_MARKERS)], f"{label} outliers", _SINGLE_CLASS_COLOURS[i % len(_SINGLE_CLASS_COLOURS)]
 
 
 def _class_colours(num_classes: int):
@@ -405,16 +410,16 @@ def plot_umap_map(m: UmapMap, ax=None, title: str | None = None, legend: bool = 
     colours = _class_colours(len(m.class_names))
     for c in m.classes:
         here = m.labels == c
-        colour = _SINGLE_CLASS_COLOURS["id"] if single else colours[c]
+        colour = _ID_COLOUR if single else colours[c]
         # ID dots above the outlier markers: on a many-class map UMAP places a class's outliers onto
         # its own compact cluster, and markers drawn last would hide the class entirely
         ax.scatter(m.coords[here, 0], m.coords[here, 1], s=6 if len(m.coords) > 2000 else 14, color=colour,
                    alpha=0.55, linewidths=0, label=f"{m.class_names[c]} ({int(here.sum())})", zorder=2)
     for method in m.methods:
-        marker, name = _METHOD_STYLE[method]
+        marker, name, single_colour = _method_style(method)
         points, labels = m.outlier_coords[method], m.outlier_labels[method]
         if single:
-            ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=_SINGLE_CLASS_COLOURS[method],
+            ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=single_colour,
                        linewidths=1.2, label=f"{name} ({len(points)})")
             continue
         ax.scatter(points[:, 0], points[:, 1], s=20, marker=marker, color=[colours[c] for c in labels],

@@ -1,0 +1,181 @@
+"""``knn_boundary``: Dream-OOD's sampler (NPOS-style, METHOD.md §3b) on the stage-1 embeddings.
+
+Per class, with the rows ``u_i = x_i / ‖x_i‖`` (N of them):
+
+1. ``d_i`` = squared L2 distance from ``u_i`` to its ``k``-th nearest neighbour among the class's
+   rows, the point itself counting as its own first neighbour;
+2. the boundary set B = the ``select`` rows with the largest ``d_i``;
+3. ``rounds`` times, for each boundary point ``b`` in a random order of B: ``candidates`` points
+   ``v = normalise(b + σ ε)``, ``ε ~ N(0, I_D)``; each scored by its own ``k``-th-NN squared distance
+   to the class's rows; the ``keep`` with the largest score are kept (``reject=knn``, the intended
+   rule). ``reject=none`` keeps the first ``keep`` candidates instead: the original code's effective
+   behaviour — it reshapes the candidates' distances with a view whose order does not match the
+   candidates', so the points it keeps were not selected by their own distance;
+4. every kept ``v`` is rescaled to the norm of the class token's row: ``o = v · ‖e_c‖``.
+
+So M = ``rounds × select × keep`` outliers per class (10 000 at the paper's values), round by
+round, boundary points in the round's order, the ``keep`` of one point best first.
+
+Distances are exact (all pairs, chunked so a block stays under ~64 MB), computed as
+``‖a‖² + ‖b‖² − 2 a·b`` in ``dtype`` (float32 by default; the tests use float64 against a loop).
+Each (class, round) has its own random stream derived from the seed, so the result does not depend
+on the chunking or on other classes.
+
+The paper's values (Dream-OOD's code) are the defaults of :class:`KnnBoundaryParams`; ``k`` must stay
+below the class size (the demo has 90 training rows per class: its preset scales ``k`` and ``select``
+by the paper's ratios to N = 500, k/N = 0.6 and select/N = 0.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..progress import bar_options
+from .base import EMBEDDINGS, OutlierMethod, register_method
+from .inputs import SampleInputs
+
+__all__ = ["KnnBoundaryParams", "REJECT_RULES", "kth_neighbour_distance", "boundary_points",
+           "sample_class", "sample_knn_boundary", "flops_per_class", "METHOD"]
+
+REJECT_RULES = ("knn", "none")
+_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class KnnBoundaryParams:
+    """Dream-OOD's sampler settings (``sample.method_args.knn_boundary.<key>``); defaults = the paper's.
+
+    Args:
+        k: the neighbour whose distance scores a point (the point itself is its own first).
+        select: boundary points per class (the most isolated rows).
+        rounds: sampling rounds; each visits every boundary point once.
+        candidates: perturbations drawn around a boundary point per round.
+        keep: candidates kept per boundary point and round.
+        sigma: the perturbation's scale (it multiplies ``ε ~ N(0, I_D)`` on the unit sphere).
+        reject: ``knn`` (keep the candidates with the largest k-th-NN distance, the intended rule)
+            or ``none`` (keep the first ``keep``: the original code's effective behaviour).
+    """
+
+    k: int = 300
+    select: int = 50
+    rounds: int = 100
+    candidates: int = 1500
+    keep: int = 2
+    sigma: float = 0.07
+    reject: str = "knn"
+
+    def check(self) -> None:
+        for name in ("k", "select", "rounds", "candidates", "keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sample.method_args.knn_boundary.{name} must be ≥ 1, got {getattr(self, name)}")
+        if self.keep > self.candidates:
+            raise ValueError(f"sample.method_args.knn_boundary.keep={self.keep} exceeds candidates={self.candidates}")
+        if self.sigma <= 0:
+            raise ValueError(f"sample.method_args.knn_boundary.sigma must be > 0, got {self.sigma}")
+        if self.reject not in REJECT_RULES:
+            raise ValueError(f"sample.method_args.knn_boundary.reject={self.reject!r} is not one of "
+                             f"{', '.join(REJECT_RULES)}")
+
+
+def _generator(seed: int, cls: int, rnd: int, device: torch.device) -> torch.Generator:
+    state = np.random.SeedSequence([seed, 11, cls, rnd]).generate_state(2)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def kth_neighbour_distance(queries: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
+    """Squared L2 distance from each query to its ``k``-th nearest row (exact; 1-based ``k``).
+
+    ``queries``: ``... × D``; ``rows``: ``N × D``; returns ``...``. A query that is itself one of the
+    rows has distance 0 to it, so it counts as its own first neighbour.
+    """
+    if not 1 <= k <= len(rows):
+        raise ValueError(f"k = {k} needs at least k rows, got {len(rows)}")
+    shape = queries.shape[:-1]
+    flat = queries.reshape(-1, queries.shape[-1])
+    row_sq = rows.pow(2).sum(1)
+    step = max(1, _BLOCK_BYTES // (len(rows) * flat.element_size()))
+    out = []
+    for i in range(0, len(flat), step):
+        q = flat[i:i + step]
+        d2 = (q.pow(2).sum(1, keepdim=True) + row_sq[None, :] - 2 * q @ rows.T).clamp_min(0)
+        out.append(d2.kthvalue(k, dim=1).values)
+    return torch.cat(out).reshape(shape)
+
+
+def boundary_points(u: torch.Tensor, k: int, select: int) -> torch.Tensor:
+    """Indices of the ``select`` rows of ``u`` with the largest k-th-NN distance, largest first
+    (ties: the lower index first)."""
+    # stable: mutual k-th neighbours tie exactly, and the lower index goes first
+    return torch.sort(kth_neighbour_distance(u, u, k), descending=True, stable=True).indices[:select]
+
+
+def sample_class(x: torch.Tensor, token_norm: float, params: KnnBoundaryParams, seed: int, cls: int,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """One class's ``M × D`` outliers (M = rounds × select × keep) and their k-th-NN distances
+    (NaN under ``reject=none``, which does not score the candidates).
+
+    Args:
+        x: the class's ``N × D`` rows (stage-1 embeddings).
+        token_norm: ``‖e_c‖``, the norm of the class token's row.
+        cls: the class index (selects the random streams).
+    """
+    p, device = params, x.device
+    if p.k >= len(x) or p.select > len(x):
+        raise ValueError(f"class {cls} has {len(x)} training embeddings: knn_boundary needs more than "
+                         f"k = {p.k} and at least select = {p.select} (set sample.method_args.knn_boundary.k "
+                         f"and .select below the class size)")
+    u = x.to(dtype)
+    u = u / u.norm(dim=1, keepdim=True)
+    boundary = u[boundary_points(u, p.k, p.select)]
+    kept, scores = [], []
+    for r in range(p.rounds):
+        gen = _generator(seed, cls, r, device)
+        order = torch.randperm(p.select, generator=gen, device=device)
+        eps = torch.randn(p.select, p.candidates, u.shape[1], generator=gen, device=device, dtype=dtype)
+        v = boundary[order][:, None, :] + p.sigma * eps
+        v = v / v.norm(dim=-1, keepdim=True)
+        if p.reject == "knn":
+            score = kth_neighbour_distance(v, u, p.k)                        # select × candidates
+            top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :p.keep]
+            scores.append(torch.gather(score, 1, top).reshape(-1))
+        else:
+            top = torch.arange(p.keep, device=device).expand(p.select, -1)
+            scores.append(torch.full((p.select * p.keep,), float("nan"), dtype=dtype, device=device))
+        kept.append(torch.gather(v, 1, top[..., None].expand(-1, -1, u.shape[1])).reshape(-1, u.shape[1]))
+    return (torch.cat(kept) * token_norm).to(torch.float32), torch.cat(scores).to(torch.float64)
+
+
+@torch.no_grad()
+def sample_knn_boundary(inputs: SampleInputs, params: KnnBoundaryParams | None = None,
+                        progress: bool = True, dtype: torch.dtype = torch.float32) -> dict:
+    """All classes: ``outliers`` C × M × D, ``knn_distance`` C × M (the kept candidates' scores),
+    ``log_density`` NaN (no Gaussian is involved)."""
+    params = params or KnnBoundaryParams()
+    norms = inputs.class_token_rows().norm(dim=1)
+    outliers, distances = [], []
+    for c in tqdm(range(inputs.num_classes), desc="knn_boundary sampling", unit="class", **bar_options(progress)):
+        o, d = sample_class(inputs.embeddings[inputs.labels == c], float(norms[c]), params, inputs.seed, c, dtype)
+        outliers.append(o)
+        distances.append(d)
+    distances = torch.stack(distances)
+    return {"outliers": torch.stack(outliers), "knn_distance": distances,
+            "log_density": torch.full_like(distances, float("nan"))}
+
+
+def flops_per_class(params: KnnBoundaryParams, rows: int, dim: int) -> float:
+    """FLOPs of one class's distances: all row pairs, then every candidate against the rows
+    (2 · D per pair); ``reject=none`` scores no candidate."""
+    scored = params.rounds * params.select * params.candidates if params.reject == "knn" else 0
+    return 2.0 * dim * rows * (rows + scored)
+
+
+METHOD = register_method(OutlierMethod(
+    name="knn_boundary", label="kNN boundary", produces=EMBEDDINGS,
+    needs=("embeddings", "class_token_rows"), sample=sample_knn_boundary, params=KnnBoundaryParams,
+    flops=flops_per_class,
+    summary="Dream-OOD's sampler: perturbations of each class's most isolated normalised embeddings, "
+            "kept by their k-th-NN distance"))
