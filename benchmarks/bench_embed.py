@@ -34,6 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from ncis_core import assets  # noqa: E402
 from ncis_core import diffusion as D  # noqa: E402
 from ncis_core.config import DiffusionConfig, EmbedConfig  # noqa: E402
 from ncis_core.stages.embed import draw_noise, image_generator, invert, timestep_grid  # noqa: E402
@@ -51,8 +52,7 @@ def sd14_shaped_pipeline(latent: int = 8):
     tokenizer = build_tokenizer((*D.PROMPT_WORDS, *WORDS))
     torch.manual_seed(0)
     # SD 1.4's published text-encoder config (vocab 49408, width 768, 12 layers), random weights
-    config = CLIPTextConfig.from_json_file(str(ROOT / "data" / "sd14_configs" / "text_encoder"
-                                               / "config.json"))
+    config = CLIPTextConfig.from_json_file(str(assets.path("data/sd14_configs/text_encoder/config.json")))
     text_encoder = CLIPTextModel(config)
     unet = UNet2DConditionModel(
         sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
     result.update({k: sd[k] for k in ("speedup_vs_seed", "speedup_vs_sequential", "max_abs_diff",
                                       "max_abs_diff_vs_seed", "images_per_s")})
     result["sd14_shaped"] = sd
-    demo = ROOT / "data" / "demo" / "generator"
+    demo = assets.path("data/demo/generator")
     if (demo / "model_index.json").exists():
         pipe = D.load_pipeline(DiffusionConfig(pipeline=str(demo), dtype="float32"))
         latent = pipe.unet.config.sample_size

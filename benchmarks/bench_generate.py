@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from ncis_core import assets  # noqa: E402
 from ncis_core import diffusion as D  # noqa: E402
 from ncis_core.config import load_config  # noqa: E402
 from ncis_core.stages import generate  # noqa: E402
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         args.quick, args.batches = True, 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    demo = ROOT / "data" / "demo" / "generator"
+    demo = assets.path("data/demo/generator")
     if (demo / "model_index.json").exists():
         cfg, pipeline = load_config("demo", ["run.device=cpu"]), "demo generator"
     else:

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the generator is a local folder:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from ncis_core import assets  # noqa: E402
 from ncis_core import demo_generator as dg  # noqa: E402
 from ncis_core.config import load_config  # noqa: E402
 from ncis_core.data import get_split  # noqa: E402
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.preset, args.overrides)
     gcfg = cfg.generator
     folder = Path(args.folder or gcfg.out)
-    folder = folder if folder.is_absolute() else ROOT / folder
+    if not folder.is_absolute():  # the repository's folder, else the copy shipped with the package
+        folder = ROOT / folder if (ROOT / folder).exists() else (assets.resolve(folder) or ROOT / folder)
     guidance = args.guidance or [cfg.generate.guidance_scale] + [g for g in (3.0, 7.5)
                                                                   if g != cfg.generate.guidance_scale]
     per_class = args.per_class or gcfg.eval_per_class

@@ -35,7 +35,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-CONFIGS = ROOT / "data" / "sd14_configs"
+from ncis_core import assets  # noqa: E402
+
+CONFIGS = assets.path("data/sd14_configs")  # shipped with the package
 def _sd14_tflop() -> tuple[float, float]:
     """(UNet forward + input-only backward, one 50-step guided image) in TFLOP, counted on the meta device."""
     from ncis_core import flops

@@ -43,7 +43,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-SD14 = ROOT / "data" / "sd14_configs"
+from ncis_core import assets  # noqa: E402
+
+SD14 = assets.path("data/sd14_configs")  # shipped with the package
 PAPER_PARAMS = {"unet": 859.5e6, "text_encoder": 123.1e6, "vae": 83.7e6}
 
 
