@@ -424,6 +424,20 @@ _CHOICES = {
     ("generator", "save_dtype"): ("float32", "float16"),
 }
 
+# Every integer of the config is a count (epochs, steps, batch sizes, rounds, draws, sizes, ...) that
+# must be ≥ 1 (checked after the merge; an Optional one may also be null), except the seeds (any
+# integer) and these, where 0 means something (see their docstrings and comments):
+_ZERO_ALLOWED = {
+    ("embed", "micro_batch"): "all images_per_step in one UNet call",
+    ("embed", "timestep_first"): "timestep 0 is a timestep",
+    ("generate", "num_batches"): "no images, for runs whose stage 5 trains on none of stage 4's",
+    ("classifier", "head_hidden"): "the linear energy head",
+    ("classifier", "num_workers"): "load in the main process",
+    ("generator", "warmup_steps"): "no warm-up",
+    ("generator", "threads"): "torch's default",
+}
+_NOT_COUNTS = {("run", "seed"), ("data", "subset_seed"), ("generate", "seed"), ("classifier", "seed")}
+
 
 def available_presets() -> list[str]:
     """Names of the presets shipped in ``ncis_core/presets/``."""
@@ -446,6 +460,16 @@ def _valid_keys(section: str | None = None) -> list[str]:
     return [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
 
 
+def _container_of(exc: OmegaConfBaseException) -> type | None:
+    """``list`` or ``dict`` when ``exc`` is a scalar assigned to a list or mapping field, else None."""
+    cls, name, value = getattr(exc, "object_type", None), getattr(exc, "key", None), getattr(exc, "value", None)
+    if not (dataclasses.is_dataclass(cls) and isinstance(name, str)) or isinstance(value, (list, dict)) \
+            or OmegaConf.is_config(value):
+        return None
+    default = getattr(cls(), name, None)
+    return type(default) if isinstance(default, (list, dict)) else None
+
+
 def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
     key = getattr(exc, "full_key", None) or ""
     section = key.split(".")[0] if key else None
@@ -455,6 +479,12 @@ def _explain(exc: OmegaConfBaseException, origin: str) -> ConfigError:
         else:
             valid = ", ".join(_valid_keys())
         return ConfigError(f"unknown config key {key!r} in {origin}; valid keys: {valid}")
+    container = _container_of(exc)
+    if container is not None:  # a scalar where the schema wants a list or a mapping
+        value = getattr(exc, "value", "")
+        example = f"{key}=[{value}]" if container is list else f"{key}.NAME={value}"
+        return ConfigError(f"{key} must be a {'list' if container is list else 'mapping'}, "
+                           f"e.g. {example} (in {origin})")
     message = str(exc).splitlines()[0]
     if "Incompatible value 'None'" in message and "type 'str'" in message:
         # `--set key=` reads as null in a dot-list; an empty string must be quoted
@@ -467,6 +497,34 @@ def _check_choices(cfg: ExperimentConfig) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key} = {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(cfg: ExperimentConfig) -> None:
+    """Counts that make no sense (``cvpn.epochs=-5``, ``classifier.batch_size=0``) are refused here,
+    not hours later inside a loop: every integer of every section is ≥ 1, except the seeds and the
+    few where 0 has a meaning (``_ZERO_ALLOWED``); integer lists (``generator.vae_channels``) too."""
+    for section in dataclasses.fields(cfg):
+        part = getattr(cfg, section.name)
+        for f in dataclasses.fields(part):
+            where = (section.name, f.name)
+            value = getattr(part, f.name)
+            values = value if isinstance(value, list) else [value]
+            if where in _NOT_COUNTS or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                continue
+            low = 0 if where in _ZERO_ALLOWED else 1
+            if any(v < low for v in values):
+                what = "≥ 0" if low == 0 else "a positive integer"
+                what = "a list of positive integers" if isinstance(value, list) else what
+                zero = f" (0: {_ZERO_ALLOWED[where]})" if low == 0 else ""
+                raise ConfigError(f"{section.name}.{f.name} = {value!r}: must be {what}{zero}")
+    g, c = cfg.generate, cfg.classifier
+    from .outliers.base import NOTHING, get_method
+
+    if g.num_batches == 0 and c.outliers == cfg.sample.method and not c.outlier_folder \
+            and get_method(c.outliers).produces != NOTHING:
+        raise ConfigError(f"generate.num_batches = 0 makes no outlier images, but stage 5 trains on "
+                          f"stage 4's (classifier.outliers={c.outliers}): set generate.num_batches ≥ 1 "
+                          f"or classifier.outliers=none")
 
 
 def _check_outlier_methods(cfg: ExperimentConfig) -> None:
@@ -536,9 +594,10 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
         out: the run folder (sets ``run.out``; an override of ``run.out`` wins).
 
     Raises:
-        ConfigError: unknown preset or key, a value of the wrong type, a value outside its choices,
-            or stage counts that cannot work together (fewer stage-4 images than stage 5 draws),
-            an unregistered score or a score argument the score does not take.
+        ConfigError: unknown preset or key, a value of the wrong type (a scalar for a list), a value
+            outside its choices, a count below 1 (``cvpn.epochs=0``), or stage counts that cannot
+            work together (fewer stage-4 images than stage 5 draws), an unregistered score or a
+            score argument the score does not take.
     """
     presets = available_presets()
     if preset not in presets:
@@ -561,6 +620,7 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
     cfg = OmegaConf.to_object(merged)
     _check_choices(cfg)
     _check_outlier_methods(cfg)
+    _check_positive(cfg)
     _check_counts(cfg)
     _check_scores(cfg)
     return cfg

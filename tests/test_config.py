@@ -149,3 +149,55 @@ def test_an_empty_string_override_gets_a_hint_that_works():
     with pytest.raises(ConfigError, match=r"write classifier\.pretrained=''"):
         load_config("imagenet100", ["classifier.pretrained="])
     assert load_config("imagenet100", ["classifier.pretrained=''"]).classifier.pretrained == ""
+
+
+#: Counts that make no sense, refused at load with the key in the message (they used to fail deep
+#: inside a stage: ``cvpn.epochs=-5`` in a progress widget, "Setting min > max").
+NONSENSE_COUNTS = [
+    "cvpn.epochs=-5", "cvpn.epochs=0", "cvpn.batch_size=0", "cvpn.selection_points=0", "cvpn.num_layers=0",
+    "cvpn.hidden=0", "embed.steps=0", "embed.steps=-1", "embed.noise_batch=0", "embed.images_per_step=0",
+    "embed.shard_size=0", "embed.timestep_stride=0", "embed.resolution=0", "embed.max_images=0",
+    "embed.micro_batch=-1", "embed.loss_scale_window=0", "sample.rounds=0", "sample.draws_per_round=-3",
+    "sample.keep_per_round=0", "generate.steps=0", "generate.batch_size=0", "generate.num_batches=-1",
+    "generate.output_size=0", "classifier.epochs=0", "classifier.batch_size=0",
+    "classifier.outlier_batch_size=-16", "classifier.num_outliers=0", "classifier.num_workers=-1",
+    "classifier.head_hidden=-1", "evaluate.batch_size=0", "data.max_per_class=0", "data.ood_subset_size=0",
+    "data.image_size=0", "generator.unet_steps=0", "generator.checkpoint_every=0",
+    "generator.vae_channels=[16,0,64]",
+]
+
+
+@pytest.mark.parametrize("override", NONSENSE_COUNTS)
+def test_a_count_below_its_minimum_is_refused_at_load(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')} = .*: must be (a positive integer|≥ 0|a list of positive integers)"):
+        load_config("smoke", [override])
+
+
+@pytest.mark.parametrize("override", [
+    "embed.micro_batch=0", "embed.timestep_first=0", "classifier.head_hidden=0", "classifier.num_workers=0",
+    "generator.warmup_steps=0", "generator.threads=0", "run.seed=-1", "data.ood_subset_size=null",
+    "embed.max_images=null", "classifier.seed=0",
+])
+def test_zero_where_zero_means_something_and_seeds_are_accepted(override):
+    load_config("smoke", [override])
+
+
+def test_no_stage4_images_only_when_stage5_needs_none():
+    load_config("smoke", ["generate.num_batches=0", "classifier.outliers=none"])
+    with pytest.raises(ConfigError, match=r"generate\.num_batches = 0 makes no outlier images"):
+        load_config("smoke", ["generate.num_batches=0", "classifier.num_outliers=null"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.ood_sets=svhn", r"^data\.ood_sets must be a list, e\.g\. data\.ood_sets=\[svhn\]"),
+    ("evaluate.extra_scores=msp", r"^evaluate\.extra_scores must be a list, e\.g\. evaluate\.extra_scores=\[msp\]"),
+    ("data.as_is_sets=isun", r"^data\.as_is_sets must be a list, e\.g\. data\.as_is_sets=\[isun\]"),
+    ("classifier.mean=0.5", r"^classifier\.mean must be a list, e\.g\. classifier\.mean=\[0\.5\]"),
+    ("generator.vae_channels=8", r"^generator\.vae_channels must be a list"),
+    ("data.ood_roots=data/svhn", r"^data\.ood_roots must be a mapping, e\.g\. data\.ood_roots\.NAME="),
+])
+def test_a_scalar_for_a_list_gets_a_one_line_message_with_an_example(override, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        load_config("smoke", [override])
+    assert "\n" not in str(err.value) and "AnyNode" not in str(err.value)
