@@ -201,11 +201,13 @@ def _no_errors(driver):
 
 
 def test_explorer_runs_in_jupyterlab_and_follows_the_class_dropdown(lab, browser, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
     url, run_dir = lab
-    wait = WebDriverWait(browser, WAIT, poll_frequency=1)
+    # a class change replaces the gallery's elements while a poll may still be reading the old ones
+    wait = WebDriverWait(browser, WAIT, poll_frequency=1, ignored_exceptions=(StaleElementReferenceException,))
     browser.get(url)
     wait.until(lambda d: d.execute_script(_KERNEL_IDLE))
     browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells');")
