@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--seeds", default="0,1,2", help="comma-separated classifier seeds")
     cmp.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
 
+    st = sub.add_parser("status", help="each stage of a run folder: current, stale (why) or missing")
+    st.add_argument("--out", required=True, help="the run folder")
+    st.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+
     pl = sub.add_parser("plan", help="cost and preflight of a run, before it starts (nothing is computed)")
     pl.add_argument("--preset", required=True)
     pl.add_argument("--out", default=None, help="the run folder to check (default outputs/<preset>)")
@@ -174,6 +178,18 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from .runs import RunDir
+
+    run = RunDir.open(args.out)
+    if args.json:
+        print(json.dumps({st.stage: {"state": st.state, "reason": st.reason, "earliest": st.earliest}
+                          for st in run.status()}))
+    else:
+        print(run.format_status(), end="")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .runner import run_series
 
@@ -189,20 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from .config import ConfigError
-    from .data.base import DataError
-    from .runner import NotebookFailed
-    from .runs import MissingArtefactError, StaleArtefactError
+    from .errors import report, user_errors
 
     commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate,
                 "strip-notebooks": _cmd_strip, "train-generator": _cmd_train_generator,
-                "compare": _cmd_compare, "plan": _cmd_plan}
+                "compare": _cmd_compare, "plan": _cmd_plan, "status": _cmd_status}
     try:
         return commands[args.command](args)
-    except (ConfigError, DataError, NotebookFailed, MissingArtefactError, StaleArtefactError,
-            FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except user_errors() as exc:
+        return report(exc)
 
 
 if __name__ == "__main__":

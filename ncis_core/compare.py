@@ -4,7 +4,9 @@ the same data, evaluated alike, summarised as mean ± std per OOD set.
 ``python -m ncis_core compare --preset P --out DIR --methods none,idgen,linear,ncis,knn_boundary --seeds 0,1,2``
 
 The methods are those of the registry (:mod:`ncis_core.outliers`). The run folder ``DIR`` holds
-stages 1–4 (run them first, e.g. with ``python -m ncis_core run``); ``compare`` reuses them: stage
+stages 1–4 (``compare`` runs whichever of them is missing or stale first, as ``python -m ncis_core
+run --stages 1-4`` would; its config is the folder's, see :func:`~ncis_core.config.load_run_config`)
+and ``compare`` reuses them: stage
 3's method (``sample.method``, ``ncis`` by default) trains on stage 4's ``outliers/``; every other
 method with images on the tree ``outliers_<method>/``, which
 :func:`~ncis_core.outliers.sources.render_outliers` makes with the same generator settings and seeds
@@ -32,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExperimentConfig, config_to_yaml, load_config
+from .config import ExperimentConfig, config_to_yaml, load_run_config
 from .metrics import METRIC_KEYS
 from . import outliers as registry
 from .outliers.sources import outlier_image_folder, render_outliers
 from .runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_write_json, atomic_write_text,
-                   cache_key, content_hash)
+                   cache_key, content_hash, write_lock)
 from .stages import evaluate as stage6
 from .stages import train_classifier as stage5
 
@@ -259,8 +261,22 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
         raise ValueError(f"unknown methods {unknown}; use some of {', '.join(known)}")
     if not seeds:
         raise ValueError("compare needs at least one seed")
-    base = load_config(preset, list(overrides), out=str(out))
+    base = load_run_config(preset, list(overrides), out=str(out))
+    with write_lock(base.run.out, f"compare --methods {','.join(methods)} --seeds {','.join(map(str, seeds))}"):
+        return _compare(base, preset, out, methods, seeds, overrides, progress)
+
+
+def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds: list[int], overrides,
+             progress: bool) -> dict:
     run = RunDir.create(base)
+    behind = [name for name in ("embed", "cvpn", "sample", "generate") if run.stage_state(name).state != "current"]
+    if behind:
+        from .runner import run_series
+
+        log.info("compare: stage(s) %s of %s are missing or stale: running stages 1-4 first (as `python -m "
+                 "ncis_core run --stages 1-4`; resumable)", ", ".join(behind), run.root)
+        run_series(preset, out, list(overrides), stages="1-4", progress=progress)
+        run = RunDir.open(run.root)
     folder = run.path("compare_dir")
     per_run: dict[str, list[dict]] = {}
     for method in methods:
@@ -269,7 +285,7 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
                                                  and method == base.sample.method):
             render_outliers(base, run, method, progress=progress)
         for seed in seeds:
-            cfg = load_config(preset, [*overrides, f"classifier.outliers={method}", f"classifier.seed={seed}"],
+            cfg = load_run_config(preset, [*overrides, f"classifier.outliers={method}", f"classifier.seed={seed}"],
                               out=str(out))
             log.info("compare: method %s, seed %d", method, seed)
             results = train_and_evaluate(cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}", progress,

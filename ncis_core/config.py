@@ -38,6 +38,7 @@ __all__ = [
     "available_presets",
     "preset_summary",
     "load_config",
+    "load_run_config",
     "config_to_yaml",
     "config_from_yaml",
 ]
@@ -584,14 +585,16 @@ def _check_scores(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"evaluate.score_args.{name}: {exc}") from None
 
 
-def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: str | None = None
-                ) -> ExperimentConfig:
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: str | None = None,
+                start: "ExperimentConfig | None" = None) -> ExperimentConfig:
     """Resolve a preset plus ``stage.key=value`` overrides into a frozen :class:`ExperimentConfig`.
 
     Args:
         preset: a name from :func:`available_presets`.
         overrides: dot-list overrides, e.g. ``["cvpn.epochs=3", "run.device=cpu"]``.
         out: the run folder (sets ``run.out``; an override of ``run.out`` wins).
+        start: resolve the overrides on top of this config instead of the preset's file (an
+            existing run folder's, see :func:`load_run_config`).
 
     Raises:
         ConfigError: unknown preset or key, a value of the wrong type (a scalar for a list), a value
@@ -607,7 +610,10 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form stage.key=value")
     try:
-        merged = OmegaConf.merge(schema, OmegaConf.load(PRESET_DIR / f"{preset}.yaml"))
+        if start is not None:  # an existing run folder's resolved config (load_run_config)
+            merged = OmegaConf.merge(schema, OmegaConf.structured(start))
+        else:
+            merged = OmegaConf.merge(schema, OmegaConf.load(PRESET_DIR / f"{preset}.yaml"))
     except OmegaConfBaseException as exc:
         raise _explain(exc, f"preset {preset}") from None
     base = {"run": {"preset": preset}}
@@ -624,6 +630,27 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
     _check_counts(cfg)
     _check_scores(cfg)
     return cfg
+
+
+def load_run_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: str | None = None
+                    ) -> ExperimentConfig:
+    """The config of a command on the run folder ``out``: when the folder already has a
+    ``config.yaml``, its resolved config is the default and ``overrides`` change it explicitly (a
+    later command without the same ``--set`` does not silently undo an earlier one); otherwise the
+    preset's, as :func:`load_config`.
+
+    Raises:
+        ConfigError: as :func:`load_config`; or the folder was made with another preset.
+    """
+    existing = Path(out) / "config.yaml" if out is not None else None
+    if existing is None or not existing.is_file():
+        return load_config(preset, overrides, out=out)
+    folder = config_from_yaml(existing.read_text())
+    if folder.run.preset != preset:
+        raise ConfigError(f"{out} is a run folder of preset {folder.run.preset!r}, not {preset!r}: use "
+                          f"--preset {folder.run.preset} (its config.yaml is the default there) or "
+                          f"another --out")
+    return load_config(preset, overrides, out=out, start=folder)
 
 
 def config_to_yaml(cfg: ExperimentConfig) -> str:

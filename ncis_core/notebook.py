@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from .assets import project_dir
-from .config import ExperimentConfig, load_config
+from .config import ExperimentConfig, load_run_config
 from .runs import RunDir
 
 __all__ = ["start", "write_notebook", "notebook_has_outputs", "strip_outputs"]
@@ -48,7 +48,7 @@ def start(preset: str, run_dir: str, overrides: list[str] | tuple[str, ...] = ()
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(run_dir)
     out = out if out.is_absolute() else root / out
-    cfg = load_config(preset, list(overrides), out=str(out))
+    cfg = load_run_config(preset, list(overrides), out=str(out))
     run = RunDir.create(cfg)
     log.info("preset %s → run folder %s", preset, out)
     return cfg, run

@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 
 from .assets import notebooks_dir, project_dir
-from .config import load_config
-from .runs import ARTEFACTS, STAGES, RunDir, stage_inputs
+from .config import load_run_config
+from .runs import ARTEFACTS, STAGES, RunDir, stage_inputs, write_lock
 
 __all__ = ["NOTEBOOK_DIR", "VIEW_INPUTS", "NotebookFailed", "notebook_series", "parse_stages", "run_series"]
 
@@ -109,7 +109,15 @@ def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple
     import papermill  # heavy import: only when a series actually runs
     from papermill.exceptions import PapermillExecutionError
 
-    cfg = load_config(preset, list(overrides), out=str(out))
+    cfg = load_run_config(preset, list(overrides), out=str(out))
+    # one writer per run folder; the notebooks' kernels write under this process's lock
+    with write_lock(cfg.run.out, f"run --stages {stages or 'all'} (PID {os.getpid()})"):
+        return _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, progress,
+                           papermill, PapermillExecutionError)
+
+
+def _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, progress, papermill,
+                PapermillExecutionError) -> list[Path]:
     run = RunDir.create(cfg)
     wanted = parse_stages(stages)
     series = [(n, p) for n, p in notebook_series(notebooks) if wanted is None or n in wanted]

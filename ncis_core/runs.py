@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from omegaconf import OmegaConf
 
@@ -45,10 +46,14 @@ __all__ = [
     "ARTEFACTS",
     "STAGES",
     "Stage",
+    "register_stage",
     "StaleArtefactError",
     "MissingArtefactError",
     "RunDir",
     "StageRecord",
+    "StageState",
+    "RunFolderBusy",
+    "write_lock",
     "stage_inputs",
     "stage_sections",
     "atomic_path",
@@ -100,12 +105,16 @@ ARTEFACTS: dict[str, str] = {
 class Stage:
     """One pipeline stage: its number (= notebook number), what it reads and what it writes.
 
+    Each stage module declares its own, next to its ``run()`` (``STAGE = register_stage(Stage(...))``).
+
     Args:
         number: the stage number; notebook ``NN_<name>.ipynb`` runs it.
         name: the stage's name (also its manifest key).
-        config_sections: config sections whose values the outputs depend on.
+        config_sections: config sections (or ``section.key``) whose values the outputs depend on.
         inputs: artefact names (keys of :data:`ARTEFACTS`) produced by earlier stages.
         outputs: artefact names this stage writes; the first is the one whose presence means "done".
+        inputs_for: ``cfg -> inputs`` where the config changes what the stage reads (default: ``inputs``).
+        sections_for: ``cfg -> extra config sections`` the config adds (default: none).
     """
 
     number: int
@@ -113,46 +122,73 @@ class Stage:
     config_sections: tuple[str, ...]
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
+    inputs_for: Callable[[ExperimentConfig], tuple[str, ...]] | None = None
+    sections_for: Callable[[ExperimentConfig], tuple[str, ...]] | None = None
 
 
-STAGES: dict[str, Stage] = {s.name: s for s in [
-    Stage(0, "data", ("data",), (), ("data_summary",)),
-    Stage(1, "embed", ("data", "diffusion", "embed"), (), ("embeddings",)),
-    Stage(2, "cvpn", ("cvpn",), ("embeddings",), ("cvpn_best", "cvpn_history")),
-    Stage(3, "sample", ("sample",), ("embeddings", "cvpn_best"), ("outlier_embeddings",)),
-    Stage(4, "generate", ("diffusion", "generate"), ("outlier_embeddings",), ("outliers_dir",)),
-    Stage(5, "classifier", ("data", "classifier"), ("outliers_dir",),
-          ("classifier_best", "classifier_history")),
-    Stage(6, "evaluate", ("data", "evaluate"), ("classifier_best",),
-          ("metrics_json", "metrics_csv", "table_md")),
-]}
+class _StageTable(Mapping):
+    """Stage name → :class:`Stage`, in stage order. The stage modules declare their stages; the
+    table imports ``ncis_core.stages`` (whose ``__init__`` imports every stage module) on first use,
+    so a run folder opened anywhere knows every stage."""
+
+    def __init__(self):
+        self._stages: dict[str, Stage] = {}
+        self._loading = False
+
+    def _load(self) -> dict[str, Stage]:
+        if not self._loading and len(self._stages) < _STAGE_COUNT:
+            self._loading = True  # the stage modules register themselves while being imported
+            try:
+                importlib.import_module("ncis_core.stages")
+            finally:
+                self._loading = False
+        return self._stages
+
+    def register(self, stage: Stage) -> Stage:
+        known = self._stages.get(stage.name)
+        if known is not None:
+            # `python -m ncis_core.stages.<stage>` imports the module twice (as __main__ and by its
+            # package): the same declaration again is fine, a different one is a bug
+            same = [getattr(known, f) for f in ("number", "config_sections", "inputs", "outputs")] == \
+                [getattr(stage, f) for f in ("number", "config_sections", "inputs", "outputs")]
+            if not same:
+                raise ValueError(f"stage {stage.name!r} is declared twice, differently")
+            return known
+        self._stages[stage.name] = stage
+        self._stages = dict(sorted(self._stages.items(), key=lambda item: item[1].number))
+        return stage
+
+    def __getitem__(self, name: str) -> Stage:
+        return self._load()[name]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self) -> int:
+        return len(self._load())
+
+
+_STAGE_COUNT = 7  # stages 0-6; stage 7 (the explorer) is a view, not a stage
+STAGES: Mapping[str, Stage] = _StageTable()
+
+
+def register_stage(stage: Stage) -> Stage:
+    """Add a stage module's declaration to :data:`STAGES` (returns it, for ``STAGE = register_stage(...)``)."""
+    return STAGES.register(stage)
+
 
 def stage_inputs(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
-    """The artefacts stage ``name`` reads under ``cfg``: its own list, except where the config
-    changes it (stage 3 reads the cVPN only for a method that needs it; stage 5 reads stage 4's
-    ``outliers/`` only when ``classifier.outliers`` is stage 3's method)."""
-    if name == "sample":
-        from .outliers.base import method_inputs
-
-        return method_inputs(cfg, cfg.sample.method)[0]
-    if name == "classifier" and cfg.classifier.outliers != cfg.sample.method:
-        return ()
-    return STAGES[name].inputs
+    """The artefacts stage ``name`` reads under ``cfg`` (its ``inputs_for``, else its ``inputs``)."""
+    stage = STAGES[name]
+    return tuple(stage.inputs_for(cfg)) if stage.inputs_for is not None else stage.inputs
 
 
 def stage_sections(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
-    """The config sections stage ``name``'s outputs depend on under ``cfg``: its own list plus what
-    the config adds (stage 3: what its method reads, e.g. the generator for ``knn_boundary``'s class
-    token rows; stage 5: the generator and ``embed.resolution`` when it makes generated-looking ID
-    images)."""
-    own = STAGES[name].config_sections
-    if name == "sample":
-        from .outliers.base import method_inputs
-
-        return tuple(dict.fromkeys((*own, *method_inputs(cfg, cfg.sample.method)[1])))
-    if name == "classifier" and cfg.classifier.id_generated != "none":
-        return (*own, "diffusion", "embed.resolution")
-    return own
+    """The config sections stage ``name``'s outputs depend on under ``cfg``: its own plus what its
+    ``sections_for`` adds."""
+    stage = STAGES[name]
+    extra = tuple(stage.sections_for(cfg)) if stage.sections_for is not None else ()
+    return tuple(dict.fromkeys((*stage.config_sections, *extra)))
 
 
 # Config sections every stage depends on (the seed changes every random draw).
@@ -338,6 +374,23 @@ class StageRecord:
     info: dict = dataclasses.field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StageState:
+    """What :meth:`RunDir.stage_state` says about a stage.
+
+    Attributes:
+        stage: the stage's name.
+        state: ``current``, ``stale`` or ``missing``.
+        reason: why it is not current ("" when it is).
+        earliest: the earliest stage whose rerun would make it current (None when current).
+    """
+
+    stage: str
+    state: str
+    reason: str
+    earliest: str | None
+
+
 class RunDir:
     """A run folder. Use :meth:`create` (writes config and manifest) or :meth:`open` (reads them).
 
@@ -360,6 +413,11 @@ class RunDir:
         """
         run = cls(root or cfg.run.out, cfg)
         run.root.mkdir(parents=True, exist_ok=True)
+        if run.path("config").is_file():
+            changed = run.stages_changed_by(config_from_yaml(run.path("config").read_text()))
+            if changed:
+                log.info("the config differs from %s's: stage(s) %s will rerun", run.root,
+                         ", ".join(f"{STAGES[n].number} ({n})" for n in changed))
         atomic_write_text(run.path("config"), config_to_yaml(cfg))
         manifest = run.manifest()
         manifest.update({
@@ -373,6 +431,14 @@ class RunDir:
         manifest.setdefault("stages", {})
         run._write_manifest(manifest)
         return run
+
+    def stages_changed_by(self, before: ExperimentConfig) -> list[str]:
+        """The stages whose config sections differ between ``before`` and this folder's config."""
+        old = RunDir(self.root, before)
+        return [name for name, stage in STAGES.items()
+                if any(_section_hash(before, sec) != _section_hash(self.cfg, sec)
+                       for sec in (*_COMMON_SECTIONS, *stage_sections(self.cfg, name),
+                                   *stage_sections(old.cfg, name)))]
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "RunDir":
@@ -436,18 +502,80 @@ class RunDir:
         keys += [f"path:{Path(p).resolve()}" for p in extra]
         return keys
 
+    def _sections_used(self, name: str) -> dict[str, Any]:
+        """The values of the config sections stage ``name`` runs with (the manifest keeps them per
+        stage: what each artefact was made with, whatever ``config.yaml`` says later)."""
+        node = OmegaConf.structured(self.cfg)
+        out = {}
+        for section in (*_COMMON_SECTIONS, *stage_sections(self.cfg, name)):
+            value = OmegaConf.select(node, section)
+            out[section] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        return out
+
     def _input_hashes(self, stage: Stage, inputs: tuple[str, ...] | None = None,
                       extra: tuple[str | os.PathLike, ...] = ()) -> dict[str, str]:
         return {key: self._hash_of(key) for key in self._input_keys(stage, inputs, extra)}
 
     # -- the checks
+    def rerun_hint(self, stage: Stage) -> str:
+        """The command that reruns ``stage`` and every stage after it in this folder."""
+        last = max(s.number for s in STAGES.values())
+        stages = f"{stage.number}-{last}" if stage.number < last else f"{stage.number}"
+        return (f"python -m ncis_core run --preset {self.cfg.run.preset} --out {self.root} "
+                f"--stages {stages}")
+
+    def stage_state(self, name: str, _memo: dict | None = None) -> StageState:
+        """Whether stage ``name``'s outputs are current: complete, unchanged since it wrote them,
+        built from the inputs and config in the folder now, **and** every stage upstream of it
+        current too. A stale or missing upstream stage makes it stale, naming the earliest one."""
+        memo = {} if _memo is None else _memo
+        if name in memo:
+            return memo[name]
+        stage = STAGES[name]
+        record = self.manifest().get("stages", {}).get(name, {})
+        state = None
+        if record.get("status") != "complete":
+            state = StageState(name, "missing", "never finished" if record else "not run", name)
+        else:
+            for artefact in stage.outputs:
+                path = self.path(artefact)
+                if not path.exists():
+                    state = StageState(name, "missing", f"{ARTEFACTS[artefact]} is missing", name)
+                    break
+                if record.get("outputs", {}).get(artefact) != content_hash(path):
+                    state = StageState(name, "stale", f"{ARTEFACTS[artefact]} changed after the stage "
+                                                      f"wrote it", name)
+                    break
+        if state is None:
+            recorded = record.get("inputs", {})
+            for key in recorded:  # upstream first: the earliest stale stage is the one to rerun
+                if key in ARTEFACTS:
+                    up = self.stage_state(self._producer(key).name, memo)
+                    if up.state != "current":
+                        state = StageState(name, "stale", f"stage {STAGES[up.earliest].number} "
+                                           f"({up.earliest}) upstream is {up.state}", up.earliest)
+                        break
+        if state is None:
+            changed = [k for k in record.get("inputs", {}) if record["inputs"][k] != self._hash_of(k)]
+            state = StageState(name, "stale", "changed since: " + ", ".join(
+                ARTEFACTS.get(k, k) for k in changed), name) if changed else StageState(name, "current", "", None)
+        memo[name] = state
+        return state
+
+    def status(self) -> list[StageState]:
+        """:meth:`stage_state` of every stage, in order."""
+        memo: dict = {}
+        return [self.stage_state(name, memo) for name in STAGES]
+
     def require(self, artefact: str) -> Path:
-        """Path of an input artefact after checking it is present and current.
+        """Path of an input artefact after checking it is present and current, all the way up.
 
         Raises:
-            MissingArtefactError: the artefact is absent (or its stage never finished).
-            StaleArtefactError: it was edited after its stage wrote it, or its stage's own inputs
-                (earlier artefacts, config sections) changed since; the message names the stage to rerun.
+            MissingArtefactError: the artefact is absent (or its stage never finished), or a stage
+                upstream of it never ran.
+            StaleArtefactError: it was edited after its stage wrote it, or its stage's inputs
+                (earlier artefacts, config sections) changed since, or a stage upstream is stale; the
+                message names the **earliest** stage to rerun and the command that reruns the chain.
         """
         producer = self._producer(artefact)
         where = f"stage {producer.number} ({producer.name})"
@@ -455,19 +583,24 @@ class RunDir:
         record = self.manifest().get("stages", {}).get(producer.name, {})
         if not file.exists() or record.get("status") != "complete":
             raise MissingArtefactError(
-                f"{ARTEFACTS[artefact]} is missing from {self.root}; run {where} first")
+                f"{ARTEFACTS[artefact]} is missing from {self.root}; run {where} first "
+                f"(`{self.rerun_hint(producer)}`)")
+        state = self.stage_state(producer.name)
+        if state.state == "current":
+            return file
+        earliest = STAGES[state.earliest]
+        first = f"stage {earliest.number} ({earliest.name})"
+        hint = f"`{self.rerun_hint(earliest)}`"
+        if state.earliest != producer.name:
+            error = MissingArtefactError if self.stage_state(earliest.name).state == "missing" else StaleArtefactError
+            raise error(f"{ARTEFACTS[artefact]} is not current: {state.reason}; rerun {first} and the "
+                        f"stages after it: {hint}")
         if record.get("outputs", {}).get(artefact) != content_hash(file):
             raise StaleArtefactError(
-                f"{ARTEFACTS[artefact]} changed after {where} wrote it; rerun {where}")
-        # recompute exactly what the producer recorded (its inputs may differ by config, e.g. stage 5)
-        recorded = record.get("inputs", {})
-        changed = [k for k in recorded if recorded[k] != self._hash_of(k)]
-        if changed:
-            what = ", ".join(ARTEFACTS.get(k, k) for k in changed)
-            raise StaleArtefactError(
-                f"{ARTEFACTS[artefact]} was built from different inputs than the ones in {self.root} "
-                f"now (changed: {what}); rerun {where}")
-        return file
+                f"{ARTEFACTS[artefact]} changed after {where} wrote it; rerun {where}: {hint}")
+        raise StaleArtefactError(
+            f"{ARTEFACTS[artefact]} was built from different inputs than the ones in {self.root} "
+            f"now ({state.reason}); rerun {where} and the stages after it: {hint}")
 
     @contextlib.contextmanager
     def stage(self, name: str, inputs: tuple[str, ...] | None = None,
@@ -486,6 +619,14 @@ class RunDir:
             stage = STAGES[name]
         except KeyError:
             raise KeyError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}") from None
+        with write_lock(self.root, f"stage {stage.number} ({name})"):
+            with self._stage(stage, inputs, extra) as rec:
+                yield rec
+
+    @contextlib.contextmanager
+    def _stage(self, stage: Stage, inputs: tuple[str, ...] | None,
+               extra: tuple[str | os.PathLike, ...]) -> Iterator[StageRecord]:
+        name = stage.name
         inputs = stage_inputs(self.cfg, name) if inputs is None else inputs
         for artefact in inputs:
             self.require(artefact)
@@ -507,7 +648,7 @@ class RunDir:
         started = _now()
         manifest.setdefault("stages", {})[name] = {
             "number": stage.number, "status": "running", "started": started, "inputs": inputs,
-            "runs": previous.get("runs", 0) + 1}
+            "config": self._sections_used(name), "runs": previous.get("runs", 0) + 1}
         self._write_manifest(manifest)
         try:
             yield rec
@@ -525,6 +666,96 @@ class RunDir:
             status="complete", ended=_now(), info=rec.info,
             outputs={a: content_hash(self.path(a)) for a in stage.outputs})
         self._write_manifest(manifest)
+        self.note_status()
+
+    def note_status(self) -> None:
+        """Write every stage's :meth:`stage_state` into the manifest (``"status"``), so that the
+        manifest says which stages are current, stale (because of what) or missing."""
+        manifest = self.manifest()
+        manifest["status"] = {st.stage: {"state": st.state, "reason": st.reason} for st in self.status()}
+        self._write_manifest(manifest)
+
+    def format_status(self) -> str:
+        """The status table (Markdown): each stage current / stale (because of what) / missing, and
+        the command that brings the folder up to date."""
+        rows = self.status()
+        out = [f"Run folder {self.root} (preset {self.cfg.run.preset})", "",
+               "| stage | state | why |", "|---|---|---|"]
+        for st in rows:
+            stage = STAGES[st.stage]
+            out.append(f"| {stage.number} {stage.name} | {st.state} | {st.reason} |")
+        todo = [STAGES[st.earliest] for st in rows if st.state != "current" and st.earliest]
+        if todo:
+            first = min(todo, key=lambda s: s.number)
+            out += ["", f"To bring it up to date: `{self.rerun_hint(first)}`"]
+        return "\n".join(out) + "\n"
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.root)!r}, preset={self.cfg.run.preset!r})"
+
+
+# ----------------------------------------------------------------------------- one writer at a time
+class RunFolderBusy(RuntimeError):
+    """Another live process is writing the run folder; the message names it."""
+
+
+_LOCK_NAME = ".run.lock"
+_LOCK_ENV = "NCIS_RUN_LOCK"  # "<folder>::<token>": a process writing under its parent's lock
+_held: dict[Path, list] = {}  # folder → [FileLock, depth] held by this process
+
+
+def _lock_info(root: Path) -> dict:
+    try:
+        return json.loads((root / f"{_LOCK_NAME}.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@contextlib.contextmanager
+def write_lock(root: str | os.PathLike, command: str) -> Iterator[None]:
+    """Hold the run folder's writer lock while the block runs (re-entrant within a process).
+
+    A second writer fails at once with :class:`RunFolderBusy` naming the holder (PID, command, since
+    when). The lock is an OS file lock (``filelock``): it dies with its process, so the lock of a
+    killed run is simply taken over. Processes started by the holder (the notebooks' kernels of
+    ``run``) inherit a token through the environment and write under their parent's lock.
+    """
+    from filelock import FileLock, Timeout
+
+    root = Path(root).resolve()
+    if root in _held:
+        _held[root][1] += 1
+        try:
+            yield
+        finally:
+            _held[root][1] -= 1
+        return
+    inherited = os.environ.get(_LOCK_ENV, "")
+    if inherited.startswith(f"{root}::") and _lock_info(root).get("token") == inherited.split("::", 1)[1]:
+        yield  # our parent holds it
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root / _LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        info = _lock_info(root)
+        raise RunFolderBusy(f"{root} is being written by PID {info.get('pid', '?')} "
+                            f"({info.get('command', 'another command')}, since {info.get('started', '?')}); "
+                            f"wait for it to finish or stop it, or use another --out") from None
+    token = f"{os.getpid()}-{os.urandom(4).hex()}"
+    atomic_write_json(root / f"{_LOCK_NAME}.json",
+                      {"pid": os.getpid(), "command": command, "started": _now(), "token": token})
+    _held[root] = [lock, 1]
+    previous = os.environ.get(_LOCK_ENV)
+    os.environ[_LOCK_ENV] = f"{root}::{token}"
+    try:
+        yield
+    finally:
+        del _held[root]
+        if previous is None:
+            os.environ.pop(_LOCK_ENV, None)
+        else:
+            os.environ[_LOCK_ENV] = previous
+        (root / f"{_LOCK_NAME}.json").unlink(missing_ok=True)
+        lock.release()

@@ -201,3 +201,22 @@ def test_a_scalar_for_a_list_gets_a_one_line_message_with_an_example(override, m
     with pytest.raises(ConfigError, match=message) as err:
         load_config("smoke", [override])
     assert "\n" not in str(err.value) and "AnyNode" not in str(err.value)
+
+
+def test_an_existing_run_folder_s_config_is_the_default_of_later_commands(tmp_path, caplog):
+    import logging
+
+    from ncis_core.config import load_run_config
+    from ncis_core.runs import RunDir
+
+    out = str(tmp_path / "run")
+    assert load_run_config("smoke", [], out=out).cvpn.epochs == load_config("smoke").cvpn.epochs  # new folder
+    RunDir.create(load_run_config("smoke", ["cvpn.epochs=3"], out=out))
+    again = load_run_config("smoke", [], out=out)          # no --set: the folder's value stays
+    assert again.cvpn.epochs == 3
+    with caplog.at_level(logging.INFO, logger="ncis_core.runs"):
+        RunDir.create(load_run_config("smoke", ["cvpn.epochs=5"], out=out))
+    assert load_run_config("smoke", [], out=out).cvpn.epochs == 5
+    assert "stage(s) 2 (cvpn) will rerun" in caplog.text  # stage 2 only: later stages follow by staleness
+    with pytest.raises(ConfigError, match="run folder of preset 'smoke', not 'demo': use --preset smoke"):
+        load_run_config("demo", [], out=out)

@@ -161,3 +161,132 @@ def test_stage_inputs_can_depend_on_the_config_and_outside_folders(run, tmp_path
     (outside / "b.png").write_bytes(b"2")
     with pytest.raises(StaleArtefactError, match=r"my_outliers.*rerun stage 5 \(classifier\)"):
         run.require("classifier_best")
+
+
+def test_every_stage_declares_its_contract_next_to_its_run():
+    """STAGES is assembled from the stage modules' own declarations, in stage order."""
+    import importlib
+
+    assert [s.number for s in STAGES.values()] == list(range(7))
+    for module, name in [("data_summary", "data"), ("embed", "embed"), ("train_cvpn", "cvpn"),
+                         ("sample", "sample"), ("generate", "generate"),
+                         ("train_classifier", "classifier"), ("evaluate", "evaluate")]:
+        stage_module = importlib.import_module(f"ncis_core.stages.{module}")
+        assert stage_module.STAGE is STAGES[name]
+
+
+def test_stage_inputs_and_sections_follow_the_config():
+    from ncis_core.config import load_config
+    from ncis_core.runs import stage_inputs, stage_sections
+
+    ncis = load_config("smoke")
+    assert stage_inputs(ncis, "sample") == ("embeddings", "cvpn_best")
+    assert stage_inputs(load_config("smoke", ["sample.method=linear"]), "sample") == ("embeddings",)
+    assert "diffusion" in stage_sections(load_config("smoke", ["sample.method=knn_boundary"]), "sample")
+    assert stage_inputs(ncis, "classifier") == ("outliers_dir",)
+    assert stage_inputs(load_config("smoke", ["classifier.outliers=none"]), "classifier") == ()
+    # stage 5 makes its generated-looking ID images with the generator: changing it makes stage 5 stale
+    with_recon = load_config("smoke", ["classifier.id_generated=vae_recon"])
+    assert {"diffusion", "embed.resolution"} <= set(stage_sections(with_recon, "classifier"))
+    assert "diffusion" not in stage_sections(ncis, "classifier")
+
+
+def test_a_stage_module_command_line_reports_a_fault_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "ncis_core.stages.embed", "--preset", "smoke", "--out",
+                           str(tmp_path / "run"), "--set", "diffusion.pipeline=/nonexistent/sd"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "diffusion.pipeline='/nonexistent/sd'" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def _chain(run, names=("embed", "cvpn", "sample", "generate", "classifier", "evaluate")):
+    for name in names:
+        _fake_stage(run, name, payload=name)
+
+
+def test_staleness_reaches_all_the_way_down_and_names_the_earliest_stage(tmp_path):
+    """Stage 2 redone with other settings: stage 6 is stale because of stage 3, not 'current'."""
+    run = RunDir.create(load_config("smoke", out=str(tmp_path / "run")))
+    _chain(run)
+    assert [st.state for st in run.status()] == ["missing"] + ["current"] * 6  # stage 0 never ran
+    other = RunDir.create(load_config("smoke", ["cvpn.epochs=3"], out=str(run.root)))
+    with other.stage("cvpn"):
+        atomic_write_text(other.path("cvpn_best"), "retrained")
+        atomic_write_text(other.path("cvpn_history"), "retrained")
+    states = {st.stage: st for st in other.status()}
+    assert states["cvpn"].state == "current" and states["sample"].state == "stale"
+    for name in ("generate", "classifier", "evaluate"):
+        assert states[name].state == "stale" and states[name].earliest == "sample"
+        assert "stage 3 (sample) upstream is stale" in states[name].reason
+    # stage 6 needs the classifier: refused, naming stage 3 and the command that reruns the chain
+    with pytest.raises(StaleArtefactError, match=r"rerun stage 3 \(sample\) and the stages after it: "
+                                                 r"`python -m ncis_core run --preset smoke --out .* --stages 3-6`"):
+        other.stage("evaluate").__enter__()
+    manifest = json.loads(other.path("manifest").read_text())
+    assert manifest["status"]["evaluate"]["state"] == "stale"
+    assert "stage 3 (sample)" in other.format_status()
+
+
+def test_replaced_embeddings_make_every_later_stage_stale_naming_stage_2(tmp_path):
+    run = RunDir.create(load_config("smoke", out=str(tmp_path / "run")))
+    _chain(run)
+    with run.stage("embed") as rec:  # stage 1 again with the same config: done, so rewrite by hand
+        pass
+    manifest = run.manifest()
+    atomic_write_text(run.path("embeddings"), "new embeddings")
+    manifest["stages"]["embed"]["outputs"]["embeddings"] = content_hash(run.path("embeddings"))
+    run._write_manifest(manifest)  # as if stage 1 had rerun and written other embeddings
+    with pytest.raises(StaleArtefactError, match=r"rerun stage 2 \(cvpn\) and the stages after it"):
+        run.require("outliers_dir")
+
+
+def test_status_command_prints_the_table(tmp_path):
+    import subprocess
+    import sys
+
+    run = RunDir.create(load_config("smoke", out=str(tmp_path / "run")))
+    _chain(run, ("embed", "cvpn"))
+    proc = subprocess.run([sys.executable, "-m", "ncis_core", "status", "--out", str(run.root)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 2 cvpn | current |" in proc.stdout and "| 3 sample | missing | not run |" in proc.stdout
+    assert "--stages 0-6" in proc.stdout  # stage 0 never ran: the whole chain
+
+
+def test_one_writer_per_run_folder_and_a_dead_holder_s_lock_is_taken_over(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ncis_core.runs import RunFolderBusy, write_lock
+
+    root = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from ncis_core.runs import write_lock\n"
+        f"with write_lock({str(root)!r}, 'run --stages 1-4 (the first)'):\n"
+        "    print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, "-m", "ncis_core", "run", "--preset", "smoke", "--out", str(root),
+                               "--stages", "0"], capture_output=True, text=True)
+        assert proc.returncode == 2
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"PID {holder.pid}" in errors[0] and "the first" in errors[0]
+        assert "Traceback" not in proc.stderr and time.monotonic() - started < 60  # at once, not after the holder
+        with pytest.raises(RunFolderBusy, match=f"PID {holder.pid}"):
+            with write_lock(root, "a second writer"):
+                pass
+    finally:
+        holder.send_signal(signal.SIGKILL)  # killed: no clean release
+        holder.wait()
+    with write_lock(root, "after the crash"):  # the OS dropped the dead process's lock
+        with write_lock(root, "nested in the same process"):
+            pass
+    assert not (root / ".run.lock.json").exists()

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import ExperimentConfig
 from ..data import build_splits
 from ..data.base import Split
-from ..runs import RunDir, atomic_write_json
+from ..runs import RunDir, Stage, atomic_write_json, register_stage
 
 __all__ = ["summarize", "run"]
 
@@ -30,6 +30,10 @@ def summarize(splits: list[Split]) -> list[dict]:
         row["per_class"] = {name: int((labels == i).sum()) for i, name in enumerate(split.classes)}
         rows.append(row)
     return rows
+
+
+# Stage 0 reads the datasets (config ``data``) and writes the counts.
+STAGE = register_stage(Stage(0, "data", ("data",), (), ("data_summary",)))
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir) -> tuple[list[Split], list[dict]]:

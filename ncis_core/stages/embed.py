@@ -43,7 +43,6 @@ Command line (also under ``accelerate launch``)::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -65,7 +64,7 @@ from ..device import broadcast, process_state
 from ..config import EmbedConfig, ExperimentConfig
 from ..embeddings_io import load_embeddings, save_embeddings
 from ..data import first_per_class
-from ..runs import RunDir, atomic_path
+from ..runs import RunDir, Stage, atomic_path, register_stage
 
 __all__ = [
     "timestep_grid",
@@ -336,6 +335,10 @@ def class_token_rows(cfg: ExperimentConfig, device: torch.device | str = "cpu"
     return diffusion.class_token_rows(pipe, tokens), tokens
 
 
+# Stage 1 reads the ID training images and the generator; it writes one embedding per image.
+STAGE = register_stage(Stage(1, "embed", ("data", "diffusion", "embed"), (), ("embeddings",)))
+
+
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
         on_shard_end: Callable[[int], None] | None = None) -> dict:
     """Stage 1: write ``embeddings.safetensors``; skipped when complete and current, resumed shard
@@ -431,31 +434,11 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
     return load_embeddings(run_dir.require("embeddings"))
 
 
-def _stage_main(argv: Sequence[str] | None, name: str, stage_run) -> int:
-    """Shared command line of the diffusion stages: ``--preset``, ``--out``, ``--set``."""
-    from ..config import load_config
-
-    parser = argparse.ArgumentParser(prog=f"python -m ncis_core.stages.{name}",
-                                     description=f"Run stage {name} (also under accelerate launch).")
-    parser.add_argument("--preset", required=True)
-    parser.add_argument("--out", required=True, help="the run folder")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="STAGE.KEY=VALUE")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.preset, args.overrides, out=args.out)
-    state, _ = process_state(cfg.run.device)
-    if state.is_main_process:
-        RunDir.create(cfg)
-    state.wait_for_everyone()
-    stage_run(cfg, RunDir(cfg.run.out, cfg), progress=not args.no_progress)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ncis_core.stages.embed --preset P --out DIR [--set k=v …]``."""
-    return _stage_main(argv, "embed", run)
+    from .command import stage_main
+
+    return stage_main(argv, "embed", run)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ from ..data.base import Split
 from ..data.transforms import Compose, Normalize, ToTensor
 from ..device import resolve_device
 from ..metrics import CONVENTIONS, METRIC_KEYS, mean_row, ood_metrics
-from ..runs import RunDir, atomic_path, atomic_write_json, atomic_write_text
+from ..runs import (RunDir, Stage, atomic_path, atomic_write_json, atomic_write_text,
+                    register_stage)
 from ..scores import Score, build_score, score_arguments, score_class
 from .train_classifier import ClassifierBundle, load_classifier
 
@@ -247,6 +248,11 @@ def write_results(folder: Path, results: dict, raw: dict[str, np.ndarray]) -> No
                                         if s != results["main_score"]]
     atomic_write_text(folder / "table.md", "\n".join(tables))
     atomic_write_json(folder / "metrics.json", results)
+
+
+# Stage 6 reads the ID test split, the OOD sets and the classifier; it writes the metrics and tables.
+STAGE = register_stage(Stage(6, "evaluate", ("data", "evaluate"), ("classifier_best",),
+                             ("metrics_json", "metrics_csv", "table_md")))
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, checkpoint: str | Path | None = None,

@@ -53,7 +53,7 @@ from ..progress import bar_options
 from .. import diffusion
 from ..device import broadcast, process_state
 from ..config import ExperimentConfig, GenerateConfig
-from ..runs import RunDir, atomic_path, atomic_write_json
+from ..runs import RunDir, Stage, atomic_path, atomic_write_json, register_stage
 
 __all__ = [
     "INDEX_FORMAT",
@@ -279,6 +279,10 @@ def load_index(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
+# Stage 4 reads stage 3's outlier embeddings and the generator; it writes the outlier images.
+STAGE = register_stage(Stage(4, "generate", ("diffusion", "generate"), ("outlier_embeddings",), ("outliers_dir",)))
+
+
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
         on_batch_end: Callable[[int], None] | None = None) -> dict:
     """Stage 4: write ``outliers/<class>/*.png`` and ``outliers/index.json``; skipped when complete
@@ -353,9 +357,9 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ncis_core.stages.generate --preset P --out DIR [--set k=v …]``."""
-    from .embed import _stage_main
+    from .command import stage_main
 
-    return _stage_main(argv, "generate", run)
+    return stage_main(argv, "generate", run)
 
 
 if __name__ == "__main__":

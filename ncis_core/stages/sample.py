@@ -18,14 +18,29 @@ import logging
 
 from ..config import ExperimentConfig
 from ..outliers import get_method
+from ..outliers.base import method_inputs
 from ..outliers.files import load_outliers, save_outliers
 from ..outliers.inputs import sample_inputs
 from ..outliers.sources import sample_method
-from ..runs import RunDir
+from ..runs import RunDir, Stage, register_stage
 
 __all__ = ["run"]
 
 log = logging.getLogger(__name__)
+
+
+def _inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return method_inputs(cfg, cfg.sample.method)[0]  # the cVPN only for a method that needs it
+
+
+def _sections(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return method_inputs(cfg, cfg.sample.method)[1]  # e.g. the generator for the class tokens' rows
+
+
+# Stage 3 reads what ``sample.method`` needs (embeddings; the cVPN for ncis) and writes the outlier
+# embeddings; its config: ``sample``, the holdout split, and what the method reads.
+STAGE = register_stage(Stage(3, "sample", ("sample",), ("embeddings", "cvpn_best"), ("outlier_embeddings",),
+                             inputs_for=_inputs, sections_for=_sections))
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:

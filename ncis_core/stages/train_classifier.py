@@ -49,7 +49,8 @@ from ..data.transforms import (Compose, Normalize, RandomChoiceResize, RandomCro
                                RandomHorizontalFlip, RandomResizedCrop, ToTensor)
 from ..device import resolve_device
 from ..models.resnet import EnergyHead, build_classifier, remap_ood_checkpoint
-from ..runs import MissingArtefactError, RunDir, atomic_path, atomic_write_json, stage_inputs
+from ..runs import (MissingArtefactError, RunDir, Stage, atomic_path, atomic_write_json, register_stage,
+                    stage_inputs)
 
 __all__ = [
     "train_transforms",
@@ -584,6 +585,23 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     return result
 
 
+def _inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
+    # stage 4's tree only when the outliers are stage 3's method's (other sources are hashed as
+    # outside paths, see run())
+    return ("outliers_dir",) if cfg.classifier.outliers == cfg.sample.method else ()
+
+
+def _sections(cfg: ExperimentConfig) -> tuple[str, ...]:
+    # the generated-looking ID images come from the generator at stage 1's resolution
+    return ("diffusion", "embed.resolution") if cfg.classifier.id_generated != "none" else ()
+
+
+# Stage 5 reads the ID data and its outlier source; it writes the best classifier and its history.
+STAGE = register_stage(Stage(5, "classifier", ("data", "classifier"), ("outliers_dir",),
+                             ("classifier_best", "classifier_history"), inputs_for=_inputs,
+                             sections_for=_sections))
+
+
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
     """Stage 5 in the run folder: train unless ``classifier/best.safetensors`` is current.
 
@@ -620,9 +638,9 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:
 def main(argv=None) -> int:
     """``python -m ncis_core.stages.train_classifier --preset P --out DIR [--set k=v …]``
     (also under ``accelerate launch``: the batches of each step are split between processes)."""
-    from .embed import _stage_main
+    from .command import stage_main
 
-    return _stage_main(argv, "train_classifier", run)
+    return stage_main(argv, "train_classifier", run)
 
 
 if __name__ == "__main__":

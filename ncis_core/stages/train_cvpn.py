@@ -40,7 +40,7 @@ from ..config import CVPNConfig, ExperimentConfig
 from ..device import resolve_device, seed_everything
 from ..embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
 from ..models.cvpn import CVPN, count_invariants
-from ..runs import MissingArtefactError, RunDir, atomic_path, atomic_write_json
+from ..runs import MissingArtefactError, RunDir, Stage, atomic_path, atomic_write_json, register_stage
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -430,6 +430,10 @@ def load_result(cfg: ExperimentConfig, run_dir: RunDir, device: torch.device | s
     history = json.loads(run_dir.require("cvpn_history").read_text())
     train_index, holdout_index = holdout_split(data["labels"], cfg.cvpn.holdout_fraction, cfg.run.seed)
     return CVPNResult(model, meta, mean, history, data, train_index, holdout_index)
+
+
+# Stage 2 reads the embeddings and writes the best cVPN and its history.
+STAGE = register_stage(Stage(2, "cvpn", ("cvpn",), ("embeddings",), ("cvpn_best", "cvpn_history")))
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True, on_epoch_end=None) -> CVPNResult:
