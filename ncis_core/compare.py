@@ -43,8 +43,8 @@ from .runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_writ
 from .stages import evaluate as stage6
 from .stages import train_classifier as stage5
 
-__all__ = ["pixel_shift", "train_and_evaluate", "aggregate",
-           "stage5_twin", "paired_differences", "format_paired", "format_comparison", "compare"]
+__all__ = ["pixel_shift", "train_and_evaluate", "aggregate", "stage5_twin", "paired_differences",
+           "detectable_difference", "holm", "format_paired", "format_comparison", "compare"]
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +146,19 @@ def aggregate(per_run: dict[str, list[dict]], score: str) -> list[dict]:
 
 def paired_differences(per_run: dict[str, list[dict]], score: str, reference: str,
                        sets: tuple[str, ...] = ("mean (near)", "mean (far)", "mean (all)"),
-                       metrics: tuple[str, ...] = ("auroc", "fpr95")) -> list[dict]:
-    """Each method minus ``reference``, seed by seed (the i-th result of every method has seed i).
+                       metrics: tuple[str, ...] = ("auroc", "fpr95"),
+                       methods: tuple[str, ...] | None = None, power: float = 0.8) -> list[dict]:
+    """Each method (of ``methods``, default all) minus ``reference``, seed by seed (the i-th result of
+    every method has seed i).
 
     Returns one row per (method, set, metric): ``mean`` and ``std`` of the per-seed differences, the
-    95 % two-sided t-interval of the mean (``low``, ``high``; None for one seed), ``better`` (seeds
-    where the method beat the reference: higher AUROC/AUPR, lower FPR95) and ``seeds``. ``separated``
-    is True when the interval excludes 0 — with 3 seeds that needs a consistent difference.
+    95 % two-sided t-interval of the mean (``low``, ``high``; None for one seed), ``p`` (the paired
+    two-sided t-test's p-value; None for one seed or no spread), ``better`` (seeds where the method
+    beat the reference: higher AUROC/AUPR, lower FPR95) and ``seeds``. ``separated`` is True when the
+    interval excludes 0. ``detectable``: the smallest true difference this many seeds with this
+    spread would detect with probability ``power`` in a two-sided paired t-test at level 0.05
+    (``(t_{0.975} + t_{power}) · std / √n``); :func:`holm` replaces it by the level the table's
+    correction demands.
     """
     from scipy import stats
 
@@ -164,7 +170,7 @@ def paired_differences(per_run: dict[str, list[dict]], score: str, reference: st
 
     out = []
     for method, results in per_run.items():
-        if method == reference:
+        if method == reference or (methods is not None and method not in methods):
             continue
         pairs = list(zip(results, per_run[reference]))
         for name in sets:
@@ -179,9 +185,52 @@ def paired_differences(per_run: dict[str, list[dict]], score: str, reference: st
                 half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else None
                 low, high = (mean - half, mean + half) if half is not None else (None, None)
                 better = int(np.sum(d < 0) if key == "fpr95" else np.sum(d > 0))
+                p = float(2 * stats.t.sf(abs(mean) / (std / np.sqrt(n)), n - 1)) if n > 1 and std > 0 else None
                 out.append({"method": method, "reference": reference, "set": name, "metric": key,
                             "mean": mean, "std": std, "low": low, "high": high, "better": better,
-                            "seeds": n, "separated": bool(low is not None and (low > 0 or high < 0))})
+                            "seeds": n, "separated": bool(low is not None and (low > 0 or high < 0)),
+                            "p": p, "detectable": detectable_difference(std, n, 0.05, power)})
+    return out
+
+
+def detectable_difference(std: float, seeds: int, alpha: float, power: float = 0.8) -> float | None:
+    """The smallest true mean difference a two-sided paired t-test at level ``alpha`` detects with
+    probability ``power`` from ``seeds`` pairs whose differences spread by ``std``
+    (the usual approximation ``(t_{1-alpha/2} + t_{power}) · std / √seeds``, df = seeds − 1).
+
+    Example:
+        >>> round(detectable_difference(0.02, 10, 0.05), 4)
+        0.0201
+    """
+    from scipy import stats
+
+    if seeds < 2:
+        return None
+    return float((stats.t.ppf(1 - alpha / 2, seeds - 1) + stats.t.ppf(power, seeds - 1)) * std / np.sqrt(seeds))
+
+
+def holm(rows: list[dict], alpha: float = 0.05, power: float = 0.8) -> list[dict]:
+    """Holm's step-down correction over every row's p-value (the whole table is one family).
+
+    Sets ``holm_p`` (the adjusted p-value, None without one), ``told_apart`` (``holm_p < alpha``) and
+    ``detectable`` at the strictest level the correction applies, ``alpha / m`` (m = rows with a
+    p-value): a difference smaller than that could pass unnoticed even in the best case.
+
+    Example:
+        >>> [r["holm_p"] for r in holm([{"p": 0.01}, {"p": 0.04}, {"p": 0.03}])]
+        [0.03, 0.06, 0.06]
+    """
+    tested = sorted((i for i, r in enumerate(rows) if r.get("p") is not None), key=lambda i: rows[i]["p"])
+    m = len(tested)
+    out = [dict(r, holm_p=None, told_apart=False) for r in rows]
+    running = 0.0
+    for rank, i in enumerate(tested):
+        running = max(running, min(1.0, (m - rank) * rows[i]["p"]))
+        out[i]["holm_p"] = running
+        out[i]["told_apart"] = running < alpha
+    for r in out:
+        if m and r.get("seeds", 0) > 1:
+            r["detectable"] = detectable_difference(r["std"], r["seeds"], alpha / m, power)
     return out
 
 
@@ -189,24 +238,47 @@ _METRIC_LABELS = {"fpr95": "FPR95 ↓", "auroc": "AUROC ↑", "aupr_in": "AUPR-I
 
 
 def format_paired(paired: list[dict]) -> str:
-    """Markdown for :func:`paired_differences`: difference in points, 95 % interval, wins."""
+    """Markdown for :func:`paired_differences` rows (after :func:`holm` when they carry ``holm_p``):
+    difference in points, 95 % interval, wins, the Holm-adjusted verdict and the detectable difference."""
     if not paired:
         return ""
-    reference = paired[0]["reference"]
-    out = [f"### Paired by seed: method − {reference}", "",
-           f"Per seed, the method's metric minus {reference}'s (same seed: same initialisation and data "
-           "order), in points; the 95 % t-interval of the mean difference; seeds where the method did "
-           f"better. **yes** = the interval excludes 0. These are {len(paired)} intervals: at 95 % about "
-           f"{0.05 * len(paired):.1f} of them exclude 0 by chance alone, so read a lone **yes** as a lead "
-           "to test with more seeds, not as a result.", "",
-           "| set | metric | method | difference | 95 % interval | better in | told apart |",
-           "|---|---|---|---:|---:|---:|:---:|"]
-    for row in paired:
-        interval = (f"[{100 * row['low']:+.1f}, {100 * row['high']:+.1f}]" if row["low"] is not None else "—")
-        out.append(f"| {row['set']} | {_METRIC_LABELS.get(row['metric'], row['metric'])} | "
-                   f"{row['method']} | {100 * row['mean']:+.1f} ± {100 * row['std']:.1f} | {interval} | "
-                   f"{row['better']}/{row['seeds']} | {'yes' if row['separated'] else 'no'} |")
-    return "\n".join(out) + "\n"
+    corrected = "holm_p" in paired[0]
+    m = sum(1 for r in paired if r.get("p") is not None)
+    out = []
+    for reference in dict.fromkeys(r["reference"] for r in paired):
+        rows = [r for r in paired if r["reference"] == reference]
+        out += [f"### Paired by seed: method − {reference}", ""]
+        if corrected:
+            out += [f"Per seed, the method's metric minus {reference}'s (same seed: same initialisation and "
+                    "data order), in points; the 95 % t-interval of the mean difference (not adjusted); "
+                    "seeds where the method did better; **told apart** = the paired t-test's p-value after "
+                    f"Holm's correction over all {m} tests of this table is below 0.05; **detectable** = the "
+                    f"smallest true difference these seeds would detect with 80 % power at Holm's strictest "
+                    f"level (0.05 / {m}), from the observed spread.", "",
+                    "| set | metric | method | difference | 95 % interval | better in | Holm p | told apart "
+                    "| detectable |", "|---|---|---|---:|---:|---:|---:|:---:|---:|"]
+        else:
+            out += [f"Per seed, the method's metric minus {reference}'s (same seed: same initialisation and "
+                    "data order), in points; the 95 % t-interval of the mean difference; seeds where the "
+                    f"method did better. **yes** = the interval excludes 0. These are {len(rows)} intervals: "
+                    f"at 95 % about {0.05 * len(rows):.1f} of them exclude 0 by chance alone, so read a lone "
+                    "**yes** as a lead to test with more seeds, not as a result.", "",
+                    "| set | metric | method | difference | 95 % interval | better in | told apart |",
+                    "|---|---|---|---:|---:|---:|:---:|"]
+        for row in rows:
+            interval = (f"[{100 * row['low']:+.1f}, {100 * row['high']:+.1f}]" if row["low"] is not None else "—")
+            line = (f"| {row['set']} | {_METRIC_LABELS.get(row['metric'], row['metric'])} | "
+                    f"{row['method']} | {100 * row['mean']:+.1f} ± {100 * row['std']:.1f} | {interval} | "
+                    f"{row['better']}/{row['seeds']} |")
+            if corrected:
+                p = f"{row['holm_p']:.3f}" if row["holm_p"] is not None else "—"
+                detect = f"{100 * row['detectable']:.1f}" if row.get("detectable") is not None else "—"
+                line += f" {p} | {'**yes**' if row['told_apart'] else 'no'} | {detect} |"
+            else:
+                line += f" {'yes' if row['separated'] else 'no'} |"
+            out.append(line)
+        out.append("")
+    return "\n".join(out)
 
 
 def format_comparison(rows: list[dict], convention: str, score: str, extra: str = "") -> str:
@@ -269,7 +341,9 @@ def compare(preset: str, out: str | Path, methods: list[str], seeds: list[int],
 def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds: list[int], overrides,
              progress: bool) -> dict:
     run = RunDir.create(base)
-    behind = [name for name in ("embed", "cvpn", "sample", "generate") if run.stage_state(name).state != "current"]
+    with_outliers = any(registry.get_method(m).produces != registry.NOTHING for m in methods)
+    behind = [name for name in ("embed", "cvpn", "sample", "generate")
+              if with_outliers and run.stage_state(name).state != "current"]
     if behind:
         from .runner import run_series
 
@@ -311,11 +385,26 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
     # sampling); without one, a method without outliers (the plain energy baseline)
     reference = next((m for kind in (registry.PROMPT_IMAGES, registry.NOTHING) for m in per_run
                       if registry.get_method(m).produces == kind), methods[0])
-    paired = paired_differences(per_run, score, reference) if len(per_run) > 1 else []
+    paired = []
+    if len(per_run) > 1:
+        # every method against the null, and stage 3's method against the other samplers of
+        # embeddings (the ablations the paper is about: ncis − linear, ncis − knn_boundary)
+        paired = paired_differences(per_run, score, reference)
+        own = base.sample.method
+        if own in per_run:
+            for other in registry.method_names(registry.EMBEDDINGS):
+                if other != own and other in per_run and other != reference:
+                    paired += paired_differences(per_run, score, other, methods=(own,))
+        paired = holm(paired)
     if paired:
         extra = format_paired(paired) + ("\n" + extra if extra else "")
     atomic_write_text(folder / "table.md", format_comparison(rows, convention, score, extra))
     atomic_write_text(folder / "table.csv", _csv(rows))
-    atomic_write_json(folder / "summary.json", {"methods": methods, "seeds": seeds, "rows": rows,
-                                                "paired": paired, "pixel_shift": shifts})
+    # the per-seed numbers behind every mean and difference (the score's mean rows and ID accuracy)
+    per_seed = {method: [{"seed": seed, "id_accuracy": res["id_accuracy"],
+                          **{f"{r['set']}/{k}": r[k] for r in res["rows"]
+                             if r["score"] == score and r["set"].startswith("mean") for k in METRIC_KEYS}}
+                         for seed, res in zip(seeds, results)] for method, results in per_run.items()}
+    atomic_write_json(folder / "summary.json", {"methods": methods, "seeds": seeds, "score": score, "rows": rows,
+                                                "paired": paired, "per_seed": per_seed, "pixel_shift": shifts})
     return {"rows": rows, "per_run": per_run, "paired": paired, "pixel_shift": shifts}

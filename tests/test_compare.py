@@ -120,3 +120,66 @@ def test_compare_reuses_the_runs_own_stage5_training(smoke_run_1_to_4, tmp_path,
     # a changed classifier config makes stage 5 stale for it: nothing is reused
     other = load_config("smoke", [*OVERRIDES, "classifier.lr=0.05"], out=str(out))
     assert stage5_twin(other, RunDir(out, other), "ncis", 0) is None
+
+
+@pytest.mark.slow
+def test_compare_on_a_new_folder_runs_stages_1_to_4_first(tmp_path, caplog):
+    import logging
+
+    from ncis_core.runs import RunDir
+
+    out = tmp_path / "new"
+    with caplog.at_level(logging.INFO, logger="ncis_core.compare"):
+        compare("smoke", out, ["idgen"], [0], OVERRIDES, progress=False)
+    assert "running stages 1-4 first" in caplog.text
+    states = {st.stage: st.state for st in RunDir.open(out).status()}
+    assert all(states[s] == "current" for s in ("embed", "cvpn", "sample", "generate")), states
+    assert (out / "compare" / "table.md").exists() and (out / "notebooks" / "04_generate_outliers.ipynb").exists()
+
+
+def test_paired_p_values_and_holm_match_independent_computations():
+    from itertools import permutations
+
+    from scipy import stats
+
+    from ncis_core.compare import detectable_difference, holm
+
+    ref = [0.60, 0.55, 0.70, 0.52, 0.58]
+    other = [0.63, 0.57, 0.74, 0.53, 0.57]
+    per_run = {"idgen": [_result(a, 0.5) for a in ref], "ncis": [_result(a, 0.5) for a in other]}
+    row = next(p for p in paired_differences(per_run, "energy", "idgen") if p["set"] == "mean (near)"
+               and p["metric"] == "auroc")
+    assert row["p"] == pytest.approx(stats.ttest_rel(other, ref).pvalue)
+    assert next(p for p in paired_differences(per_run, "energy", "idgen") if p["set"] == "mean (far)")["p"] is None
+
+    # Holm, by its definition: the k-th smallest p is multiplied by (m - k + 1), made monotone, capped at 1
+    ps = [0.004, 0.03, 0.02, 0.5, 0.011]
+    got = [r["holm_p"] for r in holm([{"p": p, "std": 0.1, "seeds": 5} for p in ps])]
+    order = sorted(range(5), key=lambda i: ps[i])
+    want = [0.0] * 5
+    for k, i in enumerate(order):
+        want[i] = min(1.0, max((5 - j) * ps[order[j]] for j in range(k + 1)))
+    assert got == pytest.approx(want)
+    assert [r["told_apart"] for r in holm([{"p": p, "std": 0.1, "seeds": 5} for p in ps])] == \
+        [w < 0.05 for w in want]
+    # holm adjusts p-values only; the order of the rows does not matter
+    for perm in list(permutations(range(5)))[:10]:
+        again = holm([{"p": ps[i], "std": 0.1, "seeds": 5} for i in perm])
+        assert [r["holm_p"] for r in again] == pytest.approx([want[i] for i in perm])
+
+
+def test_detectable_difference_has_the_power_it_claims():
+    """Simulated paired experiments with a true difference of exactly the detectable size: about 80 %
+    of them reject at the level used (the formula is the usual t approximation, so allow a few points)."""
+    import numpy as np
+    from scipy import stats
+
+    from ncis_core.compare import detectable_difference
+
+    rng = np.random.default_rng(0)
+    n, sd, alpha = 10, 0.03, 0.05 / 6
+    delta = detectable_difference(sd, n, alpha)
+    d = rng.normal(delta, sd, size=(20000, n))
+    p = 2 * stats.t.sf(np.abs(d.mean(1)) / (d.std(1, ddof=1) / np.sqrt(n)), n - 1)
+    assert 0.74 < np.mean(p < alpha) < 0.86
+    assert detectable_difference(sd, 1, alpha) is None
