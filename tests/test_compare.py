@@ -183,3 +183,35 @@ def test_detectable_difference_has_the_power_it_claims():
     p = 2 * stats.t.sf(np.abs(d.mean(1)) / (d.std(1, ddof=1) / np.sqrt(n)), n - 1)
     assert 0.74 < np.mean(p < alpha) < 0.86
     assert detectable_difference(sd, 1, alpha) is None
+
+
+def test_forest_plot_and_method_gallery(tmp_path):
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from ncis_core.compare import holm
+    from ncis_core.viz.compare import method_gallery_rows, plot_method_gallery, plot_paired_forest
+
+    per_run = {"idgen": [_result(a, f) for a, f in [(0.6, 0.3), (0.55, 0.9), (0.7, 0.1)]],
+               "ncis": [_result(a, f) for a, f in [(0.63, 0.35), (0.57, 0.6), (0.74, 0.2)]]}
+    paired = holm(paired_differences(per_run, "energy", "idgen", sets=("mean (near)", "mean (far)")))
+    fig = plot_paired_forest(paired)
+    assert [ax.get_xlabel().split()[0] for ax in fig.axes] == ["AUROC", "FPR95"]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["ncis − idgen · (near)", "ncis − idgen · (far)"]
+    folders = {}
+    for method, shade in (("idgen", 40), ("ncis", 200)):
+        folder = tmp_path / method
+        images = []
+        for seed in (5, 6, 7):
+            (folder / "0").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((4, 4, 3), shade + seed, np.uint8)).save(folder / "0" / f"a_{seed}.png")
+            images.append({"file": f"0/a_{seed}.png", "class": 0, "seed": seed})
+        images.append({"file": "1/b.png", "class": 1, "seed": 9})  # another class: not shown
+        (folder / "index.json").write_text(json.dumps({"images": images if method == "ncis" else images[1:]}))
+        folders[method] = folder
+    methods, rows, seeds = method_gallery_rows(folders, 0, n=5)
+    assert methods == ["idgen", "ncis"] and seeds == [6, 7]  # only the seeds both methods have
+    assert rows[1][0][0, 0, 0] == 206 and rows[0][1][0, 0, 0] == 47
+    assert len(plot_method_gallery(methods, rows, seeds).axes) == 4
+    plt.close("all")
