@@ -227,3 +227,146 @@ def test_zero_padding_equals_numpy_pad(shape, pads):
     out = _pad(image, *pads)
     assert out.dtype == image.dtype
     np.testing.assert_array_equal(out, expected)
+
+
+# ----------------------------------------------------------------------------- the stages' composed transforms
+# METHOD.md §5: the CIFAR constants; smoke's mean = std = 0.5 would hide a swap of the two.
+CIFAR_MEAN = np.array([125.3, 123.0, 113.9]) / 255
+CIFAR_STD = np.array([63.0, 62.1, 66.7]) / 255
+
+
+def _normalised(hwc: np.ndarray, mean, std) -> torch.Tensor:
+    """By hand: uint8 H × W × 3 → float C × H × W, (x / 255 − mean) / std per channel (float64)."""
+    x = hwc.astype(np.float64) / 255.0
+    return torch.from_numpy(((x - mean) / std).transpose(2, 0, 1).copy())
+
+
+def _crop_flip(image: np.ndarray, g: torch.Generator, pad: int = 4, size: int = 32) -> tuple[np.ndarray, bool]:
+    """By hand: RandomCrop(size, padding=pad) then HFlip(0.5), drawing top, left, flip from ``g``."""
+    padded = np.zeros((image.shape[0] + 2 * pad, image.shape[1] + 2 * pad, 3), np.uint8)
+    padded[pad:pad + image.shape[0], pad:pad + image.shape[1]] = image
+    top = int(torch.randint(0, padded.shape[0] - size + 1, (1,), generator=g))
+    left = int(torch.randint(0, padded.shape[1] - size + 1, (1,), generator=g))
+    crop = padded[top:top + size, left:left + size]
+    flip = bool(torch.rand(1, generator=g) < 0.5)
+    return (crop[:, ::-1] if flip else crop), flip
+
+
+@pytest.fixture
+def cifar(tmp_path):
+    from data_fixtures import write_tiny_cifar100
+
+    from ncis_core.config import load_config
+
+    rows = write_tiny_cifar100(tmp_path / "cifar", n_train=6, n_test=4, seed=3)
+    return load_config("cifar100", [f"data.root={tmp_path / 'cifar'}"]), rows
+
+
+def _hwc(row: np.ndarray) -> np.ndarray:
+    return row.reshape(3, 32, 32).transpose(1, 2, 0)  # the archive's rows: R, G, B planes of 32 × 32
+
+
+def test_stage5_cifar_id_transform_is_crop_flip_normalize_by_hand(cifar):
+    """Stage 5's ID augmentation on the CIFAR-100 split, as stage 5 composes it: RandomCrop(32, pad 4)
+    + HFlip (drawn third from torch's generator, p = 0.5) + Normalize(CIFAR mean, CIFAR std)."""
+    from ncis_core.data import get_split, with_transform
+    from ncis_core.stages.train_classifier import train_transforms
+
+    cfg, rows = cifar
+    assert np.allclose(cfg.classifier.mean, CIFAR_MEAN) and np.allclose(cfg.classifier.std, CIFAR_STD)
+    id_tf, _ = train_transforms(cfg)
+    data = with_transform(get_split(cfg.data, "id-train").dataset, id_tf)
+    flips = []
+    for seed in range(60):
+        i = seed % len(data)
+        torch.manual_seed(seed)  # stage 5 seeds torch's global generator per epoch; workers reseed it
+        got, label = data[i]
+        expected, flip = _crop_flip(_hwc(rows["train"][0][i]), torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(got.double(), _normalised(expected, CIFAR_MEAN, CIFAR_STD), rtol=0, atol=1e-5)
+        assert label == rows["train"][1][i]
+        flips.append(flip)
+    assert 0.3 < np.mean(flips) < 0.7  # p = 0.5: both branches exercised
+
+
+def test_stage5_cifar_outlier_transform_resizes_with_a_random_filter_then_crop_flip_normalize():
+    from ncis_core.config import load_config
+    from ncis_core.stages.train_classifier import train_transforms
+
+    _, out_tf = train_transforms(load_config("cifar100"))
+    image = random_image(64, 64, seed=5)
+    filters = []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        choice = int(torch.randint(0, 2, (1,), generator=g))  # nearest or bilinear, drawn first
+        filters.append(choice)
+        small = pil_resize(image, 32, 32, [Image.Resampling.NEAREST, Image.Resampling.BILINEAR][choice])
+        expected, _ = _crop_flip(small, g)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(out_tf(image).double(), _normalised(expected, CIFAR_MEAN, CIFAR_STD),
+                                   rtol=0, atol=1e-5)
+    assert set(filters) == {0, 1}
+
+
+def test_stage5_imagenet_transform_is_random_resized_crop_flip_normalize():
+    from ncis_core.config import load_config
+    from ncis_core.stages.train_classifier import train_transforms
+
+    cfg = load_config("imagenet100")
+    id_tf, out_tf = train_transforms(cfg)
+    image = random_image(300, 400, seed=6)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    flips = []
+    for seed in range(16):
+        g = torch.Generator().manual_seed(seed)
+        top, left, h, w = RandomResizedCrop(224, generator=g).get_params(300, 400)
+        crop = pil_resize(np.ascontiguousarray(image[top:top + h, left:left + w]), 224, 224)
+        flip = bool(torch.rand(1, generator=g) < 0.5)
+        flips.append(flip)
+        expected = _normalised(crop[:, ::-1] if flip else crop, mean, std)
+        for tf in (id_tf, out_tf):
+            torch.manual_seed(seed)
+            torch.testing.assert_close(tf(image).double(), expected, rtol=0, atol=1e-5)
+    assert any(flips) and not all(flips)
+
+
+class _Capture:
+    """A stand-in score that keeps the batches stage 6 feeds it."""
+
+    name = "capture"
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, model, images):
+        self.batches.append(images)
+        return torch.zeros(len(images))
+
+
+def test_stage6_evaluation_transform_with_the_cifar_constants(cifar, tmp_path):
+    """Stage 6's input path (split's Resize + CenterCrop, then ToTensor + Normalize with the
+    classifier's constants): no flip, no crop offset, the same mean and std as training."""
+    from dataclasses import replace
+
+    from ncis_core.data import get_split
+    from ncis_core.stages.evaluate import score_split
+
+    cfg, rows = cifar
+    capture = _Capture()
+    score_split(None, capture, get_split(cfg.data, "id-test"), cfg, torch.device("cpu"), progress=False)
+    got = torch.cat(capture.batches).double()
+    expected = torch.stack([_normalised(_hwc(r), CIFAR_MEAN, CIFAR_STD) for r in rows["test"][0]])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+    # a non-square OOD image: Resize(32) on the shorter side (40 × 48 → 32 × 38), centre crop 32
+    folder = tmp_path / "dtd" / "banded"
+    folder.mkdir(parents=True)
+    image = random_image(40, 48, seed=8)
+    Image.fromarray(image).save(folder / "a.png")
+    data = replace(cfg.data, ood_sets=["textures"], ood_roots={"textures": str(tmp_path / "dtd")},
+                   ood_subset_size=None)
+    capture = _Capture()
+    score_split(None, capture, get_split(data, "textures"), replace(cfg, data=data), torch.device("cpu"),
+                progress=False)
+    resized = pil_resize(image, 32, 38)
+    torch.testing.assert_close(capture.batches[0][0].double(),
+                               _normalised(resized[:, 3:35], CIFAR_MEAN, CIFAR_STD), rtol=0, atol=1e-5)
