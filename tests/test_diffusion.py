@@ -120,3 +120,29 @@ def test_bad_inputs_give_clear_messages(pipe):
         D.class_tokens(pipe, ["bear"], "middle_piece")
     with pytest.raises(ValueError, match="width 16 .* input-embedding width is 32"):
         D.encode_prompts(pipe, ["An image of a bear"], [0], torch.zeros(1, 16))
+
+
+def test_no_hook_stays_on_the_embedding_table_after_encode_prompts(pipe):
+    """The per-sample vectors enter through a forward hook on the table: gone after a normal call
+    and after one that raises mid-forward (a left-over hook used to surface only as a shape crash
+    in the next, differently sized call)."""
+    table = D.embedding_table(pipe.text_encoder)
+    before = dict(table._forward_hooks)
+    tokens = D.class_tokens(pipe, ["bear"], "first_piece")
+    D.encode_prompts(pipe, ["An image of a bear"] * 2, tokens.token_ids * 2, torch.zeros(2, 32))
+    assert dict(table._forward_hooks) == before
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    last_norm = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm)][-1]
+    later = last_norm.register_forward_hook(boom)  # after the table, inside the encoder's forward
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            D.encode_prompts(pipe, ["An image of a bear"], tokens.token_ids, torch.zeros(1, 32))
+    finally:
+        later.remove()
+    assert dict(table._forward_hooks) == before
+    # and the table is plain again: a prompt without vectors is the pipeline's own encoding
+    ref, _ = pipe.encode_prompt(["An image of a bear"], "cpu", 1, False)
+    torch.testing.assert_close(D.encode_prompts(pipe, ["An image of a bear"]), ref, rtol=0, atol=0)

@@ -91,3 +91,66 @@ def test_max_per_class_embeds_a_subset_with_the_splits_image_ids(tmp_path):
     assert len(out["labels"]) == 2 * 6
     assert np.array_equal(labels[out["image_ids"].numpy()], out["labels"].numpy())
     assert np.bincount(out["labels"].numpy()).tolist() == [2] * 6
+
+
+def _hand_alphas_cumprod() -> torch.Tensor:
+    """SD's scheduler by hand (METHOD.md §1): β linear in √β from 0.00085 to 0.012, T = 1000."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+def test_latents_are_the_vae_posterior_mode_times_the_scaling_factor(setup):
+    cfg, pipe, tokens, dataset = setup
+    images = np.stack([dataset[i][0] for i in range(3)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert pipe.vae.config.scaling_factor == pytest.approx(0.18215)  # the tiny VAE has SD's factor
+    with torch.no_grad():
+        direct = pipe.vae.encode(x).latent_dist.mean * 0.18215  # a diagonal Gaussian's mode = its mean
+    torch.testing.assert_close(embed.encode_latents(pipe, embed.to_model_range(images)), direct)
+
+
+def test_one_inversion_equals_a_hand_written_adam_loop(setup):
+    """Stage 1 for one image (encode, prompt, timesteps and noise from the image's generator, the
+    DDPM noising x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε, Adam on the class token's row) against a loop written
+    from METHOD.md §1; the row enters the text encoder by a functional call with an edited table,
+    not through the kit's hook."""
+    from torch.func import functional_call
+
+    cfg, pipe, tokens, dataset = setup
+    ecfg = cfg.embed
+    i = 2
+    image, label = dataset[i]
+    got = embed.embed_indices(pipe, tokens, dataset, [i], cfg)[0]
+
+    x = torch.from_numpy(image[None]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        z0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+    te, unet = pipe.text_encoder, pipe.unet
+    table = D.embedding_table(te)
+    name = next(n for n, p in te.named_parameters() if p is table.weight)
+    tok = tokens.token_ids[label]
+    ids = pipe.tokenizer(ecfg.prompt.format(tokens.prompt_words[label]), padding="max_length",
+                         max_length=pipe.tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    assert (ids == tok).sum() == 1
+    alphas = _hand_alphas_cumprod()
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.float(), alphas)
+    grid = torch.arange(1, 1000, 20)  # {1, 21, …, 981}
+    n = ecfg.noise_batch
+    row = table.weight[tok].detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([row], lr=1e-2)
+    g = embed.image_generator(cfg.run.seed, i)
+    for _ in range(ecfg.steps):
+        t = grid[torch.randint(len(grid), (n,), generator=g)]
+        eps = torch.randn((n, *z0.shape[1:]), generator=g)
+        weight = torch.cat([table.weight[:tok].detach(), row[None], table.weight[tok + 1:].detach()])
+        ctx = functional_call(te, {name: weight}, (ids,))[0]
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        pred = unet(zt, t, encoder_hidden_states=ctx.expand(n, -1, -1)).sample
+        loss = ((pred - eps) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (row - table.weight[tok]).abs().max() > 1e-3  # it moved
+    torch.testing.assert_close(got, row.detach(), rtol=0, atol=1e-5)
