@@ -622,8 +622,17 @@ def swap_rows(text_encoder, token_ids: Sequence[int], rows: torch.Tensor) -> Ite
     The original rows are restored when the block ends, also when it raises.
 
     Example:
-        >>> with swap_rows(pipe.text_encoder, [tokens.token_ids[c]], outlier[None]):  # doctest: +SKIP
+        >>> from ncis_core.config import DiffusionConfig
+        >>> pipe = load_pipeline(DiffusionConfig(pipeline="tiny-random", dtype="float32"),
+        ...                      words=["bear", "cat"])
+        >>> tokens = class_tokens(pipe, ["bear", "cat"], "placeholder")
+        >>> ids = tokenize(pipe.tokenizer, ["An image of a <bear>"])
+        >>> plain = pipe.text_encoder(ids)[0]
+        >>> outlier = torch.ones(pipe.text_encoder.config.hidden_size)  # e.g. a stage-3 outlier
+        >>> with swap_rows(pipe.text_encoder, [tokens.token_ids[0]], outlier[None]):
         ...     ctx = pipe.text_encoder(ids)[0]
+        >>> torch.equal(ctx, plain), torch.equal(pipe.text_encoder(ids)[0], plain)  # then restored
+        (False, True)
     """
     weight = embedding_table(text_encoder).weight
     index = torch.as_tensor(list(token_ids), dtype=torch.long, device=weight.device)

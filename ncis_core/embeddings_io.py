@@ -13,10 +13,14 @@ noise, so that each class has a known number of invariant directions. Tests use 
 ``smoke`` preset while stage 1 is absent (see ``ncis_core.stages.train_cvpn.ensure_smoke_embeddings``).
 
 Example:
+    >>> import tempfile
     >>> data = synthetic_embeddings(num_classes=3, per_class=20, dim=16, seed=0, rank=2)
-    >>> save_embeddings("/tmp/e.safetensors", **data)  # doctest: +SKIP
-    >>> load_embeddings("/tmp/e.safetensors")["embeddings"].shape  # doctest: +SKIP
-    torch.Size([60, 16])
+    >>> path = save_embeddings(Path(tempfile.mkdtemp()) / "embeddings.safetensors", **data)
+    >>> back = load_embeddings(path)
+    >>> back["embeddings"].shape, back["num_classes"], back["class_names"]
+    (torch.Size([60, 16]), 3, ['class_0', 'class_1', 'class_2'])
+    >>> torch.equal(back["embeddings"], data["embeddings"]), back["labels"][::20].tolist()
+    (True, [0, 1, 2])
 """
 
 from __future__ import annotations

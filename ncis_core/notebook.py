@@ -9,8 +9,14 @@ from one, so :func:`start` makes it the working directory and a notebook opened 
 ``notebooks/`` in JupyterLab and one executed by papermill see the same files; for an installed
 copy, the working directory (the runner's, or the folder a notebook was opened from).
 
-Example:
-    >>> cfg, run = start("smoke", "outputs/smoke")  # doctest: +SKIP
+Example (a notebook's first cell would say ``start(preset, run_dir, overrides)`` with the values
+of its parameters cell, e.g. ``"smoke", "outputs/smoke", []``):
+    >>> import tempfile
+    >>> cfg, run = start("smoke", tempfile.mkdtemp(), ["cvpn.epochs=3"])
+    >>> cfg.run.preset, cfg.cvpn.epochs, str(run.root) == cfg.run.out
+    ('smoke', 3, True)
+    >>> sorted(p.name for p in run.root.iterdir())
+    ['config.yaml', 'manifest.json']
 """
 
 from __future__ import annotations

@@ -19,10 +19,14 @@ Nothing is computed. :func:`plan` reads the resolved config and the disk and ret
   folder (writable, enough free disk) and the config checks, each with the message the stage would
   give. ``ok`` only when the run could start.
 
-Example:
-    >>> report = plan(load_config("smoke"))  # doctest: +SKIP
-    >>> report["preflight"]["ok"], sorted(report["stages"])[:2]  # doctest: +SKIP
-    (True, ['classifier', 'cvpn'])
+Example (the ``smoke`` preset; its FLOPs are counted on its tiny models, a few seconds on a CPU):
+    >>> import tempfile
+    >>> from ncis_core.config import load_config
+    >>> report = plan(load_config("smoke", out=tempfile.mkdtemp()))
+    >>> report["preflight"]["ok"], report["card"], list(report["stages"])
+    (True, 'NVIDIA H100 SXM', ['data', 'embed', 'cvpn', 'sample', 'generate', 'classifier', 'evaluate'])
+    >>> report["total"]["flops"] > 0, report["total"]["gpu_hours"] < 1e-3
+    (True, True)
 """
 
 from __future__ import annotations

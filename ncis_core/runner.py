@@ -12,7 +12,12 @@ none); :data:`VIEW_INPUTS` says what they read, so the same rule applies to them
 Each executed copy lands in ``<run>/notebooks/``; the first failing notebook stops the series with
 a :class:`NotebookFailed` that names the notebook, the cell and the error.
 
-Example:
+Example (the series, a ``--stages`` choice, and a run of two notebooks, skipped here: each
+notebook starts a Jupyter kernel, about a minute for these two on the ``smoke`` preset):
+    >>> [path.name for number, path in notebook_series()][:3]
+    ['00_data.ipynb', '01_embed.ipynb', '02_train_cvpn.ipynb']
+    >>> sorted(parse_stages("0,2-3")), parse_stages("all")
+    ([0, 2, 3], None)
     >>> run_series("smoke", "outputs/smoke", stages="0-1")  # doctest: +SKIP
 """
 

@@ -14,11 +14,24 @@ Stages go through :meth:`RunDir.stage`, which
   rerun skips finished work, and whether partial work may be resumed (``rec.resumable``);
 * records hashes and times when the stage finishes.
 
-Example:
-    >>> run = RunDir.create(load_config("smoke", out="/tmp/ncis-doc-run"))  # doctest: +SKIP
-    >>> with run.stage("cvpn") as rec:                                     # doctest: +SKIP
+Example (a ``smoke`` run folder; stage 0, ``data``, reads no artefact and writes one):
+    >>> import tempfile
+    >>> from ncis_core.config import load_config
+    >>> run = RunDir.create(load_config("smoke", out=tempfile.mkdtemp()))
+    >>> with run.stage("data") as rec:
     ...     if not rec.done:
-    ...         train(..., run.path("cvpn_best"))
+    ...         _ = atomic_write_json(run.path("data_summary"), [{"name": "id-train", "count": 48}])
+    >>> rec.done, run.manifest()["stages"]["data"]["status"]
+    (False, 'complete')
+    >>> with run.stage("data") as rec:  # again: complete and current, so the work is skipped
+    ...     pass
+    >>> rec.done
+    True
+    >>> with run.stage("cvpn") as rec:  # stage 2 reads stage 1's embeddings
+    ...     pass
+    Traceback (most recent call last):
+    ...
+    ncis_core.runs.MissingArtefactError: embeddings.safetensors is missing from ...; run stage 1 (embed) first ...
 """
 
 from __future__ import annotations

@@ -10,11 +10,16 @@ Transforms of the ID splits: both carry the evaluation transform ``Resize(cfg.re
 :func:`with_transform`: stage 5 puts its augmentation on ``id-train`` (it needs the raw image for
 RandomResizedCrop), stage 1 its own Resize(512) + CenterCrop(512).
 
-Example:
-    >>> from ncis_core.config import load_config  # doctest: +SKIP
-    >>> cfg = load_config("cifar100").data  # doctest: +SKIP
-    >>> [(s.name, s.role, len(s.dataset)) for s in build_splits(cfg)]  # doctest: +SKIP
-    [('id-train', 'id-train', 50000), ('id-test', 'id-test', 10000), ('svhn', 'ood-far', 2000), …]
+Example (the ``smoke`` preset's demo world, 8 images per class; ``load_config("cifar100")`` gives
+``id-train`` 50 000, ``id-test`` 10 000, then ``svhn`` and the other far-OOD sets, 2 000 each):
+    >>> from ncis_core.config import load_config
+    >>> splits = build_splits(load_config("smoke").data)
+    >>> [(s.name, s.role, len(s.dataset)) for s in splits]
+    [('id-train', 'id-train', 48), ('id-test', 'id-test', 48), ('demo_near', 'ood-near', 16),
+     ('digits', 'ood-far', 16), ('texture_crops', 'ood-far', 16), ('faces', 'ood-far', 16)]
+    >>> image, label = splits[0].dataset[0]
+    >>> image.shape, image.dtype, splits[0].classes[label]
+    ((32, 32, 3), dtype('uint8'), 'bear')
 """
 
 from __future__ import annotations
@@ -79,7 +84,11 @@ def with_transform(dataset: ImageDataset, transform) -> ImageDataset:
     The images are shared, not copied; the original keeps its transform.
 
     Example:
-        >>> raw = with_transform(split.dataset, None)  # doctest: +SKIP
+        >>> ds = Subset(ArrayDataset(np.zeros((4, 64, 48, 3), np.uint8), [0, 1, 2, 3],
+        ...                          transform=eval_transform(32, 32)), [3, 1])
+        >>> raw = with_transform(ds, None)
+        >>> raw[0][0].shape, raw[0][1], ds[0][0].shape  # the original keeps its transform
+        ((64, 48, 3), 3, (32, 32, 3))
     """
     if isinstance(dataset, Subset):
         return Subset(with_transform(dataset.base, transform), dataset.indices)

@@ -6,10 +6,18 @@ The archive's three files are pickles of dicts with ``bytes`` keys: ``train`` an
 a restricted unpickler that only builds plain containers and numpy arrays, so a tampered file cannot
 run code.
 
-Example:
-    >>> train = CIFAR100("data/cifar100", "train")  # doctest: +SKIP
-    >>> len(train), train[0][0].shape, train.classes[train[0][1]]  # doctest: +SKIP
-    (50000, (32, 32, 3), 'cattle')
+Example (a two-image archive in that layout; on the real one, ``CIFAR100("data/cifar100",
+"train")`` holds 50 000 images, the first a ``cattle``):
+    >>> import pickle, tempfile
+    >>> folder = Path(tempfile.mkdtemp()) / "cifar-100-python"
+    >>> folder.mkdir()
+    >>> rows = np.zeros((2, 3072), np.uint8)
+    >>> rows[1, :1024] = 255  # image 1: its red plane full
+    >>> _ = (folder / "train").write_bytes(pickle.dumps({b"data": rows, b"fine_labels": [19, 21]}))
+    >>> _ = (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x"] * 100}))
+    >>> train = CIFAR100(folder.parent, "train")
+    >>> len(train), train[1][0].shape, train[1][0][0, 0].tolist(), train.classes[train[1][1]]
+    (2, (32, 32, 3), [255, 0, 0], 'chimp')
 """
 
 from __future__ import annotations

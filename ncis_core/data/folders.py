@@ -69,8 +69,17 @@ class ImageFolderFiles(ImageDataset):
             ``.skipped``); otherwise an unreadable file raises :class:`DataError` when accessed.
 
     Example:
-        >>> paths = list_images("data/ood/dtd/images")  # doctest: +SKIP
-        >>> ds = ImageFolderFiles(paths, [-1] * len(paths))  # doctest: +SKIP
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> Image.new("L", (8, 6), 200).save(folder / "b.png")
+        >>> Image.new("RGB", (5, 5)).save(folder / "a.JPG")
+        >>> _ = (folder / "broken.png").write_bytes(b"not a png")
+        >>> paths = list_images(folder)
+        >>> [p.name for p in paths]
+        ['a.JPG', 'b.png', 'broken.png']
+        >>> ds = ImageFolderFiles(paths, [-1] * len(paths), skip_unreadable=True)
+        >>> len(ds), [p.name for p in ds.skipped], ds[1][0].shape, ds[1][0][0, 0].tolist()
+        (2, ['broken.png'], (6, 8, 3), [200, 200, 200])
     """
 
     def __init__(self, paths: Sequence[str | Path], labels: Sequence[int],

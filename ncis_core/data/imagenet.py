@@ -4,10 +4,18 @@ Nothing is copied: the dataset is an index (paths + labels) over ``<root>/train/
 ``<root>/val/<wnid>/*.JPEG``, optionally cached as a JSON file so that a later run skips the scan.
 Label ``i`` is the ``i``-th wnid of :data:`~ncis_core.data.classes.IMAGENET100_WNIDS` (sorted).
 
-Example:
-    >>> val = ImageNet100("data/imagenet", "val")  # doctest: +SKIP
-    >>> len(val), val.classes[:3]  # doctest: +SKIP
-    (5000, ['stingray', 'hen', 'magpie'])
+Example (a tree of three images in two of the wnids; the real ``ImageNet100("data/imagenet",
+"val")`` holds 5 000 images of the 100 classes ``['stingray', 'hen', 'magpie', …]``):
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> root = Path(tempfile.mkdtemp())
+    >>> for wnid, n in [("n01498041", 2), ("n01514859", 1)]:
+    ...     (root / "val" / wnid).mkdir(parents=True)
+    ...     for i in range(n):
+    ...         Image.new("RGB", (40, 30)).save(root / "val" / wnid / f"{i}.JPEG")
+    >>> val = ImageNet100(root, "val", wnids=["n01498041", "n01514859"])
+    >>> len(val), val.classes, val.labels.tolist(), val[2][0].shape
+    (3, ['stingray', 'hen'], [0, 0, 1], (30, 40, 3))
 """
 
 from __future__ import annotations

@@ -11,11 +11,16 @@ random subset of ``subset_size`` images under the evaluation transform Resize + 
 for a set in ``data.as_is_sets`` (LSUN-C and iSUN, as the original evaluates them), no transform
 at all: each image must then already be ``image_size`` square (:class:`AsIsImageFiles`).
 
-Example:
-    >>> split = ood_split("textures", "data/ood/dtd/images", resize=32, image_size=32,
-    ...                   subset_size=2000, subset_seed=0)  # doctest: +SKIP
-    >>> split.role, len(split.dataset), split.dataset[0][0].shape  # doctest: +SKIP
-    ('ood-far', 2000, (32, 32, 3))
+Example (a folder of five 48 × 64 images standing in for DTD's ``data/ood/dtd/images``, where
+``subset_size=2000`` keeps 2 000 of its 5 640):
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for i in range(5):
+    ...     Image.new("RGB", (64, 48), (i, i, i)).save(folder / f"{i}.png")
+    >>> split = ood_split("textures", folder, resize=32, image_size=32, subset_size=3, subset_seed=0)
+    >>> split.role, len(split.dataset), split.dataset[0][0].shape, split.dataset.labels.tolist()
+    ('ood-far', 3, (32, 32, 3), [-1, -1, -1])
 """
 
 from __future__ import annotations

@@ -24,10 +24,17 @@ Modules: :mod:`~ncis_core.demo_generator.build` (the parts and loading a trained
 :mod:`~ncis_core.demo_generator.quality` (the class-consistency check); their public names are
 re-exported here. The pipeline assembly and the offline tokenizer live in :mod:`ncis_core.diffusion`.
 
-Example:
-    >>> cfg = load_config("smoke")                                   # doctest: +SKIP
-    >>> folder = train_generator(cfg, out="outputs/tiny-generator")  # doctest: +SKIP
-    >>> pipe = StableDiffusionPipeline.from_pretrained(folder)        # doctest: +SKIP
+Example (the trained generator the package ships, ``data/demo/generator``, prompted for one image
+of each of two classes in two denoising steps; training one is the skipped line: seconds on the
+``smoke`` preset's toy sizes, about 35 minutes of CPU for the shipped one):
+    >>> from ncis_core.assets import path
+    >>> pipe = load_pipeline(path("data/demo/generator"))
+    >>> type(pipe).__name__, pipe.vae.config.latent_channels, pipe.unet.config.sample_size
+    ('StableDiffusionPipeline', 4, 8)
+    >>> generate_per_class(pipe, ["bear", "cat"], per_class=1, guidance_scale=3.0, steps=2).shape
+    (2, 1, 32, 32, 3)
+    >>> from ncis_core.config import load_config
+    >>> folder = train_generator(load_config("demo"), out="outputs/my-generator")  # doctest: +SKIP
 """
 
 from .build import DEMO_WORDS, build_text_encoder, build_unet, build_vae, count_parameters, load_pipeline

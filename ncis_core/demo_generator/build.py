@@ -5,10 +5,14 @@ cross-attention on a transformers ``CLIPTextModel``, over the offline ``CLIPToke
 :func:`ncis_core.diffusion.build_tokenizer` with the words :data:`DEMO_WORDS` kept whole; all
 shaped by the ``generator`` config section. :func:`load_pipeline` reads a trained one back.
 
-Example:
-    >>> cfg = load_config("smoke")                                                # doctest: +SKIP
-    >>> vae, unet = build_vae(cfg.generator), build_unet(cfg.generator)          # doctest: +SKIP
-    >>> count_parameters(vae, unet)                                              # doctest: +SKIP
+Example (the ``smoke`` preset's toy sizes: three VAE levels, so 32 px images ↔ 8 × 8 latents):
+    >>> from ncis_core.config import load_config
+    >>> gcfg = load_config("smoke").generator
+    >>> vae, unet = build_vae(gcfg), build_unet(gcfg)
+    >>> count_parameters(vae), count_parameters(unet), count_parameters(vae, unet)
+    (62463, 437028, 499491)
+    >>> vae.encode(torch.zeros(1, 3, 32, 32)).latent_dist.mean.shape
+    torch.Size([1, 4, 8, 8])
 """
 
 from __future__ import annotations

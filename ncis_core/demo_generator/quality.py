@@ -7,9 +7,19 @@ names the class a generated image (:func:`generate_per_class`) was prompted with
 :func:`reconstruction_rows` puts real images beside their VAE reconstructions for a montage.
 ``benchmarks/generator_quality.py`` runs the whole check.
 
-Example:
-    >>> generated = generate_per_class(pipe, classes, per_class=16, guidance_scale=3.0)  # doctest: +SKIP
-    >>> class_consistency(classifier, generated, classes)["class_consistency"]          # doctest: +SKIP
+Example (two images per class from the shipped generator in two steps; the judge here is a
+stand-in that always names class 0, where the real check uses :func:`train_quality_classifier`):
+    >>> from ncis_core.assets import path
+    >>> from ncis_core.demo_generator import load_pipeline
+    >>> classes = ["bear", "cat"]
+    >>> generated = generate_per_class(load_pipeline(path("data/demo/generator")), classes,
+    ...                                per_class=2, guidance_scale=3.0, steps=2)
+    >>> generated.shape, generated.dtype
+    ((2, 2, 32, 32, 3), dtype('uint8'))
+    >>> always_bear = lambda x: torch.tensor([[1.0, 0.0]]).expand(len(x), 2)
+    >>> report = class_consistency(always_bear, generated, classes)
+    >>> report["class_consistency"], report["per_class"], report["confusion"]
+    (0.5, {'bear': 1.0, 'cat': 0.0}, [[2, 0], [2, 0]])
 """
 
 from __future__ import annotations

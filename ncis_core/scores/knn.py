@@ -10,9 +10,15 @@ nearest training feature)**, exact (no approximate index). K = 50 is OpenOOD's d
 paper's CIFAR-10 value (50 000 training images); the paper scales K with the training-set size
 (ImageNet: K = 1000 for 1.28 M images, K = 10 on a 1 % sample).
 
-Example:
-    >>> score = KNNScore(k=50).setup(model, id_train_batches)  # doctest: +SKIP
-    >>> score(model, images)  # doctest: +SKIP
+Example (a stand-in "model" whose logits and penultimate features are its 2-D inputs; three ID
+training features, K = 2; a run's model is stage 5's classifier, its batches the ID training split):
+    >>> class Features(torch.nn.Module):
+    ...     def forward(self, x, return_features=False):
+    ...         return (x, x) if return_features else x
+    >>> id_train_batches = [(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), torch.tensor([0, 1, 1]))]
+    >>> score = KNNScore(k=2).setup(Features(), id_train_batches)
+    >>> score(Features(), torch.tensor([[2.0, 0.0], [-1.0, 0.0]]))  # (2, 0) is normalised to (1, 0)
+    tensor([-0.8000, -3.2000])
 """
 
 from __future__ import annotations

@@ -2,9 +2,17 @@
 class-conditional Gaussians with one shared covariance on the penultimate features, fitted on ID
 training data; score = −min_c Mahalanobis distance².
 
-Example:
-    >>> score = MahalanobisScore().setup(model, id_train_batches)  # doctest: +SKIP
-    >>> score(model, images)  # doctest: +SKIP
+Example (a stand-in "model" whose logits and penultimate features are its 2-D inputs; two classes
+of four points around (0, 0) and (4, 0), so Σ = I / 2):
+    >>> class Features(torch.nn.Module):
+    ...     def forward(self, x, return_features=False):
+    ...         return (x, x) if return_features else x
+    >>> x = torch.tensor([[-1.0, 0], [1, 0], [0, -1], [0, 1], [3, 0], [5, 0], [4, -1], [4, 1]])
+    >>> score = MahalanobisScore().setup(Features(), [(x, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))])
+    >>> score.means.tolist(), score.precision.diag().tolist()
+    ([[0.0, 0.0], [4.0, 0.0]], [2.0, 2.0])
+    >>> score(Features(), torch.tensor([[0.5, 0.0], [2.0, 0.0], [4.0, 1.0]]))
+    tensor([-0.5000, -8.0000, -2.0000])
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ Writes ``results/metrics.json`` (everything), ``results/metrics.csv`` (one row p
 ``results/table.md`` (the main score's table, convention stated) and ``results/scores.npz`` (raw
 scores, ``<score>/<set>``, so any table can be recomputed without the model).
 
-Example:
-    >>> results = run(cfg, run_dir)  # doctest: +SKIP
+Example (not run by the doctests: it needs a run folder with stage 5's classifier, as ``make demo``
+leaves in ``outputs/demo``; ``tests/test_evaluate.py`` evaluates smoke ones):
+    >>> run_dir = RunDir.open("outputs/demo")  # doctest: +SKIP
+    >>> results = run(run_dir.cfg, run_dir)    # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -20,8 +20,11 @@ by ``(seed, epoch)`` (``classifier.seed``, else ``run.seed``), and a checkpoint 
 written after each epoch, so an interrupted run continues where it stopped and reaches the state of
 an uninterrupted one. ``accelerate`` shards the batches across processes (``accelerate launch``).
 
-Example:
-    >>> history = run(cfg, run_dir)  # doctest: +SKIP
+Example (not run by the doctests: it needs a run folder with stage 4's outlier images, unless
+``classifier.outliers=none``, and trains a ResNet for epochs; ``tests/test_train_classifier.py``
+trains smoke ones):
+    >>> run_dir = RunDir.open("outputs/demo")  # doctest: +SKIP
+    >>> history = run(run_dir.cfg, run_dir)    # doctest: +SKIP
 """
 
 from __future__ import annotations

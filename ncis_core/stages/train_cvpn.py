@@ -14,9 +14,13 @@ record goes to ``cvpn/history.json``. ``cvpn/last.safetensors`` (model + Adam st
 interrupted run continue from its last finished epoch with the very same result; it is removed when
 the stage completes.
 
-Example:
-    >>> result = run(cfg, run_dir)  # doctest: +SKIP
-    >>> result.k, result.history["best_epoch"]  # doctest: +SKIP
+Example (not run by the doctests: it needs a run folder with stage 1's embeddings and trains for
+seconds even on the ``smoke`` preset, whose synthetic stand-in embeddings, D = 32, give these
+numbers; ``tests/test_train_cvpn.py`` trains smoke ones):
+    >>> run_dir = RunDir.open("outputs/smoke")     # doctest: +SKIP
+    >>> result = run(run_dir.cfg, run_dir)         # doctest: +SKIP
+    >>> result.k, result.history["best_epoch"]     # doctest: +SKIP
+    (30, 2)
 """
 
 from __future__ import annotations

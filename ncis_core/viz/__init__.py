@@ -21,9 +21,15 @@ module                 serves
 Nothing is imported here, so ``import ncis_core.viz.common`` pulls in neither umap-learn nor
 ipywidgets; import the module a notebook needs.
 
-Example:
-    >>> from ncis_core.viz import common, maps                               # doctest: +SKIP
-    >>> common.save_figure(maps.plot_umap_map(maps.umap_map(run)), run, "03_umap.png")  # doctest: +SKIP
+Example (a notebook's run folder is the one :func:`ncis_core.notebook.start` opened):
+    >>> import tempfile
+    >>> from ncis_core.config import load_config
+    >>> from ncis_core.runs import RunDir
+    >>> from ncis_core.viz import common, evaluate
+    >>> run = RunDir.create(load_config("smoke", out=tempfile.mkdtemp()))
+    >>> fig = evaluate.plot_roc({"energy/id-test": [3.0, 2.0], "energy/svhn": [1.0, 2.5]}, "energy")
+    >>> common.save_figure(fig, run, "06_roc_energy.png").relative_to(run.root).as_posix()
+    'figures/06_roc_energy.png'
 """
 
 __all__ = ["common", "data", "embed", "cvpn", "maps", "generate", "classifier", "evaluate", "explorer",

@@ -1,8 +1,16 @@
 """Pictures of stage 5 (``05_train_classifier.ipynb``): the classifier's training curves per epoch.
 
-Example:
-    >>> fig = plot_classifier_history(history)        # doctest: +SKIP
-    >>> save_figure(fig, run, "05_training.png")      # doctest: +SKIP
+Example (a two-epoch ``history.json`` of stage 5, trained with outliers; a notebook then saves the
+figure with ``save_figure(fig, run, "05_training.png")``, :mod:`ncis_core.viz.common`):
+    >>> q = [1.0, 2.0, 3.0, 4.0, 5.0]  # the energy score's 5, 25, 50, 75 and 95 % quantiles
+    >>> history = {"epochs": [{"epoch": e, "ce": 2.0 / e, "energy_loss": 0.5 / e, "train_acc": 0.4 * e,
+    ...                        "slope": 0.1 * e, "score_quantiles_id": q, "score_quantiles_outlier": q}
+    ...                       for e in (1, 2)]}
+    >>> fig = plot_classifier_history(history)
+    >>> [ax.get_title() for ax in fig.axes][:2], [line.get_label() for line in fig.axes[0].lines]
+    (['losses', 'training accuracy (augmented ID)'], ['cross-entropy (ID)', 'energy loss'])
+    >>> fig.axes[1].lines[0].get_ydata().tolist()
+    [0.4, 0.8]
 """
 
 from __future__ import annotations

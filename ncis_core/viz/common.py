@@ -4,8 +4,16 @@ Every picture function of :mod:`ncis_core.viz` returns a matplotlib ``Figure``; 
 writes it under the run's ``figures/`` so that what a notebook shows survives a headless papermill run.
 
 Example:
-    >>> fig = image_grid(["bear"], [images])          # doctest: +SKIP
-    >>> save_figure(fig, run, "00_id_examples.png")   # doctest: +SKIP
+    >>> import tempfile
+    >>> from ncis_core.config import load_config
+    >>> from ncis_core.runs import RunDir
+    >>> black, white = np.zeros((8, 8, 3), np.uint8), np.full((8, 8, 3), 255, np.uint8)
+    >>> fig = image_grid(["bear", "cat"], [[black, white, black], [white]])
+    >>> len(fig.axes), [ax.get_ylabel() for ax in fig.axes[::3]]  # 2 rows × 3 columns
+    (6, ['bear', 'cat'])
+    >>> run = RunDir.create(load_config("smoke", out=tempfile.mkdtemp()))
+    >>> save_figure(fig, run, "00_id_examples.png").relative_to(run.root).as_posix()
+    'figures/00_id_examples.png'
 """
 
 from __future__ import annotations

@@ -1,9 +1,17 @@
 """Pictures of ``compare`` (shown in ``06_evaluate.ipynb``): a forest plot of the paired differences
 and a gallery of one class's outliers by method, the same starting noise in each column.
 
-Example:
-    >>> import json
-    >>> fig = plot_paired_forest(json.load(open("outputs/demo/compare/summary.json"))["paired"])  # doctest: +SKIP
+Example (one row of ``compare/summary.json``'s ``"paired"`` list, e.g. ``make demo``'s
+``json.load(open("outputs/demo/compare/summary.json"))["paired"]``: NCIS against the linear
+baseline on the far-OOD mean, over three seeds):
+    >>> paired = [{"metric": "auroc", "method": "ncis", "reference": "linear", "set": "mean far",
+    ...            "mean": 0.02, "low": 0.01, "high": 0.03, "detectable": 0.005, "told_apart": True,
+    ...            "seeds": 3}]
+    >>> fig = plot_paired_forest(paired)
+    >>> fig.axes[0].get_xlabel(), [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    ('AUROC difference (points, ↑ better)', ['ncis − linear · far'])
+    >>> fig.axes[0].lines[0].get_xdata().tolist()  # the 95 % interval, in points
+    [1.0, 3.0]
 """
 
 from __future__ import annotations

@@ -3,9 +3,16 @@ curves, per-class PCA spectra, invariant energies, class maps.
 
 Every function returns a matplotlib ``Figure``; save it with :func:`ncis_core.viz.common.save_figure`.
 
-Example:
-    >>> fig = plot_cvpn_history(result.history)        # doctest: +SKIP
-    >>> save_figure(fig, run, "02_losses.png")          # doctest: +SKIP
+Example (a two-epoch ``cvpn/history.json``; a notebook then saves the figure with
+``save_figure(fig, run, "02_losses.png")``):
+    >>> history = {"k": 30, "dim": 32, "best_epoch": 2, "per_epoch": [
+    ...     {"epoch": e, "inv_loss": 0.1 / e, "rec_loss": 0.01 / e, "selection_mse": 0.2 / e, "lr": 1e-3}
+    ...     for e in (1, 2)]}
+    >>> fig = plot_cvpn_history(history)
+    >>> fig.axes[0].get_title(), fig.axes[0].get_yscale()
+    ('cVPN losses (k = 30 of D = 32)', 'log')
+    >>> [text.get_text() for text in fig.axes[0].get_legend().get_texts()][-1]
+    'best epoch 2'
 """
 
 from __future__ import annotations

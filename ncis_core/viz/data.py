@@ -1,8 +1,18 @@
 """Pictures of stage 0 (``00_data.ipynb``): images per class and per OOD set, seeded example rows.
 
-Example:
-    >>> fig = plot_counts(summary)                    # doctest: +SKIP
-    >>> save_figure(fig, run, "00_counts.png")        # doctest: +SKIP
+Example (stage 0's summary of the ``smoke`` preset's splits; a notebook then saves the figure with
+``save_figure(fig, run, "00_counts.png")``):
+    >>> from ncis_core.config import load_config
+    >>> from ncis_core.data import build_splits
+    >>> from ncis_core.stages.data_summary import summarize
+    >>> splits = build_splits(load_config("smoke").data)
+    >>> fig = plot_counts(summarize(splits))
+    >>> [ax.get_title() for ax in fig.axes]  # the labelled splits (near-OOD too), then the OOD sets
+    ['id-train (id-train): 48', 'id-test (id-test): 48', 'demo_near (ood-near): 16',
+     'OOD sets (orange: near, red: far)']
+    >>> names, rows = split_examples(splits[0], per_group=3)  # the rows of an image_grid
+    >>> names[:2], [len(row) for row in rows], rows[0][0].shape
+    (['bear', 'bird'], [3, 3, 3, 3, 3, 3], (32, 32, 3))
 """
 
 from __future__ import annotations

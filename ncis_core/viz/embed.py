@@ -1,9 +1,14 @@
 """Pictures of stage 1 (``01_embed.ipynb``): how far per-image embeddings moved from their class
 token, and a PCA map of the embeddings. (The notebook's UMAP maps are :mod:`ncis_core.viz.maps`.)
 
-Example:
-    >>> fig = plot_token_distances(x, labels, rows, names)   # doctest: +SKIP
-    >>> save_figure(fig, run, "01_token_distances.png")      # doctest: +SKIP
+Example (three 2-D embeddings of two classes whose token rows start at (0, 0) and (1, 1); a
+notebook then saves the figure with ``save_figure(fig, run, "01_token_distances.png")``):
+    >>> x, labels, rows = [[3.0, 4.0], [1.0, 2.0], [6.0, 8.0]], [0, 1, 0], [[0.0, 0.0], [1.0, 1.0]]
+    >>> fig = plot_token_distances(x, labels, rows, ["bear", "cat"])
+    >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    ['bear', 'cat']
+    >>> fig.axes[0].lines[-1].get_ydata().round(3).tolist()  # the rows' own norms ‖e_c‖
+    [0.0, 1.414]
 """
 
 from __future__ import annotations

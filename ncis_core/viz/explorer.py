@@ -26,11 +26,13 @@ Widgets carry stable CSS classes (``ncis-explorer``, ``ncis-class-dropdown``, ``
 ``ncis-id-gallery``, ``ncis-id-image``, ``ncis-detail``, ``ncis-detail-image``,
 ``ncis-neighbour-image``) so that a browser test can find them.
 
-Example:
+Example (not run by the doctests: it needs a run folder where stages 1-4 ran, such as ``make
+demo``'s ``outputs/demo``; ``tests/test_explorer.py`` builds a smoke one):
+    >>> run = RunDir.open("outputs/demo")                          # doctest: +SKIP
     >>> data = ExplorerData.load(run)                              # doctest: +SKIP
     >>> view = class_view(data, class_index=0, method="ncis", n=8)  # doctest: +SKIP
     >>> fig, path = save_class_view(data, view)                   # doctest: +SKIP
-    >>> class_explorer(run)                                        # doctest: +SKIP  (in a notebook)
+    >>> class_explorer(run)  # in a notebook: the widget          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -192,7 +194,7 @@ class ExplorerData:
         outliers: stage 3's file (:func:`ncis_core.outliers.files.load_outliers`).
         index: stage 4's ``outliers/index.json``.
 
-    Example:
+    Example (a run folder after stage 4; not run by the doctests, see the module's):
         >>> data = ExplorerData.load(RunDir.open("outputs/demo"))  # doctest: +SKIP
         >>> data.methods  # doctest: +SKIP
         ['ncis', 'linear']

@@ -1,8 +1,11 @@
 """Pictures of stage 4 (``04_generate_outliers.ipynb``): ordinary generations beside NCIS outliers.
 
-Example:
-    >>> fig = plot_outlier_rows(names, ordinary, outliers)    # doctest: +SKIP
-    >>> save_figure(fig, run, "04_outliers_vs_ordinary.png")  # doctest: +SKIP
+Example (two ordinary images and one outlier of one class; a notebook then saves the figure with
+``save_figure(fig, run, "04_outliers_vs_ordinary.png")``):
+    >>> image = np.zeros((32, 32, 3), np.uint8)
+    >>> fig = plot_outlier_rows(["bear"], [[image, image]], [[image]])
+    >>> len(fig.axes), [ax.get_ylabel() for ax in fig.axes[::2]]
+    (4, ['bear: class prompt', 'bear: NCIS outliers'])
 """
 
 from __future__ import annotations

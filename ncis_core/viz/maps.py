@@ -21,7 +21,10 @@ Why the first map in a fresh kernel takes seconds, not a minute:
   seed, the UMAP settings and the package versions: reopening a map (also from a new process) reads
   it back.
 
-Example:
+Example (not run by the doctests: it needs a run folder with stage 1's embeddings and stage 3's
+outliers, and the first UMAP fit in a process compiles numba kernels, 10 s or more;
+``tests/test_umap.py`` maps a smoke run):
+    >>> run = RunDir.open("outputs/demo")                     # doctest: +SKIP
     >>> m = umap_map(run, classes=[3])                        # doctest: +SKIP
     >>> save_figure(plot_umap_map(m), run, "03_umap_c3.png")  # doctest: +SKIP
 """
@@ -84,8 +87,8 @@ class UmapMap:
         timings: seconds per step of this call (``load`` for a cache hit; else ``outliers``,
             ``import_umap`` (first map in a process), ``knn``, ``fit``, ``transform``, ``save``).
 
-    Example:
-        >>> m = umap_map(run)                    # doctest: +SKIP
+    Example (a ``smoke`` run folder after stage 3; not run by the doctests, see the module's):
+        >>> m = umap_map(run)                                # doctest: +SKIP
         >>> m.coords.shape, m.outlier_coords["ncis"].shape  # doctest: +SKIP
         ((48, 2), (24, 2))
     """
