@@ -58,6 +58,7 @@ from ..runs import (MissingArtefactError, RunDir, Stage, atomic_path, atomic_wri
 __all__ = [
     "train_transforms",
     "outlier_dataset",
+    "decoded_images",
     "id_generated_dataset",
     "energy_loss",
     "cosine_lr",
@@ -116,6 +117,52 @@ def _outlier_folder(cfg: ExperimentConfig, run_dir: RunDir) -> Path | None:
         raise DataError(str(exc)) from None
 
 
+# Above this many decoded bytes the outliers are read from their files at each access (ImageNet-size
+# generations in the tens of thousands); below it they are decoded once into the run's cache.
+DECODE_CACHE_MAX_BYTES = 4 << 30
+
+
+def decoded_images(folder: Path, paths: list[Path], run_dir: RunDir | None) -> ImageDataset | None:
+    """The images ``paths`` of ``folder`` decoded once per run into one ``N × H × W × 3`` uint8 array,
+    kept in ``RUN/cache/outlier_images/`` under a :func:`~ncis_core.runs.cache_key` of the folder's
+    content hash and the file list (PNG decoding per access was most of stage 5's data wait).
+
+    Items are the arrays :class:`ImageFolderFiles` returns (the same decoder), labelled -1. None
+    (read the files instead) without a run folder, when the images differ in size, or above
+    :data:`DECODE_CACHE_MAX_BYTES`.
+    """
+    from ..data.base import ArrayDataset
+    from ..runs import cache_key, cache_path, content_hash
+
+    if run_dir is None or not paths:
+        return None
+    folder = Path(folder)
+    files = [Path(p).resolve().relative_to(folder.resolve()).as_posix() for p in paths]
+    key = cache_key({"images": content_hash(folder)}, {"files": files}, versions=("pillow", "numpy"))
+    cache = cache_path(run_dir.root, "outlier_images", key, ".npy")
+    if not cache.exists():
+        reader = ImageFolderFiles(paths, [-1] * len(paths), None, skip_unreadable=False)
+        first = reader[0][0]
+        if first.nbytes * len(paths) > DECODE_CACHE_MAX_BYTES:
+            return None
+        decoded = np.empty((len(paths), *first.shape), np.uint8)
+        for i in range(len(paths)):
+            image = reader[i][0]
+            if image.shape != first.shape:
+                log.info("outlier images of %s differ in size (%s, %s): read from the files", folder,
+                         first.shape, image.shape)
+                return None
+            decoded[i] = image
+        with atomic_path(cache) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, decoded)
+        log.info("decoded %d outlier images of %s into %s", len(paths), folder, cache)
+    array = np.load(cache, mmap_mode="r")
+    if array.nbytes <= 64 << 20:  # small: in memory; larger ones stay mapped (shared between trainings)
+        array = np.array(array)
+    return ArrayDataset(array, np.full(len(array), -1))
+
+
 def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | None:
     """The outlier images of ``classifier.outliers`` (None for ``none``), cut to ``num_outliers``.
 
@@ -130,7 +177,8 @@ def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | No
     paths = list_images(folder)
     if not paths:
         raise DataError(f"no images in the outlier folder {folder} (classifier.outliers={c.outliers})")
-    images: ImageDataset = ImageFolderFiles(paths, [-1] * len(paths), None, skip_unreadable=False)
+    images = decoded_images(folder, paths, run_dir) or \
+        ImageFolderFiles(paths, [-1] * len(paths), None, skip_unreadable=False)
     wanted = c.num_outliers
     if wanted is None or wanted == len(paths):
         return images
