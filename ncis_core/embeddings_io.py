@@ -32,9 +32,8 @@ from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from .runs import atomic_path
+from .runs import atomic_write_safetensors
 
 __all__ = ["EMBEDDINGS_FORMAT", "save_embeddings", "load_embeddings", "synthetic_embeddings"]
 
@@ -80,9 +79,7 @@ def save_embeddings(path: str | os.PathLike, embeddings, labels, image_ids,
     metadata = {"format": EMBEDDINGS_FORMAT, "dim": str(emb.shape[1]), "num_classes": str(len(names)),
                 "class_names": json.dumps(names)}
     metadata.update({str(k): str(v) for k, v in (extra or {}).items()})
-    with atomic_path(path) as tmp:
-        save_file({"embeddings": emb, "labels": lab, "image_ids": ids}, str(tmp), metadata=metadata)
-    return Path(path)
+    return atomic_write_safetensors(path, {"embeddings": emb, "labels": lab, "image_ids": ids}, metadata)
 
 
 def load_embeddings(path: str | os.PathLike) -> dict:

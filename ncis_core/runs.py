@@ -73,6 +73,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
+    "atomic_write_safetensors",
     "content_hash",
     "cache_key",
     "cache_path",
@@ -261,6 +262,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    """Write ``tensors`` (name → torch tensor) and ``metadata`` (str → str) as safetensors, atomically,
+    with the same bytes for the same tensors and metadata.
+
+    ``safetensors.torch.save_file`` keeps the metadata in a Rust ``HashMap``, so its header lists the
+    keys in a different order from one call to the next: equal checkpoints, different file hashes,
+    and manifests of two identical runs that never match. Here the header is rewritten with the
+    metadata keys sorted and the tensors in the order of their data (the tensor bytes are the
+    library's, unchanged); the file reads back through ``safetensors`` as before.
+
+    Example:
+        >>> import torch, tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> a = atomic_write_safetensors(folder / "a.safetensors", {"x": torch.ones(2)}, {"b": "1", "a": "2"})
+        >>> b = atomic_write_safetensors(folder / "b.safetensors", {"x": torch.ones(2)}, {"a": "2", "b": "1"})
+        >>> a.read_bytes() == b.read_bytes()
+        True
+    """
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    ordered = {}
+    if "__metadata__" in header:
+        ordered["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+    ordered.update(sorted(header.items(), key=lambda item: (item[1]["data_offsets"], item[0])))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the library's alignment of the data that follows
+    return atomic_write_bytes(path, len(text).to_bytes(8, "little") + text + data[8 + n:])
 
 
 # ----------------------------------------------------------------------------- hashes, provenance

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..runs import atomic_path
+from ..runs import atomic_write_safetensors
 
 __all__ = ["OUTLIERS_FORMAT", "save_outliers", "load_outliers"]
 
@@ -31,9 +30,7 @@ def save_outliers(path: str | os.PathLike, result: dict, metadata: dict) -> Path
     tensors["labels"] = torch.arange(outliers.shape[0])
     meta = {"format": OUTLIERS_FORMAT, "method": result["method"]}
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return Path(path)
+    return atomic_write_safetensors(path, tensors, meta)
 
 
 def load_outliers(path: str | os.PathLike) -> dict:

@@ -53,7 +53,7 @@ from ..data.transforms import (Compose, Normalize, RandomChoiceResize, RandomCro
 from ..device import resolve_device
 from ..models.resnet import EnergyHead, build_classifier, remap_ood_checkpoint
 from ..runs import (MissingArtefactError, RunDir, Stage, atomic_path, atomic_write_json, register_stage,
-                    stage_inputs)
+                    atomic_write_safetensors, stage_inputs)
 
 __all__ = [
     "train_transforms",
@@ -287,8 +287,7 @@ def save_classifier(path: Path, model: nn.Module, head: EnergyHead, meta: dict) 
     """Model + head weights as safetensors, ``meta`` (arch, classes, head kind, slope …) in its header."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"ncis": json.dumps(meta)})
+    atomic_write_safetensors(path, tensors, {"ncis": json.dumps(meta)})
 
 
 def load_classifier(path: str | Path, arch: str | None = None, num_classes: int | None = None,

@@ -36,7 +36,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..progress import bar_options
@@ -44,7 +43,8 @@ from ..config import CVPNConfig, ExperimentConfig
 from ..device import resolve_device, seed_everything
 from ..embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
 from ..models.cvpn import CVPN, count_invariants
-from ..runs import MissingArtefactError, RunDir, Stage, atomic_path, atomic_write_json, register_stage
+from ..runs import (MissingArtefactError, RunDir, Stage, atomic_write_json, atomic_write_safetensors,
+                    register_stage)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -66,6 +66,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ncis-cvpn/1"
+# Seconds per epoch, beside history.json rather than in it: history.json is an artefact the manifest
+# hashes, and two identical runs must write it byte for byte (timings never repeat).
+TIMES = "times.json"
 SMOKE_DIM = 32  # width of the synthetic smoke embeddings (stand-in for stage 1)
 
 
@@ -217,9 +220,7 @@ def save_cvpn(path: str | os.PathLike, model: CVPN, meta: dict, mean: torch.Tens
     tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     metadata = {"format": CHECKPOINT_FORMAT, "architecture": json.dumps(model.architecture()),
                 "meta": json.dumps(meta)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    return Path(path)
+    return atomic_write_safetensors(path, tensors, metadata)
 
 
 def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
@@ -320,11 +321,14 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
                "best_epoch": None, "best_selection_mse": None, "per_epoch": []}
     best_state = None
     start_epoch = 0
+    times: list[float] = []  # seconds per epoch: kept out of history.json (see TIMES)
     last = out_dir / "last.safetensors" if out_dir is not None else None
     if last is not None and resume and last.exists():
         state = _load_last(last, model, optimizer)
         start_epoch, history = state["epoch"], state["history"]
         log.info("resuming cVPN training from %s after epoch %d", last, start_epoch)
+        if (out_dir / TIMES).exists():
+            times = json.loads((out_dir / TIMES).read_text())["seconds_per_epoch"][:start_epoch]
     if start_epoch and out_dir is not None and (out_dir / "best.safetensors").exists():
         best_state = load_cvpn(out_dir / "best.safetensors")[0].state_dict()
     param_count = history["parameters"]
@@ -353,9 +357,9 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
         score = selection_score(model, xs[select], ys[select], k, reduce=cfg.selection_reduce)
         is_best = history["best_selection_mse"] is None or score < history["best_selection_mse"]
         record = {"epoch": epoch + 1, "inv_loss": sums[0] / batches, "rec_loss": sums[1] / batches,
-                  "lr": lr, "k": k, "selection_mse": score, "best": is_best,
-                  "seconds": round(time.perf_counter() - started, 3)}
+                  "lr": lr, "k": k, "selection_mse": score, "best": is_best}
         history["per_epoch"].append(record)
+        times.append(round(time.perf_counter() - started, 3))
         if is_best:
             history["best_epoch"], history["best_selection_mse"] = epoch + 1, score
             best_state = {kk: v.detach().clone() for kk, v in model.state_dict().items()}
@@ -368,6 +372,7 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
                           {"k": k, "epoch": epoch + 1, "selection_mse": score, "center": cfg.center},
                           mean)
             atomic_write_json(out_dir / "history.json", history)
+            atomic_write_json(out_dir / TIMES, {"seconds_per_epoch": times})
             _save_last(last, model, optimizer, {"epoch": epoch + 1, "history": history}, mean)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
@@ -459,7 +464,7 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True, on_epoch_
             out_dir = run_dir.path("cvpn_dir")
             out_dir.mkdir(parents=True, exist_ok=True)
             if not rec.resumable:
-                for name in ("last.safetensors", "best.safetensors", "history.json"):
+                for name in ("last.safetensors", "best.safetensors", "history.json", TIMES):
                     (out_dir / name).unlink(missing_ok=True)
             _, history = fit(x[train_index], labels[train_index], num_classes, cfg.cvpn,
                              seed=cfg.run.seed, device=device, out_dir=out_dir, resume=rec.resumable,
