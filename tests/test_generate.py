@@ -1,6 +1,10 @@
 """Stage 4 (outlier images) on tiny random components: the plan, kill-and-rerun = uninterrupted,
 clear errors, and two accelerate processes giving the files of one (stages 1 and 4)."""
 
+import hashlib
+import json
+import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -8,9 +12,9 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from diffusion_fixtures import ROOT, SMALL, subprocess_env, write_outliers
+from diffusion_fixtures import ROOT, SMALL, copy_run, subprocess_env, write_outliers
 
-from ncis_core.config import load_config
+from ncis_core.config import load_config, load_run_config
 from ncis_core.embeddings_io import load_embeddings
 from ncis_core.runs import RunDir
 from ncis_core.stages import embed, generate
@@ -121,7 +125,8 @@ def test_killed_run_rerun_equals_an_uninterrupted_run(tmp_path):
     assert len(index["images"]) == 12 and index["embedding_per"] == "image"
     entry = index["images"][5]
     assert entry == {"file": "1/bird_1.png", "class": 1, "class_name": "bird", "embedding_index": 1,
-                     "seed": 47, "batch": 1}
+                     "seed": 47, "batch": 1,
+                     "sha256": hashlib.sha256((out / "1" / "bird_1.png").read_bytes()).hexdigest()}
     assert run.manifest()["stages"]["generate"]["status"] == "complete"
 
 
@@ -196,3 +201,81 @@ def test_comparison_rows_pair_each_outlier_with_the_plain_image_of_its_seed(tmp_
     pipe, tokens = generate.prepare(cfg, index["classes"])
     again = generate.ordinary_images(pipe, tokens, 1, [e["seed"] for e in entries], cfg.generate)
     assert np.array_equal(np.stack(ordinary[1]), again)
+
+
+def _pngs(folder):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*.png"))}
+
+
+def test_a_damaged_outlier_image_is_redrawn_by_rerunning_stage_4(smoke_run_1_to_4, tmp_path):
+    """A truncated PNG: stage 5 refuses the tree and names stage 4; rerunning stage 4 redraws exactly
+    that file, byte for byte (the others are not rewritten), and stage 5 then trains. Stage 4 used
+    to find every file present, call all batches done and record the broken tree as current."""
+    from ncis_core.runs import StaleArtefactError
+    from ncis_core.stages import train_classifier
+
+    root = copy_run(smoke_run_1_to_4, tmp_path / "run")
+    cfg = load_run_config("smoke", out=str(root))
+    run = RunDir.create(cfg)
+    out = run.path("outliers_dir")
+    entry = generate.load_index(run.path("outliers_index"))["images"][5]
+    damaged = out / entry["file"]
+    original = damaged.read_bytes()
+    others = {p: v for p, v in _pngs(out).items() if p != damaged}
+    damaged.write_bytes(original[: len(original) // 2])
+    with pytest.raises(StaleArtefactError, match=r"rerun stage 4 \(generate\)") as err:
+        train_classifier.run(cfg, run, progress=False)
+    assert f"--out {root} --stages 4-" in str(err.value)
+
+    generate.run(cfg, run, progress=False)
+    assert damaged.read_bytes() == original
+    assert {p: v for p, v in _pngs(out).items() if p != damaged} == others
+    assert run.stage_state("generate").state == "current"
+    assert train_classifier.run(cfg, run, progress=False)["num_outliers"] == 12
+    # what made the repair possible: every image's hash in the index
+    assert entry["sha256"] == hashlib.sha256(original).hexdigest()
+
+
+def test_a_damaged_or_missing_image_of_another_methods_render_is_redrawn(smoke_run_1_to_4, tmp_path):
+    """compare's renders (outliers_<method>/, stage 4's render_batches) are repaired alike: a rerun
+    used to see an index of the same inputs and return the damaged folder as complete."""
+    from ncis_core.outliers.sources import render_outliers
+
+    root = copy_run(smoke_run_1_to_4, tmp_path / "run")
+    cfg = load_run_config("smoke", out=str(root))
+    run = RunDir.create(cfg)
+    folder = render_outliers(cfg, run, "idgen", progress=False)
+    before = _pngs(folder)
+    images = json.loads((folder / "index.json").read_text())["images"]
+    truncated, deleted = folder / images[3]["file"], folder / images[7]["file"]
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    deleted.unlink()
+    assert render_outliers(cfg, run, "idgen", progress=False) == folder
+    after = _pngs(folder)
+    assert {p: v[1] for p, v in after.items()} == {p: v[1] for p, v in before.items()}
+    assert {p: v for p, v in after.items() if p not in (truncated, deleted)} == \
+        {p: v for p, v in before.items() if p not in (truncated, deleted)}
+    assert images[3]["sha256"] == hashlib.sha256(before[truncated][1]).hexdigest()
+
+
+@pytest.mark.slow
+def test_every_hint_for_a_damaged_outlier_image_works_when_followed(smoke_run_1_to_4, tmp_path):
+    """End to end through the command line: stage 5 on a tree with a truncated PNG prints one error
+    with a command; that command regenerates the image (byte-identical) and runs stages 4 onwards."""
+    root = copy_run(smoke_run_1_to_4, tmp_path / "run")
+    entry = generate.load_index(root / "outliers" / "index.json")["images"][2]
+    damaged = root / "outliers" / entry["file"]
+    original = damaged.read_bytes()
+    damaged.write_bytes(original[:100])
+    cli = [sys.executable, "-m", "ncis_core"]
+    first = subprocess.run([*cli, "run", "--preset", "smoke", "--out", str(root), "--stages", "5", "--quiet"],
+                           cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 2 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    assert "rerun stage 4 (generate)" in first.stderr
+    hint = re.search(r"`python -m ncis_core ([^`]+)`", first.stderr).group(1)
+    second = subprocess.run([*cli, *shlex.split(hint)], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert damaged.read_bytes() == original
+    run = RunDir.open(root)
+    assert {s.stage: s.state for s in run.status()}["classifier"] == "current"

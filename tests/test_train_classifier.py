@@ -211,3 +211,17 @@ def test_training_ranks_id_above_clearly_separable_outliers(tmp_path):
     s_id, s_noise = (score_split(bundle.model, EnergyScore(), split, cfg, torch.device("cpu"), progress=False)
                      for split in (id_test, fresh))
     assert np.median(s_id) > np.median(s_noise), (np.median(s_id), np.median(s_noise))
+
+
+def test_an_unreadable_outlier_image_names_skip_unreadable_and_following_it_trains(tmp_path):
+    """The error of an unreadable outlier image offers `data.skip_unreadable=true`; stage 5 used to
+    ignore that setting for outlier images and fail the same way again."""
+    folder = _folder_of_images(tmp_path / "out", 12)
+    (folder / "004.png").write_bytes((folder / "004.png").read_bytes()[:60])
+    sets = ["classifier.outliers=folder", f"classifier.outlier_folder={folder}", "classifier.num_outliers=12",
+            "classifier.epochs=1"]
+    cfg, run = _run(tmp_path, *sets)
+    with pytest.raises(DataError, match=r"004\.png.*data\.skip_unreadable=true"):
+        stage5.run(cfg, run, progress=False)
+    cfg, run = _run(tmp_path, *sets, "data.skip_unreadable=true")
+    assert stage5.run(cfg, run, progress=False)["num_outliers"] == 11

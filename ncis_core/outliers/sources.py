@@ -9,8 +9,9 @@
   ``n`` of a class starts from the same noise for every method.
 * ``idgen`` renders the plain class prompt into ``outliers_idgen/``; ``none`` has no images.
 
-``outliers_<method>/index.json`` records the inputs the render was made from; a render of other
-inputs is replaced, a partial render of the same inputs resumed.
+``outliers_<method>/index.json`` records the inputs the render was made from and each image's
+SHA-256; a render of other inputs is replaced, a partial or damaged render of the same inputs
+resumed (only the missing or damaged images are drawn again, as in stage 4).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def method_outlier_file(cfg: ExperimentConfig, run: RunDir, name: str, progress:
 
 def render_outliers(cfg: ExperimentConfig, run: RunDir, name: str, progress: bool = True) -> Path:
     """Render ``outliers_<name>/`` with stage 4's plan, settings and seeds; skipped when it already
-    holds a complete render of the same inputs. Returns the folder."""
+    holds a complete, intact render of the same inputs (every image equal to its recorded hash);
+    missing or damaged images of such a render are drawn again. Returns the folder."""
     from ..device import resolve_device
     from ..embeddings_io import load_embeddings
     from ..stages import generate as stage4
@@ -125,10 +127,18 @@ def render_outliers(cfg: ExperimentConfig, run: RunDir, name: str, progress: boo
     inputs["config"] = cache_key({}, [asdict(getattr(cfg, k)) for k in (
         "diffusion", "generate", "sample", "cvpn", "data")] + [cfg.embed.prompt, cfg.run.seed])
     index_file = target / "index.json"
-    if index_file.exists() and json.loads(index_file.read_text()).get("inputs") == inputs:
-        return target
-    if target.exists() and index_file.exists():
-        shutil.rmtree(target)  # a complete render of other inputs; partial renders are resumed
+    previous = None  # no index: no render yet, or a partial one (resumed)
+    if index_file.exists():
+        try:
+            previous = json.loads(index_file.read_text())
+        except (OSError, ValueError):
+            previous = {}  # unreadable: which inputs its images come from is unknown
+    if isinstance(previous, dict) and previous.get("inputs") == inputs and previous.get("images"):
+        if all(stage4.image_intact(target / im["file"], im.get("sha256")) for im in previous["images"]):
+            return target
+        log.warning("%s: some images are missing or damaged: drawing them again", target)
+    elif previous is not None:
+        shutil.rmtree(target)  # a complete render of other inputs (or of unknown ones)
     names = load_embeddings(run.require("embeddings"))["class_names"]
     outliers = None
     if method.produces == EMBEDDINGS:
@@ -138,9 +148,10 @@ def render_outliers(cfg: ExperimentConfig, run: RunDir, name: str, progress: boo
     target.mkdir(parents=True, exist_ok=True)
     stage4.render_batches(pipe, tokens, batches, range(len(batches)), outliers, target, cfg.generate,
                           progress, desc=f"{name} outlier images")
+    hashes = stage4.image_hashes(target, batches)
     atomic_write_json(index_file, {"method": name, "inputs": inputs, "images": [
-        {"file": im.file, "class": im.class_index, "embedding_index": im.embedding_index, "seed": im.seed}
-        for batch in batches for im in batch]})
+        {"file": im.file, "class": im.class_index, "embedding_index": im.embedding_index, "seed": im.seed,
+         "sha256": hashes.get(im.file)} for batch in batches for im in batch]})
     return target
 
 

@@ -21,10 +21,13 @@ the original's rule) or ``k mod M`` (``cyclic``) — or embedding ``n mod M`` pe
 from ``outliers/index.json`` (file → class, embedding index, seed), and neither resuming nor
 sharding changes any image.
 
-Resumable: each PNG is written atomically; a rerun skips batches whose files all exist (stale
-temporary files of a killed run are removed first) and rewrites ``index.json`` last, so the final
-tree equals that of an uninterrupted run. Under ``accelerate launch`` the batches are split between
-processes and the main process writes the index.
+Resumable and repairable: each PNG is written atomically, and ``index.json`` (written last) records
+each image's SHA-256. A rerun (stale temporary files of a killed run are removed first) skips the
+batches whose files are all intact — present and equal to their recorded hash, or, for files no
+index records yet (a killed run's), decodable — and redraws the others, writing only their damaged
+or missing files; so a truncated or edited PNG is regenerated, byte for byte, by rerunning the
+stage, and the final tree equals that of an uninterrupted run. Under ``accelerate launch`` the
+batches are split between processes and the main process writes the index.
 
 Command line (also under ``accelerate launch``)::
 
@@ -53,7 +56,7 @@ from ..progress import bar_options
 from .. import diffusion
 from ..device import broadcast, process_state
 from ..config import ExperimentConfig, GenerateConfig
-from ..runs import RunDir, Stage, atomic_path, atomic_write_json, register_stage
+from ..runs import RunDir, Stage, atomic_path, atomic_write_json, content_hash, register_stage
 
 __all__ = [
     "INDEX_FORMAT",
@@ -65,6 +68,9 @@ __all__ = [
     "to_uint8",
     "ordinary_images",
     "render_batches",
+    "recorded_hashes",
+    "image_intact",
+    "image_hashes",
     "comparison_rows",
     "load_index",
     "run",
@@ -223,21 +229,65 @@ def ordinary_images(pipe, tokens, class_index: int, seeds: Sequence[int], gcfg: 
     return generate_images(pipe, tokens, class_index, None, seeds, gcfg)
 
 
+def recorded_hashes(out_dir: str | Path) -> dict[str, str]:
+    """``file → SHA-256`` as recorded by the ``index.json`` of an earlier render in ``out_dir``; ``{}``
+    when there is none (a first or killed render), it is unreadable, or an older kit wrote it."""
+    index = Path(out_dir) / "index.json"
+    try:
+        images = json.loads(index.read_text()).get("images", [])
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {im["file"]: im["sha256"] for im in images if isinstance(im, dict) and im.get("sha256")}
+
+
+def image_intact(path: str | Path, recorded: str | None) -> bool:
+    """Whether the image file ``path`` is the one a render wrote: present and, when ``recorded``,
+    of that SHA-256; without a record, present and decodable (PIL reads it to the end)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if recorded is not None:
+        return content_hash(path) == recorded
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:  # PIL raises many kinds (OSError, SyntaxError, ValueError …)
+        return False
+
+
+def image_hashes(out_dir: str | Path, batches: list[list[PlannedImage]]) -> dict[str, str]:
+    """``file → SHA-256`` of the plan's images present in ``out_dir`` (what ``index.json`` records)."""
+    out_dir = Path(out_dir)
+    return {im.file: content_hash(out_dir / im.file) for batch in batches for im in batch
+            if (out_dir / im.file).is_file()}
+
+
 def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Sequence[int],
                    outliers: torch.Tensor | None, out_dir: Path, gcfg: GenerateConfig,
                    progress: bool = True, on_batch_end: Callable[[int], None] | None = None,
                    desc: str = "stage 4: outlier images") -> float:
-    """Render the batches ``which`` of the plan into ``out_dir``, skipping batches whose files all
-    exist (resume). ``outliers`` (C × M × D) are injected per the plan; ``None`` renders the plain
-    class prompt with the same seeds (the ``idgen`` control).
+    """Render the batches ``which`` of the plan into ``out_dir``, skipping batches whose files are all
+    intact (:func:`image_intact` against the hashes of ``out_dir/index.json``): a rerun resumes a
+    killed render and redraws damaged or missing files, writing only those (the batch is drawn
+    whole, so each image gets the starting noise and batch-mates it had). ``outliers`` (C × M × D)
+    are injected per the plan; ``None`` renders the plain class prompt with the same seeds (the
+    ``idgen`` control).
 
     Returns:
         Seconds spent.
     """
-    todo = [b for b in which if not all((out_dir / im.file).exists() for im in batches[b])]
+    recorded = recorded_hashes(out_dir)
+    damaged = {b: [im for im in batches[b] if not image_intact(out_dir / im.file, recorded.get(im.file))]
+               for b in which}
+    todo = [b for b in which if damaged[b]]
     if len(todo) < len(which):
         log.info("resuming: %d of %d batches already done", len(which) - len(todo), len(which))
-    bar = tqdm(total=sum(len(batches[b]) for b in todo), desc=desc, unit="img",
+    repaired = [im.file for b in todo if len(damaged[b]) < len(batches[b]) for im in damaged[b]]
+    if repaired:
+        log.warning("%d damaged or missing image(s) in %s are regenerated: %s", len(repaired), out_dir,
+                    ", ".join(repaired[:5]) + (", …" if len(repaired) > 5 else ""))
+    bar = tqdm(total=sum(len(damaged[b]) for b in todo), desc=desc, unit="img",
                **bar_options(progress))
     started = time.time()
     for b in todo:
@@ -246,8 +296,9 @@ def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Seque
         vectors = None if outliers is None else outliers[c, [im.embedding_index for im in images]]
         pixels = generate_images(pipe, tokens, c, vectors, [im.seed for im in images], gcfg)
         for im, px in zip(images, pixels):
-            _save_png(out_dir / im.file, px)
-        bar.update(len(images))
+            if im in damaged[b]:
+                _save_png(out_dir / im.file, px)
+        bar.update(len(damaged[b]))
         if on_batch_end is not None:
             on_batch_end(b)
     bar.close()
@@ -275,7 +326,8 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 
 
 def load_index(path: str | Path) -> dict:
-    """``outliers/index.json``: settings plus ``images`` (file, class, embedding index, seed)."""
+    """``outliers/index.json``: settings plus ``images`` (file, class, embedding index, seed, batch,
+    and the SHA-256 of the PNG's bytes; older kits' indexes lack ``sha256``)."""
     return json.loads(Path(path).read_text())
 
 
@@ -336,13 +388,15 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
                                      progress and main_process, on_batch_end)
             state.wait_for_everyone()
             if main_process:
+                hashes = image_hashes(out_dir, batches)
                 index = {"format": INDEX_FORMAT, "class_token": tokens.strategy,
                          "embedding_per": gcfg.embedding_per, "classes": list(names),
                          "prompts": [gcfg.prompt.format(w) for w in tokens.generation_words],
                          "missing_injection": missing, "settings": asdict(gcfg),
                          "images": [{"file": im.file, "class": im.class_index, "class_name": im.class_name,
                                      "embedding_index": im.embedding_index, "seed": im.seed,
-                                     "batch": im.batch} for batch in batches for im in batch]}
+                                     "batch": im.batch, "sha256": hashes.get(im.file)}
+                                    for batch in batches for im in batch]}
                 atomic_write_json(run_dir.path("outliers_index"), index)
                 used = len({(im.class_index, im.embedding_index) for batch in batches for im in batch})
                 rec.info.update(images=sum(len(x) for x in batches), distinct_embeddings=used,

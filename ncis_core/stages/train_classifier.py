@@ -166,20 +166,33 @@ def decoded_images(folder: Path, paths: list[Path], run_dir: RunDir | None) -> I
 def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | None:
     """The outlier images of ``classifier.outliers`` (None for ``none``), cut to ``num_outliers``.
 
+    With ``data.skip_unreadable`` unreadable files are dropped and counted, as in every data set of the
+    kit; when that leaves fewer images than ``num_outliers``, the readable ones are used (warned).
+
     Raises:
-        DataError: no images; or more outliers asked for than exist (both counts in the message)
-            unless ``outliers_with_replacement``.
+        DataError: no (readable) images; or more outliers asked for than exist (both counts in the
+            message) unless ``outliers_with_replacement``.
     """
     c = cfg.classifier
     folder = _outlier_folder(cfg, run_dir)
     if folder is None:
         return None
-    paths = list_images(folder)
+    paths, skipped = list_images(folder), []
+    if cfg.data.skip_unreadable:
+        checked = ImageFolderFiles(paths, [-1] * len(paths), None, skip_unreadable=True)
+        paths, skipped = checked.paths, checked.skipped
     if not paths:
-        raise DataError(f"no images in the outlier folder {folder} (classifier.outliers={c.outliers})")
+        raise DataError(f"no {'readable ' if skipped else ''}images in the outlier folder {folder} "
+                        f"(classifier.outliers={c.outliers})")
     images = decoded_images(folder, paths, run_dir) or \
         ImageFolderFiles(paths, [-1] * len(paths), None, skip_unreadable=False)
     wanted = c.num_outliers
+    if skipped and wanted is not None and len(paths) < wanted <= len(paths) + len(skipped) \
+            and not c.outliers_with_replacement:
+        log.warning("classifier.num_outliers=%d, but %d of the images in %s are unreadable and skipped "
+                    "(data.skip_unreadable): training with %d outliers", wanted, len(skipped), folder,
+                    len(paths))
+        wanted = len(paths)
     if wanted is None or wanted == len(paths):
         return images
     rng = np.random.default_rng(c.seed if c.seed is not None else cfg.run.seed)
