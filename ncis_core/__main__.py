@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from .errors import report, user_errors
+    from .errors import environment_fault, report, user_errors
 
     commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate,
                 "strip-notebooks": _cmd_strip, "train-generator": _cmd_train_generator,
@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except user_errors() as exc:
+        return report(exc)
+    except OSError as exc:  # a full disk, no permission, a read-only file system: one line too
+        if not environment_fault(exc):
+            raise
         return report(exc)
 
 

@@ -2,14 +2,17 @@
 
 A fault of this kind (a bad config value, a missing dataset or artefact, a stale input, a failed
 notebook) says what is wrong and how to fix it in its message; a traceback would only bury that.
+So does a fault of the machine (:func:`environment_fault`: a full disk, no permission, a read-only
+file system), reported as the path, the reason and the fix (:func:`os_fault_message`).
 Anything else is a bug of the kit and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
-__all__ = ["user_errors", "report"]
+__all__ = ["user_errors", "report", "environment_fault", "os_fault_message"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -18,13 +21,52 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data.base import DataError
     from .diffusion import PipelineLoadError
     from .runner import NotebookFailed
-    from .runs import MissingArtefactError, RunFolderBusy, StaleArtefactError
+    from .runs import MissingArtefactError, RunFolderBusy, RunFolderUnwritable, StaleArtefactError
 
     return (ConfigError, DataError, PipelineLoadError, NotebookFailed, MissingArtefactError, StaleArtefactError,
-            RunFolderBusy, FileNotFoundError, ValueError)
+            RunFolderBusy, RunFolderUnwritable, FileNotFoundError, ValueError)
 
 
 def report(exc: BaseException) -> int:
-    """Print ``error: <first line of the message>`` (plus any further lines it has) to stderr; 2."""
-    print(f"error: {exc}", file=sys.stderr)
+    """Print ``error: <first line of the message>`` (plus any further lines it has) to stderr; 2.
+    A fault of the machine (:func:`environment_fault`) is said as :func:`os_fault_message`."""
+    message = os_fault_message(exc) if environment_fault(exc) else exc
+    print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+_WRITABLE = "choose a folder you can write for --out, or make it writable (chmod u+w)"
+_FULL = "free some space (or choose --out on another disk) and rerun the same command: finished work is kept"
+# errno → (what happened, the fix)
+_OS_FAULTS = {
+    errno.ENOSPC: ("no space left on the device", _FULL),
+    errno.EDQUOT: ("disk quota exceeded", _FULL),
+    errno.EACCES: ("permission denied", _WRITABLE),
+    errno.EPERM: ("operation not permitted", _WRITABLE),
+    errno.EROFS: ("read-only file system", "choose --out on a writable file system"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose another --out"),
+    errno.EEXIST: ("a file of that name is in the way", "choose another --out"),
+    errno.ENOENT: ("it cannot be created there", "choose another --out"),
+}
+
+
+def environment_fault(exc: BaseException) -> bool:
+    """Whether ``exc`` is an ``OSError`` of the machine the user can fix (a full disk, no
+    permission, a read-only file system, a file where a folder should be), not a bug of the kit.
+
+    Example:
+        >>> environment_fault(OSError(errno.ENOSPC, "No space left on device")), environment_fault(OSError(errno.EBADF, "x"))
+        (True, False)
+    """
+    return isinstance(exc, OSError) and exc.errno in _OS_FAULTS and exc.errno != errno.ENOENT
+
+
+def os_fault_message(exc: OSError, what: str | None = None) -> str:
+    """One line for an ``OSError`` of the machine: ``cannot write <what or the file>: <reason>; <fix>``.
+
+    Example:
+        >>> os_fault_message(OSError(errno.ENOSPC, "No space left on device", "run/notebooks/00_data.ipynb"))
+        'cannot write run/notebooks/00_data.ipynb: no space left on the device; free some space (or choose --out on another disk) and rerun the same command: finished work is kept'
+    """
+    reason, fix = _OS_FAULTS.get(exc.errno, (exc.strerror or str(exc), "choose another --out"))
+    return f"cannot write {what or exc.filename or 'a file of the run'}: {reason}; {fix}"

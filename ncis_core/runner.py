@@ -9,8 +9,11 @@ A notebook whose input artefact comes from a stage that has no notebook yet (e.g
 stage 1 is built) is skipped with a warning and recorded as ``skipped`` in the manifest. Notebooks
 numbered after the stages are views (e.g. ``07_explore``: they read artefacts and draw, they make
 none); :data:`VIEW_INPUTS` says what they read, so the same rule applies to them.
-Each executed copy lands in ``<run>/notebooks/``; the first failing notebook stops the series with
-a :class:`NotebookFailed` that names the notebook, the cell and the error.
+Each executed copy lands in ``<run>/notebooks/``, written atomically: papermill executes into a
+hidden ``.<name>.<token>.tmp.ipynb`` next to it, renamed onto ``<name>.ipynb`` when the notebook
+ends (also when a cell failed: that copy shows the error), so a full disk or a kill mid-run never
+leaves a truncated notebook. The first failing notebook stops the series with a
+:class:`NotebookFailed` that names the notebook, the cell and the error.
 
 Example (the series, a ``--stages`` choice, and a run of two notebooks, skipped here: each
 notebook starts a Jupyter kernel, about a minute for these two on the ``smoke`` preset):
@@ -130,6 +133,8 @@ def _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, pro
         raise NotebookFailed(f"no notebooks for stages {stages!r} in {notebooks}")
     out_dir = run.path("notebooks")
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp.ipynb"):
+        stale.unlink()  # the copy in progress of a killed run (this process holds the folder's lock)
     parameters = {"preset": preset, "run_dir": str(Path(out).resolve()), "overrides": list(overrides)}
     available = {n for n, _ in notebook_series(notebooks)}
     skipped: set[int] = set()
@@ -144,13 +149,22 @@ def _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, pro
             continue
         log.info("stage %d: executing %s", number, path.name)
         started = _dt.datetime.now(_dt.timezone.utc)
+        partial = out_dir / f".{path.stem}.{os.urandom(4).hex()}.tmp.ipynb"
         try:
             papermill.execute_notebook(
-                str(path), str(target), parameters=parameters, kernel_name=kernel_name,
+                str(path), str(partial), parameters=parameters, kernel_name=kernel_name,
                 progress_bar=progress, cwd=str(project_dir()))
         except PapermillExecutionError as exc:
+            if partial.exists():
+                os.replace(partial, target)
             _record(run, path.name, started, "failed")
             raise NotebookFailed(_describe_failure(exc, path.name, target)) from None
+        except BaseException as exc:  # e.g. a full disk while papermill writes the copy
+            partial.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename in (None, str(partial)):
+                exc.filename = str(target)  # name the notebook, not the hidden copy
+            raise
+        os.replace(partial, target)
         _record(run, path.name, started, "complete")
         executed.append(target)
     return executed

@@ -62,6 +62,8 @@ __all__ = [
     "register_stage",
     "StaleArtefactError",
     "MissingArtefactError",
+    "RunFolderUnwritable",
+    "make_run_folder",
     "RunDir",
     "StageRecord",
     "StageState",
@@ -458,7 +460,7 @@ class RunDir:
         then recomputed (their recorded config hashes no longer match).
         """
         run = cls(root or cfg.run.out, cfg)
-        run.root.mkdir(parents=True, exist_ok=True)
+        make_run_folder(run.root)
         if run.path("config").is_file():
             changed = run.stages_changed_by(config_from_yaml(run.path("config").read_text()))
             if changed:
@@ -745,6 +747,35 @@ class RunFolderBusy(RuntimeError):
     """Another live process is writing the run folder; the message names it."""
 
 
+class RunFolderUnwritable(RuntimeError):
+    """The run folder cannot be created or written (it is a file, a read-only or full file system,
+    no permission); the message names the path, the reason and the fix."""
+
+
+def make_run_folder(root: str | os.PathLike) -> Path:
+    """Create the run folder ``root`` when missing and check that a file can be written in it (by
+    writing one: permission bits say nothing for root, ACLs or a read-only mount), before any work
+    starts, so that an unusable ``--out`` is one clear message rather than a traceback mid-run.
+
+    Raises:
+        RunFolderUnwritable: ``root`` is a file, cannot be created, or cannot be written.
+    """
+    from .errors import os_fault_message
+
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunFolderUnwritable(f"the run folder {root} is a file, not a folder: choose another --out "
+                                  f"(a new folder, or an existing run folder)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=root)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RunFolderUnwritable(os_fault_message(exc, f"the run folder {root}")) from None
+    return root
+
+
 _LOCK_NAME = ".run.lock"
 _LOCK_ENV = "NCIS_RUN_LOCK"  # "<folder>::<token>": a process writing under its parent's lock
 _held: dict[Path, list] = {}  # folder → [FileLock, depth] held by this process
@@ -780,7 +811,7 @@ def write_lock(root: str | os.PathLike, command: str) -> Iterator[None]:
     if inherited.startswith(f"{root}::") and _lock_info(root).get("token") == inherited.split("::", 1)[1]:
         yield  # our parent holds it
         return
-    root.mkdir(parents=True, exist_ok=True)
+    make_run_folder(root)
     lock = FileLock(str(root / _LOCK_NAME))
     try:
         lock.acquire(timeout=0)

@@ -1,6 +1,7 @@
 """The papermill runner and the command line, including the notebook series on `smoke`."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,122 @@ def test_classifier_notebooks_run_without_generated_outliers(tmp_path):
     for figure in ["05_training.png", "06_histograms.png", "06_roc_energy.png", "06_roc_msp.png"]:
         assert (out / "figures" / figure).stat().st_size > 1000
     assert "Positive class: ID positive" in (out / "results" / "table.md").read_text()
+
+
+def _cli(*argv, cwd=ROOT, prefix=()):
+    from diffusion_fixtures import subprocess_env
+
+    return subprocess.run([*prefix, sys.executable, "-m", "ncis_core", *argv], capture_output=True, text=True,
+                          cwd=cwd, env=subprocess_env(), timeout=600)
+
+
+# root writes into a chmod-0500 folder (CAP_DAC_OVERRIDE); without that capability it cannot
+_NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", ["not creatable", "a file", "under a file", "read-only folder"])
+def test_an_unusable_out_is_one_line_naming_it_and_nothing_is_written(tmp_path, case):
+    """`--out` that cannot be a run folder used to end in a traceback (FileExistsError,
+    NotADirectoryError, PermissionError) or a bare `[Errno 2] ... '/proc/x'`."""
+    import shutil
+
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    prefix = ()
+    if case == "read-only folder":
+        if os.geteuid() == 0:  # as root, chmod 0500 stops writes only without CAP_DAC_OVERRIDE
+            if not shutil.which("setpriv"):
+                pytest.skip("as root, chmod 0500 does not stop writes, and there is no setpriv to drop "
+                            "CAP_DAC_OVERRIDE (root's case: the EACCES test below)")
+            prefix = _NO_DAC
+        (tmp_path / "ro").mkdir(mode=0o500)
+    out, needle = {"not creatable": ("/proc/x", "cannot be created there"),
+                   "a file": (afile, "is a file, not a folder"),
+                   "under a file": (afile / "run", "a part of the path is a file"),
+                   "read-only folder": (tmp_path / "ro" / "run", "permission denied")}[case]
+    try:
+        line = _one_error_line(_cli("run", "--preset", "smoke", "--out", str(out), "--stages", "0", "--quiet",
+                                    prefix=prefix))
+    finally:
+        if case == "read-only folder":
+            (tmp_path / "ro").chmod(0o700)
+    assert str(out) in line and needle in line and "--out" in line
+    assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) in (
+        ["afile"], ["afile", "ro"])
+    assert not any((tmp_path / "ro").iterdir()) if case == "read-only folder" else True
+
+
+def test_a_folder_the_process_cannot_write_is_one_line_also_as_root(tmp_path, monkeypatch, capsys):
+    """The writability check writes a file (permission bits say nothing for root or a read-only
+    mount); here that write fails as it would in a read-only folder."""
+    import errno
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    assert main(["run", "--preset", "smoke", "--out", str(tmp_path / "run"), "--stages", "0", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: cannot write the run folder {tmp_path / 'run'}: permission denied; choose a folder "
+                   f"you can write for --out, or make it writable (chmod u+w)")
+
+
+def test_a_full_disk_leaves_no_half_written_notebook_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    """papermill writes the executed copy itself, in place: a full disk used to leave
+    `00_data.ipynb` as truncated JSON (and a traceback). Now it executes into a hidden file next to
+    it, renamed when done: the previous copy stays as it was, nothing else is left behind."""
+    import errno
+
+    from papermill.iorw import LocalHandler
+
+    def full_disk(self, buf, path):
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(buf[: len(buf) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "run"
+    previous = b'{"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}\n'
+    (out / "notebooks").mkdir(parents=True)
+    (out / "notebooks" / "00_data.ipynb").write_bytes(previous)
+    monkeypatch.setattr(LocalHandler, "write", full_disk)
+    assert main(["run", "--preset", "smoke", "--out", str(out), "--stages", "0", "--quiet"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == [f"error: cannot write {out / 'notebooks' / '00_data.ipynb'}: no space left on the device; "
+                   f"free some space (or choose --out on another disk) and rerun the same command: "
+                   f"finished work is kept"]
+    assert [p.name for p in (out / "notebooks").iterdir()] == ["00_data.ipynb"]
+    assert (out / "notebooks" / "00_data.ipynb").read_bytes() == previous
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line(tmp_path):
+    """torch re-raises a worker's DataError with the worker's whole traceback as its message (30
+    lines under `error:`); the kit's message is cut back to the worker's own."""
+    import numpy as np
+    from diffusion_fixtures import subprocess_env
+    from PIL import Image
+
+    folder = tmp_path / "outliers"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # two sizes: read from the files, in the loader's worker
+        Image.fromarray(rng.integers(0, 255, (48 if i == 0 else 40, 40, 3), dtype=np.uint8)).save(
+            folder / f"{i:03d}.png")
+    bad = folder / "011.png"
+    bad.write_bytes(bad.read_bytes()[:200])
+    proc = subprocess.run(
+        [sys.executable, "-m", "ncis_core.stages.train_classifier", "--preset", "smoke", "--out",
+         str(tmp_path / "run"), "--no-progress", "--set", "classifier.outliers=folder", "--set",
+         f"classifier.outlier_folder={folder}", "--set", "classifier.num_workers=1"],
+        capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=600)
+    line = _one_error_line(proc)
+    assert line.startswith(f"error: cannot read image file {bad}: ") and "data.skip_unreadable=true" in line
+    assert "DataLoader worker" not in proc.stderr

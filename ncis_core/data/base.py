@@ -12,6 +12,7 @@ A :class:`Split` names a dataset and gives it a role in the experiment (``id-tra
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -36,8 +37,35 @@ class DataError(RuntimeError):
     """A dataset is missing, laid out wrongly, or unreadable.
 
     The message says what was expected, where it comes from, and which config key points to it;
-    the command line prints it without a traceback.
+    the command line prints it without a traceback. Raised in a ``DataLoader`` worker, it reaches
+    the main process re-made by torch from the worker's whole traceback ("Caught DataError in
+    DataLoader worker process 0. Original Traceback ..."); the message is then cut back to the
+    worker's own, so a loader with ``num_workers > 0`` reports the same one line as one without.
+
+    Example:
+        >>> str(DataError("Caught DataError in DataLoader worker process 0.\\nOriginal Traceback (most "
+        ...               "recent call last):\\n  File ...\\nncis_core.data.base.DataError: cannot read x.png\\n"))
+        'cannot read x.png'
     """
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_worker_message(args[0]),)
+        super().__init__(*args)
+
+
+_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+_RAISED = re.compile(r"^(?:[\w.]+\.)?DataError: ", re.M)
+
+
+def _worker_message(message: str) -> str:
+    """The worker's own message inside torch's re-raise of a worker's DataError (else ``message``)."""
+    if not _WORKER.match(message):
+        return message
+    last = None
+    for last in _RAISED.finditer(message):
+        pass
+    return message[last.end():].rstrip("\n") if last else message
 
 
 class ImageDataset:

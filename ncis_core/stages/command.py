@@ -18,7 +18,7 @@ def stage_main(argv: Sequence[str] | None, name: str, stage_run: Callable) -> in
     only) and run ``stage_run(cfg, run_dir, progress=...)``. Returns the exit status."""
     from ..config import load_run_config
     from ..device import process_state
-    from ..errors import report, user_errors
+    from ..errors import environment_fault, report, user_errors
     from ..runs import RunDir, write_lock
 
     parser = argparse.ArgumentParser(prog=f"python -m ncis_core.stages.{name}",
@@ -42,5 +42,9 @@ def stage_main(argv: Sequence[str] | None, name: str, stage_run: Callable) -> in
             state.wait_for_everyone()
             stage_run(cfg, RunDir(cfg.run.out, cfg), progress=not args.no_progress)
     except user_errors() as exc:
+        return report(exc)
+    except OSError as exc:  # a full disk, no permission, a read-only file system
+        if not environment_fault(exc):
+            raise
         return report(exc)
     return 0
