@@ -231,12 +231,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     For libraries that write to a path themselves (``safetensors.torch.save_file``, ``PIL``). On an
     exception the temporary file is removed and ``path`` is left untouched, so a killed run never
-    leaves a half-written artefact that a rerun would mistake for a finished one.
+    leaves a half-written artefact that a rerun would mistake for a finished one. The file gets the
+    permissions of any new file (``0666`` less the umask: ``0644`` under the usual ``022``), not
+    ``mkstemp``'s private ``0600``, so a shared run folder is readable by the colleagues it is shared with.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp = Path(tmp)
     try:
         yield tmp
@@ -244,6 +249,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _umask() -> int:
+    """The process's umask, read from ``/proc/self/status`` where Linux gives it (setting the umask
+    to read it back would change it for every thread meanwhile), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

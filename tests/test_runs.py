@@ -61,6 +61,20 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["a.json"]
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_writes_follow_the_umask_so_a_shared_run_is_readable(tmp_path, umask, mode):
+    """mkstemp creates its file 0600 whatever the umask: every artefact of a run was private."""
+    previous = os.umask(umask)
+    try:
+        run = RunDir.create(load_config("smoke", out=str(tmp_path / "run")))
+        with atomic_path(run.path("cvpn_best")) as tmp:
+            tmp.write_bytes(b"weights")  # a library writing to the path it is given
+    finally:
+        os.umask(previous)
+    for path in (run.path("config"), run.path("manifest"), run.path("cvpn_best")):
+        assert oct(path.stat().st_mode & 0o777) == oct(mode), path.name
+
+
 def test_content_hash_of_files_and_folders(tmp_path):
     (tmp_path / "d" / "s").mkdir(parents=True)
     (tmp_path / "d" / "s" / "f.png").write_bytes(b"abc")
