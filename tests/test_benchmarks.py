@@ -42,6 +42,27 @@ def test_gpu_check_quick_runs_every_section_on_a_cpu(tmp_path):
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == out
 
 
+def test_knn_boundary_smoke_times_the_sampler_and_the_demo_setting(tmp_path):
+    out = _run("bench_knn_boundary.py", "--smoke", tmp_path=tmp_path)
+    assert out["benchmark"] == "knn_boundary" and out["threads"] == 1 and out["machine"]
+    paper = out["paper"]
+    assert {"seconds_per_round_per_class", "rounds_timed", "gflops", "projected_cpu_hours_100_classes",
+            "projected_h100_minutes", "reject_none_seconds_per_round", "peak_round_bytes",
+            "fp32_vs_fp64_same_selection", "h100_assumption"} <= set(paper)
+    assert len(paper["seconds"]) == len(paper["rounds_timed"]) == len(paper["reject_none_seconds"]) >= 2
+    assert all(s > 0 for s in paper["seconds"] + paper["reject_none_seconds"])
+    for key in ("seconds_per_round_per_class", "gflops", "projected_cpu_hours_100_classes",
+                "projected_h100_minutes", "projected_h100_memory_floor_minutes", "reject_none_seconds_per_round",
+                "candidate_tensor_bytes", "distance_block_bytes", "flops_per_round_per_class"):
+        assert paper[key] > 0, key
+    assert paper["peak_round_bytes"] is None or paper["peak_round_bytes"] >= 0
+    assert 0 <= paper["fp32_vs_fp64_same_selection"] <= 1 and 0 <= paper["boundary_same_fp32_fp64"] <= 1
+    demo = out["demo"]
+    assert demo["seconds_total"] > 0 and demo["gflops"] > 0
+    assert demo["params"]["k"] < demo["rows_per_class"] and demo["outliers_per_class"] == (
+        demo["params"]["rounds"] * demo["params"]["select"] * demo["params"]["keep"])
+
+
 SMOKE = {
     "bench_classifier.py": "classifier",
     "bench_cvpn.py": "cvpn",
@@ -54,7 +75,7 @@ SMOKE = {
 
 def test_every_benchmark_has_a_smoke_mode_that_a_test_runs():
     scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
-    assert scripts == set(SMOKE) | {"rehearse_paper.py", "gpu_check.py"}
+    assert scripts == set(SMOKE) | {"rehearse_paper.py", "gpu_check.py", "bench_knn_boundary.py"}
     for name in scripts:
         assert "--smoke" in (ROOT / "benchmarks" / name).read_text(), name
 
