@@ -14,8 +14,10 @@ method with images on the tree ``outliers_<method>/``, which
 (``none``) is the plain cross-entropy baseline. Each (method, seed) trains into
 ``DIR/compare/<method>/seed<k>/`` with ``classifier.seed = k`` and is skipped when already complete
 for the same config; the one (method, seed) that is the run's own stage 5 (same classifier config and
-seed, still current) is copied from ``classifier/`` rather than trained again. Writes
-``DIR/compare/table.md`` and ``table.csv``.
+seed, still current) is copied from ``classifier/`` rather than trained again. The trainings of one
+architecture run together in vectorised passes (:mod:`ncis_core.stages.train_many`: each model
+trains exactly as it would alone; ``compare.max_parallel`` models per pass, 1 for one at a time).
+Writes ``DIR/compare/table.md`` and ``table.csv``.
 
 Every method trains with the same seeds, and a seed fixes the initialisation and the data order, so
 runs with one seed are paired: :func:`paired_differences` compares two methods seed by seed (mean
@@ -34,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ExperimentConfig, config_to_yaml, load_run_config
+from .config import ExperimentConfig, load_run_config
 from .metrics import METRIC_KEYS
 from . import outliers as registry
 from .outliers.sources import outlier_image_folder, render_outliers
@@ -49,12 +51,41 @@ __all__ = ["pixel_shift", "train_and_evaluate", "aggregate", "stage5_twin", "pai
 log = logging.getLogger(__name__)
 
 
+def _config_text(cfg: ExperimentConfig) -> str:
+    """The config as YAML without its ``compare`` section: how the trainings run (``max_parallel``)
+    is not what they compute, so changing it leaves the results current."""
+    from omegaconf import OmegaConf
+
+    tree = OmegaConf.to_container(OmegaConf.structured(cfg))
+    tree.pop("compare", None)
+    return OmegaConf.to_yaml(tree)
+
+
 def _fingerprint(cfg: ExperimentConfig, run: RunDir) -> str:
-    """What one (method, seed) result was computed from: the whole config and the content of the
-    outlier images it trained on (a re-rendered ``outliers_<method>/`` makes the result stale)."""
+    """What one (method, seed) result was computed from: the whole config (but ``compare``) and the
+    content of the outlier images it trained on (a re-rendered ``outliers_<method>/`` makes the
+    result stale)."""
     images = outlier_image_folder(cfg, run)
     return cache_key({"outlier_images": content_hash(images)} if images is not None else {},
-                     config_to_yaml(cfg), versions=("torch", "ncis-kit"))
+                     _config_text(cfg), versions=("torch", "ncis-kit"))
+
+
+def _complete(folder: Path, fingerprint: str) -> bool:
+    """``folder`` holds the evaluated results of the training with ``fingerprint``."""
+    config = folder / "config.json"
+    return (folder / "results" / "metrics.json").exists() and config.exists() \
+        and json.loads(config.read_text())["fingerprint"] == fingerprint
+
+
+def _claim(folder: Path, fingerprint: str) -> None:
+    """Make ``folder`` the place of the training with ``fingerprint``: a partial training of another
+    config (its per-epoch checkpoint) is removed, so it is not resumed; one of the same is kept."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("fingerprint") != fingerprint:
+        for name in ("last.json", "last.safetensors"):
+            (folder / name).unlink(missing_ok=True)
+    atomic_write_json(config, {"fingerprint": fingerprint})
 
 
 def pixel_shift(cfg: ExperimentConfig, run: RunDir, method: str, plain_method: str) -> dict:
@@ -97,26 +128,59 @@ def stage5_twin(base: ExperimentConfig, run: RunDir, method: str, seed: int) -> 
 
 
 def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool = True,
-                       reuse: Path | None = None) -> dict:
+                       reuse: Path | None = None, trained: bool = False) -> dict:
     """Train the classifier of ``cfg`` into ``folder`` and evaluate it; skipped when ``folder``
-    already holds the results of the same config (resumable: an interrupted training continues).
-    ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained."""
+    already holds the results of the same config (resumable: an interrupted training of the same
+    config continues; one of another config is discarded).
+    ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained.
+    ``trained``: ``folder`` already holds this training (``compare``'s vectorised pass)."""
     done = folder / "results" / "metrics.json"
     fingerprint = _fingerprint(cfg, run)
-    if done.exists() and json.loads((folder / "config.json").read_text())["fingerprint"] == fingerprint:
+    if _complete(folder, fingerprint):
         return json.loads(done.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "config.json", {"fingerprint": fingerprint})
+    _claim(folder, fingerprint)
     if reuse is not None:
         log.info("compare: reusing the run's stage-5 classifier (%s): the same training", reuse)
         for name in ("best.safetensors", "history.json"):
             shutil.copy2(reuse / name, folder / name)
-    else:
+    elif not trained:
         stage5.train(cfg, run, folder=folder, progress=progress)
     bundle = stage5.load_classifier(folder / "best.safetensors")
     results, raw = stage6.evaluate(cfg, bundle, progress=progress)
     stage6.write_results(folder / "results", results, raw)
     return results
+
+
+def _train_together(jobs: list[tuple[ExperimentConfig, RunDir, Path]], progress: bool = True) -> set[Path]:
+    """Train the not yet complete ``(cfg, run_dir, folder)`` of ``jobs`` in vectorised passes
+    (:func:`~ncis_core.stages.train_many.train_many`), as many per pass as ``compare.max_parallel``
+    or :func:`~ncis_core.stages.train_many.models_per_pass` allow; the folders it trained. The rest
+    (one per pass would be all a pass holds, or the trainings cannot share one) train one at a time
+    in :func:`train_and_evaluate`, as before."""
+    from .stages import train_many as many
+
+    groups: dict[str, list[tuple]] = {}
+    for cfg, run_dir, folder in jobs:
+        fingerprint = _fingerprint(cfg, run_dir)
+        if not _complete(folder, fingerprint):
+            groups.setdefault(many.shared_key(cfg), []).append((cfg, run_dir, folder, fingerprint))
+    done: set[Path] = set()
+    for group in groups.values():
+        size = many.models_per_pass(group[0][0], len(group))
+        if size <= 1:
+            continue
+        for _, _, folder, fingerprint in group:
+            _claim(folder, fingerprint)
+        log.info("compare: %d trainings of classifier.arch=%s in vectorised passes of up to %d", len(group),
+                 group[0][0].classifier.arch, size)
+        try:
+            many.train_many([(cfg, run_dir, folder) for cfg, run_dir, folder, _ in group], progress,
+                            max_parallel=size)
+        except many.NotPackable as exc:
+            log.info("compare: %s: training them one at a time", exc)
+            continue
+        done.update(folder for _, _, folder, _ in group)
+    return done
 
 
 def aggregate(per_run: dict[str, list[dict]], score: str) -> list[dict]:
@@ -352,7 +416,7 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
         run_series(preset, out, list(overrides), stages="1-4", progress=progress)
         run = RunDir.open(run.root)
     folder = run.path("compare_dir")
-    per_run: dict[str, list[dict]] = {}
+    jobs = []
     for method in methods:
         produces = registry.get_method(method).produces
         if produces != registry.NOTHING and not (produces == registry.EMBEDDINGS
@@ -360,11 +424,17 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
             render_outliers(base, run, method, progress=progress)
         for seed in seeds:
             cfg = load_run_config(preset, [*overrides, f"classifier.outliers={method}", f"classifier.seed={seed}"],
-                              out=str(out))
-            log.info("compare: method %s, seed %d", method, seed)
-            results = train_and_evaluate(cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}", progress,
-                                         reuse=stage5_twin(base, run, method, seed))
-            per_run.setdefault(method, []).append(results)
+                                  out=str(out))
+            jobs.append((method, seed, cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}",
+                         stage5_twin(base, run, method, seed)))
+    trained = _train_together([(cfg, run_dir, f) for _, _, cfg, run_dir, f, reuse in jobs if reuse is None],
+                              progress)
+    per_run: dict[str, list[dict]] = {}
+    for method, seed, cfg, run_dir, job_folder, reuse in jobs:
+        log.info("compare: method %s, seed %d", method, seed)
+        results = train_and_evaluate(cfg, run_dir, job_folder, progress, reuse=reuse,
+                                     trained=job_folder in trained)
+        per_run.setdefault(method, []).append(results)
     score = base.evaluate.score
     rows = aggregate(per_run, score)
     convention = next(iter(per_run.values()))[0]["convention"]

@@ -32,6 +32,7 @@ __all__ = [
     "GenerateConfig",
     "ClassifierConfig",
     "EvaluateConfig",
+    "CompareConfig",
     "GeneratorConfig",
     "ExperimentConfig",
     "PRESET_DIR",
@@ -327,6 +328,20 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class CompareConfig:
+    """``compare``: how its trainings run (not what they compute: left out of its results' fingerprint).
+
+    Args:
+        max_parallel: classifiers trained together in one vectorised pass
+            (:mod:`ncis_core.stages.train_many`); 1: one at a time; null: where it pays (the
+            ``small`` network, up to 64 per pass, on CUDA as many as fit in half the free memory;
+            ResNets one at a time). A number ≥ 2 packs any architecture.
+    """
+
+    max_parallel: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     """The demo world's small SD-architecture generator (``ncis_core/demo_generator.py``).
 
@@ -400,6 +415,7 @@ class ExperimentConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
 
 
