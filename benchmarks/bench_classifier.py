@@ -15,7 +15,9 @@ CPU process: it only moves batches to the device it is already on).
 Per architecture (``small``, the demo network, and ``resnet34``, 32 × 32) and per DataLoader
 ``num_workers`` (the configured value, 0 and 2), after ``warmup`` untimed steps, ``steps`` timed
 steps split into the time blocked in ``next()`` on the loaders (``data_wait``) and the rest of the
-step (``compute``). Reported per run: ``images_per_s`` (ID + outlier images per second of step
+step (``compute``); with the outliers decoded once into the run cache (stage 5's way:
+``decoded_images``, ``decode_cache: true``) and, for the ``small`` network, also read from their
+PNGs at every access (the kit before; ``--decode-cache on|off|both``, default both). Reported per run: ``images_per_s`` (ID + outlier images per second of step
 time), ``ms_per_step``, ``data_wait_share`` (target < 0.2), ``data_wait_ms_per_step``,
 ``compute_ms_per_step``, batch sizes, ``num_workers``, ``outlier_loader_restarts`` within the timed
 steps. ``note`` says when the CPU was busy at start (1-minute load average > 1.5); the load average at
@@ -53,6 +55,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from ncis_core.config import load_config  # noqa: E402
 from ncis_core.data import get_split, with_transform  # noqa: E402
 from ncis_core.models.resnet import EnergyHead  # noqa: E402
+from ncis_core.runs import RunDir  # noqa: E402
 from ncis_core.stages.train_classifier import (_cycle, _init_model, _Tensors, cosine_lr,  # noqa: E402
                                                energy_loss, outlier_dataset, train_transforms)
 
@@ -80,13 +83,18 @@ def _next(iterator_box: list, loader: DataLoader) -> tuple:
         return next(iterator_box[0])
 
 
-def bench(cfg, split, num_workers: int, steps: int, warmup: int, seed: int = 0) -> dict:
-    """Time ``warmup`` + ``steps`` training steps of ``cfg.classifier`` with ``num_workers`` workers."""
+def bench(cfg, split, num_workers: int, steps: int, warmup: int, seed: int = 0,
+          cache_root: Path | None = None) -> dict:
+    """Time ``warmup`` + ``steps`` training steps of ``cfg.classifier`` with ``num_workers`` workers;
+    with ``cache_root`` the outliers come decoded from the run cache there (``decoded_images``), else
+    from their PNG files at every access."""
     c = cfg.classifier
     torch.manual_seed(seed)
     id_tf, out_tf = train_transforms(cfg)
     id_data = _Tensors(with_transform(split.dataset, id_tf))
-    out_data = _Tensors(with_transform(outlier_dataset(cfg, None), out_tf))  # outliers=folder: no run dir
+    run_dir = RunDir(cache_root, cfg) if cache_root is not None else None  # outliers=folder: no run needed
+    outliers = outlier_dataset(cfg, run_dir)
+    out_data = _Tensors(with_transform(outliers, out_tf))
     id_gen, out_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     id_loader = DataLoader(id_data, batch_size=c.batch_size, shuffle=True, generator=id_gen,
                            num_workers=num_workers, drop_last=len(id_data) > c.batch_size)
@@ -134,7 +142,8 @@ def bench(cfg, split, num_workers: int, steps: int, warmup: int, seed: int = 0) 
     n = out_batches_per_cycle
     restarts = (warmup + steps - 1) // n - (max(warmup, 1) - 1) // n
     return {
-        "arch": c.arch, "num_workers": num_workers, "batch_size": c.batch_size,
+        "arch": c.arch, "num_workers": num_workers, "decode_cache": type(outliers).__name__ == "ArrayDataset",
+        "batch_size": c.batch_size,
         "outlier_batch_size": c.outlier_batch_size, "steps": steps, "warmup": warmup,
         "images_per_s": round(images / elapsed, 1),
         "ms_per_step": round(1000 * elapsed / steps, 1),
@@ -159,6 +168,9 @@ def main(argv=None) -> None:
                         help="ID and outlier batch for resnet* (default 16; --quick: 4; 0: the preset's)")
     parser.add_argument("--outliers", type=int, default=256, help="random PNGs in the outlier folder")
     parser.add_argument("--outlier-size", type=int, default=64, help="side of the outlier PNGs")
+    parser.add_argument("--decode-cache", choices=("on", "off", "both"), default="both",
+                        help="outliers decoded once into the run cache (stage 5's default: on), read from "
+                             "their PNGs at every access (off, the kit before), or both runs (default)")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds: the smoke preset, the small network, 1 + 1 steps, 16 outliers (the test suite)")
     args = parser.parse_args(argv)
@@ -174,8 +186,10 @@ def main(argv=None) -> None:
     resnet_batch = args.resnet_batch if args.resnet_batch is not None else (4 if args.quick else 16)
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_outliers(Path(tmp), args.outliers, args.outlier_size)
-        base = ["run.device=cpu", "classifier.outliers=folder", f"classifier.outlier_folder={tmp}",
+        images = Path(tmp) / "outliers"  # beside the run cache (tmp/run), not holding it
+        images.mkdir()
+        write_outliers(images, args.outliers, args.outlier_size)
+        base = ["run.device=cpu", "classifier.outliers=folder", f"classifier.outlier_folder={images}",
                 "classifier.num_outliers=null"]
         configured = load_config(args.preset, base).classifier.num_workers
         workers = ([int(w) for w in args.workers.split(",")] if args.workers
@@ -197,8 +211,12 @@ def main(argv=None) -> None:
             # --quick: ResNet-34 waits ~0 % for data whatever the workers; one setting keeps it < 60 s
             for w in ([configured] if args.quick and resnet and not args.workers else workers):
                 kind = "resnet" if resnet else "small"
-                runs.append(bench(cfg, split, w, steps[kind], warmups[kind]))
-                log.info("%s", runs[-1])
+                for cached in {"on": [True], "off": [False], "both": [False, True]}[args.decode_cache]:
+                    if resnet and args.decode_cache == "both" and not cached:
+                        continue  # ResNet-34 steps are compute-bound: the cache changes nothing worth a run
+                    runs.append(bench(cfg, split, w, steps[kind], warmups[kind],
+                                      cache_root=Path(tmp) / "run" if cached else None))
+                    log.info("%s", runs[-1])
 
     load_end = os.getloadavg()[0]
     line = {

@@ -27,37 +27,128 @@ from pathlib import Path
 
 from .assets import project_dir
 from .config import ExperimentConfig, load_run_config
+from .progress import HEADLESS_ENV, headless as _headless
 from .runs import RunDir
 
-__all__ = ["start", "write_notebook", "notebook_has_outputs", "strip_outputs"]
+__all__ = ["start", "notebook_folder", "write_notebook", "notebook_has_outputs", "strip_outputs"]
 
 log = logging.getLogger("ncis_core")
+
+# Set by the runner for the kernels it starts: the executed copy's path, and "this run is headless"
+# (HEADLESS_ENV: no one watches the kernel, so bars are off and the log goes into RUN/logs/).
+NOTEBOOK_ENV = "NCIS_NOTEBOOK"
+# An executed copy's run_dir: the folder above its own folder RUN/notebooks/, i.e. RUN.
+RUN_DIR_OF_A_COPY = ".."
+
+try:  # where the kernel started: Jupyter and nbconvert start it in the notebook's folder
+    _STARTED_IN: Path | None = Path.cwd()
+except OSError:
+    _STARTED_IN = None
+
+
+def _is_run_notebooks(folder: Path | None) -> bool:
+    """Whether ``folder`` is a run folder's ``notebooks/`` (its parent holds a ``config.yaml``)."""
+    return folder is not None and folder.name == "notebooks" and (folder.parent / "config.yaml").is_file()
+
+
+def notebook_folder() -> Path | None:
+    """The folder of the notebook this kernel runs when that is a run folder's ``notebooks/``, else None.
+
+    Looked for in turn: ``$NCIS_NOTEBOOK`` (the runner sets it to the executed copy's path),
+    ``$JPY_SESSION_NAME`` (Jupyter Server sets it to the notebook's path), and the folder the kernel
+    started in (JupyterLab, ``jupyter nbconvert --execute`` and ``papermill --cwd`` start it in the
+    notebook's folder).
+    """
+    candidates = [Path(os.environ[name]).parent for name in (NOTEBOOK_ENV, "JPY_SESSION_NAME")
+                  if os.environ.get(name) and Path(os.environ[name]).is_absolute()]
+    for folder in (*candidates, _STARTED_IN):
+        if _is_run_notebooks(folder):
+            return folder
+    return None
 
 
 def start(preset: str, run_dir: str, overrides: list[str] | tuple[str, ...] = ()
           ) -> tuple[ExperimentConfig, RunDir]:
     """Resolve ``preset`` + ``overrides`` into the config of the run folder ``run_dir`` and open it.
 
+    ``run_dir = ".."`` names the run folder the notebook sits in (``RUN/notebooks/NN.ipynb`` → ``RUN``,
+    :func:`notebook_folder`); the runner gives every executed copy that value, so a run folder that
+    was moved or copied keeps working: re-running ``COPY/notebooks/04_….ipynb`` (JupyterLab,
+    ``jupyter nbconvert --execute``, ``papermill --cwd COPY/notebooks``) reads and writes ``COPY``,
+    never the original. Where the notebook's folder is unknown (papermill started from another
+    folder without ``--cwd``) ``".."`` is refused rather than guessed. Any other relative
+    ``run_dir`` is taken from the project folder, as before.
+
+    In a headless run (``$NCIS_HEADLESS``, set by the runner) the log goes to
+    ``RUN/logs/<notebook>.log`` and the notebook shows one line naming it, plus the kit's warnings.
+
     Args:
         preset: preset name.
-        run_dir: the run folder; a relative path is taken from the project folder (the
-            repository checkout, or the working directory for an installed copy).
+        run_dir: the run folder; ``".."``: the one the notebook sits in (above); another relative
+            path is taken from the project folder (the repository checkout, or the working directory
+            for an installed copy).
         overrides: ``stage.key=value`` strings.
 
     Returns:
         ``(cfg, run)``: the frozen config and the :class:`~ncis_core.runs.RunDir`.
+
+    Raises:
+        ValueError: ``run_dir=".."`` outside a run folder's ``notebooks/``.
     """
     root = project_dir()
+    here = notebook_folder()
     if Path.cwd() != root:
         os.chdir(root)
-    if not logging.getLogger().handlers:
+    headless = _headless()
+    if not headless and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = Path(run_dir)
-    out = out if out.is_absolute() else root / out
+    out = Path(run_dir).expanduser()
+    if str(run_dir).rstrip("/") == RUN_DIR_OF_A_COPY:
+        if here is None:
+            raise ValueError(
+                f"run_dir={run_dir!r} is the run folder an executed notebook sits in (RUN/notebooks/ → RUN), "
+                f"but this kernel does not run inside a run folder's notebooks/ (it started in {_STARTED_IN}): "
+                f"open the notebook there (JupyterLab, `jupyter nbconvert --execute` do; papermill: "
+                f"`--cwd RUN/notebooks`), or set run_dir to the run folder")
+        out = here.parent
+    elif not out.is_absolute():
+        out = root / out
     cfg = load_run_config(preset, list(overrides), out=str(out))
     run = RunDir.create(cfg)
-    log.info("preset %s → run folder %s", preset, out)
+    if headless:
+        log_file = _log_to_run_folder(run)
+        print(f"preset {preset}, run folder {out}; log: {log_file}")
+    else:
+        log.info("preset %s → run folder %s", preset, out)
     return cfg, run
+
+
+_HANDLERS: list[logging.Handler] = []  # what _log_to_run_folder installed (a second start() replaces them)
+
+
+def _log_to_run_folder(run: RunDir) -> Path:
+    """Headless logging: every record at INFO and above into ``RUN/logs/<notebook>.log``; the kit's
+    warnings also to stderr, where the notebook shows them."""
+    name = Path(os.environ.get(NOTEBOOK_ENV) or "notebook").stem
+    folder = run.path("logs")
+    folder.mkdir(parents=True, exist_ok=True)
+    log_file = folder / f"{name}.log"
+    root_logger, kit = logging.getLogger(), logging.getLogger("ncis_core")
+    for handler in _HANDLERS:
+        handler.close()
+        root_logger.removeHandler(handler)
+        kit.removeHandler(handler)
+    _HANDLERS.clear()
+    to_file = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    shown = logging.StreamHandler()  # sys.stderr: the notebook's stderr stream
+    shown.setLevel(logging.WARNING)
+    shown.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root_logger.addHandler(to_file)
+    root_logger.setLevel(logging.INFO)
+    kit.addHandler(shown)
+    _HANDLERS.extend([to_file, shown])
+    return log_file
 
 
 def write_notebook(path: str | os.PathLike, cells: list[tuple]) -> None:

@@ -15,6 +15,17 @@ ends (also when a cell failed: that copy shows the error), so a full disk or a k
 leaves a truncated notebook. The first failing notebook stops the series with a
 :class:`NotebookFailed` that names the notebook, the cell and the error.
 
+A run folder travels: every executed copy gets ``run_dir = ".."`` — the run folder it sits in, as
+:func:`ncis_core.notebook.start` resolves it (``RUN/notebooks/NN.ipynb`` → ``RUN``) — never an
+absolute path, so re-running a copy inside a moved or copied run folder reads and writes that
+folder, not the original. (A notebook of the series resolves ``run_dir`` through ``start``.)
+
+Headless: the kernels run with ``$NCIS_HEADLESS`` (progress bars off, :mod:`ncis_core.progress`;
+the log in ``RUN/logs/<notebook>.log`` with one line naming it in the notebook, ``start``) and
+``$NCIS_NOTEBOOK`` (the executed copy's path); transformers' and diffusers' own stderr chatter is
+limited to errors (``TRANSFORMERS_VERBOSITY`` / ``DIFFUSERS_VERBOSITY``, unless set already). So an
+executed notebook holds its tables, figures and the kit's warnings, not frozen bars and log boxes.
+
 Example (the series, a ``--stages`` choice, and a run of two notebooks, skipped here: each
 notebook starts a Jupyter kernel, about a minute for these two on the ``smoke`` preset):
     >>> [path.name for number, path in notebook_series()][:3]
@@ -26,14 +37,17 @@ notebook starts a Jupyter kernel, about a minute for these two on the ``smoke`` 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 from .assets import notebooks_dir, project_dir
 from .config import load_run_config
+from .notebook import HEADLESS_ENV, NOTEBOOK_ENV, RUN_DIR_OF_A_COPY
 from .runs import ARTEFACTS, STAGES, RunDir, stage_inputs, write_lock
 
 __all__ = ["NOTEBOOK_DIR", "VIEW_INPUTS", "NotebookFailed", "notebook_series", "parse_stages", "run_series"]
@@ -135,7 +149,8 @@ def _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, pro
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(".*.tmp.ipynb"):
         stale.unlink()  # the copy in progress of a killed run (this process holds the folder's lock)
-    parameters = {"preset": preset, "run_dir": str(Path(out).resolve()), "overrides": list(overrides)}
+    # the run folder the executed copy sits in, whatever its path later (ncis_core.notebook.start)
+    parameters = {"preset": preset, "run_dir": RUN_DIR_OF_A_COPY, "overrides": list(overrides)}
     available = {n for n, _ in notebook_series(notebooks)}
     skipped: set[int] = set()
     executed = []
@@ -151,9 +166,10 @@ def _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, pro
         started = _dt.datetime.now(_dt.timezone.utc)
         partial = out_dir / f".{path.stem}.{os.urandom(4).hex()}.tmp.ipynb"
         try:
-            papermill.execute_notebook(
-                str(path), str(partial), parameters=parameters, kernel_name=kernel_name,
-                progress_bar=progress, cwd=str(project_dir()))
+            with _kernel_environment(target):
+                papermill.execute_notebook(
+                    str(path), str(partial), parameters=parameters, kernel_name=kernel_name,
+                    progress_bar=progress, cwd=str(project_dir()))
         except PapermillExecutionError as exc:
             if partial.exists():
                 os.replace(partial, target)
@@ -168,6 +184,24 @@ def _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, pro
         _record(run, path.name, started, "complete")
         executed.append(target)
     return executed
+
+
+@contextlib.contextmanager
+def _kernel_environment(notebook: Path) -> Iterator[None]:
+    """The variables the notebook's kernel inherits (it is started with this process's environment)."""
+    values = {NOTEBOOK_ENV: str(notebook), HEADLESS_ENV: "1"}
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        values[name] = os.environ.get(name, "error")
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _unbuilt_input(run: RunDir, number: int, available: set[int]) -> str | None:

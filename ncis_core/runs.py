@@ -111,6 +111,8 @@ ARTEFACTS: dict[str, str] = {
     "compare_dir": "compare",
     "figures": "figures",
     "notebooks": "notebooks",
+    # a headless run's log, one file per notebook (the runner's kernels; ncis_core.notebook.start)
+    "logs": "logs",
     # derived results kept between commands (UMAP maps, other methods' outlier embeddings, ...):
     # never an input of a stage, always keyed by everything they were computed from (cache_key)
     "cache_dir": "cache",

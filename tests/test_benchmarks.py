@@ -63,6 +63,18 @@ def test_knn_boundary_smoke_times_the_sampler_and_the_demo_setting(tmp_path):
         demo["params"]["rounds"] * demo["params"]["select"] * demo["params"]["keep"])
 
 
+def test_compare_smoke_times_one_at_a_time_and_vectorised(tmp_path):
+    out = _run("bench_compare.py", "--smoke", tmp_path=tmp_path)
+    assert out["benchmark"] == "compare" and out["smoke"]
+    assert out["one_at_a_time"]["trainings"] == out["vectorised"]["trainings"] == 4
+    assert out["one_at_a_time"]["seconds"] > 0 and out["vectorised"]["seconds"] > 0 and out["speedup"] > 0
+    # none × 2 seeds | folder × 2 seeds: two passes of two
+    assert [p["models"] for p in out["vectorised"]["passes"]] == [2, 2]
+    assert all(0 <= p["data_wait_share"] <= 1 for p in out["vectorised"]["passes"])
+    # one thread each side (OMP_NUM_THREADS=1): the same classifier files, byte for byte
+    assert out["identical_classifier_files"] == 4
+
+
 SMOKE = {
     "bench_classifier.py": "classifier",
     "bench_cvpn.py": "cvpn",
@@ -75,7 +87,8 @@ SMOKE = {
 
 def test_every_benchmark_has_a_smoke_mode_that_a_test_runs():
     scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
-    assert scripts == set(SMOKE) | {"rehearse_paper.py", "gpu_check.py", "bench_knn_boundary.py"}
+    assert scripts == set(SMOKE) | {"rehearse_paper.py", "gpu_check.py", "bench_knn_boundary.py",
+                                    "bench_compare.py"}
     for name in scripts:
         assert "--smoke" in (ROOT / "benchmarks" / name).read_text(), name
 

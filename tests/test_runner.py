@@ -62,10 +62,51 @@ def test_parameters_reach_the_notebook(tmp_path):
     folder.mkdir()
     write_notebook(folder / "00_echo.ipynb", [
         _params_cell(),
-        ("code", "import json, pathlib\npathlib.Path(run_dir, 'seen.json').write_text("
-                 "json.dumps([preset, overrides]))")])
+        ("code", "import json\nfrom ncis_core.notebook import start\ncfg, run = start(preset, run_dir, overrides)\n"
+                 "(run.root / 'seen.json').write_text(json.dumps([preset, run_dir, overrides, cfg.cvpn.epochs]))")])
     run_series("smoke", tmp_path / "run", ["cvpn.epochs=3"], notebooks=folder, progress=False)
-    assert json.loads((tmp_path / "run" / "seen.json").read_text()) == ["smoke", ["cvpn.epochs=3"]]
+    # run_dir: the run folder the executed copy sits in (start() resolves it), never an absolute path
+    assert json.loads((tmp_path / "run" / "seen.json").read_text()) == ["smoke", "..", ["cvpn.epochs=3"], 3]
+
+
+_WHERE = ("code", "from ncis_core.notebook import start\ncfg, run = start(preset, run_dir, overrides)\n"
+                  "(run.root / 'where.txt').write_text(str(run.root))\n"
+                  "(run.root / 'config.yaml').read_text()  # reads it too")
+
+
+def test_an_executed_notebook_reads_and_writes_the_run_folder_it_sits_in_after_a_copy_or_move(tmp_path):
+    """The runner used to inject the absolute run_dir: re-running an executed copy inside a copied
+    run folder wrote into the original run."""
+    import shutil
+
+    import papermill
+
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    write_notebook(folder / "00_where.ipynb", [_params_cell(), _WHERE])
+    run = tmp_path / "run"
+    run_series("smoke", run, notebooks=folder, progress=False)
+    assert (run / "where.txt").read_text() == str(run)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    executed = copy / "notebooks" / "00_where.ipynb"
+    # as JupyterLab or `jupyter nbconvert --execute` would: the kernel starts in the notebook's folder
+    papermill.execute_notebook(str(executed), str(executed), cwd=str(executed.parent), progress_bar=False)
+    assert (copy / "where.txt").read_text() == str(copy)
+    assert (run / "where.txt").read_text() == str(run)  # the original is untouched
+
+    moved = tmp_path / "elsewhere" / "moved"
+    moved.parent.mkdir()
+    run.rename(moved)
+    executed = moved / "notebooks" / "00_where.ipynb"
+    papermill.execute_notebook(str(executed), str(executed), cwd=str(executed.parent), progress_bar=False)
+    assert (moved / "where.txt").read_text() == str(moved)
+
+    # where the notebook's folder cannot be known, ".." is refused, not guessed
+    with pytest.raises(papermill.PapermillExecutionError, match=r"run_dir='\.\.' is the run folder an executed"):
+        papermill.execute_notebook(str(executed), str(tmp_path / "out.ipynb"), cwd=str(tmp_path),
+                                   progress_bar=False)
 
 
 def test_cli_presets_lists_the_four(capsys):
@@ -97,11 +138,76 @@ def test_cli_datasets_reports_every_split(capsys):
     assert all(r["image_shape"] == [32, 32, 3] for r in rows)
 
 
+@pytest.mark.parametrize("notebook", [p.name for _, p in notebook_series(NOTEBOOK_DIR)])
+def test_series_notebooks_read_well_when_executed(notebook, caplog):
+    """What papermill sees and what a cell leaves behind: a parameters cell declaring preset,
+    run_dir and overrides in a form papermill parses (02/03's comments after the values made it warn
+    "Passed unknown parameter: overrides"), an id on every cell (06 lacked them: nbformat's
+    MissingIDFieldWarning), and no cell ending in a bare call whose value is printed under it
+    (`save_figure(...)` returns a path: a `PosixPath(...)` line under every figure)."""
+    import ast
+    import logging
+
+    import nbformat
+    from papermill.translators import PythonTranslator
+
+    path = NOTEBOOK_DIR / notebook
+    assert all("id" in cell for cell in json.loads(path.read_text())["cells"])
+    nb = nbformat.read(str(path), as_version=4)
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        names = {p.name for p in PythonTranslator.inspect(params)}
+    assert {"preset", "run_dir", "overrides"} <= names
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("papermill")]
+    for cell in nb.cells:
+        body = ast.parse(cell.source).body if cell.cell_type == "code" else []
+        last = body[-1].value if body and isinstance(body[-1], ast.Expr) else None
+        shown = isinstance(last, ast.Name) or (  # a widget on purpose, or display()/print() (None)
+            isinstance(last, ast.Call) and getattr(last.func, "id", None) in ("display", "print"))
+        if last is not None and not shown:
+            assert cell.source.rstrip().endswith(";"), \
+                f"{notebook}: `{cell.source.strip().splitlines()[-1]}` ends a cell: its value is printed; end it with ';'"
+
+
+def _outputs(notebook: Path) -> list[tuple[int, dict]]:
+    cells = json.loads(notebook.read_text())["cells"]
+    return [(i, o) for i, c in enumerate(cells) if c["cell_type"] == "code" for o in c.get("outputs", [])]
+
+
 @pytest.mark.slow
-def test_notebook_series_runs_end_to_end_on_smoke(tmp_path):
-    """The path `make demo` takes, on the smoke preset: every notebook present, through papermill."""
+def test_notebook_series_runs_end_to_end_on_smoke(tmp_path, caplog):
+    """The path `make demo` takes, on the smoke preset: every notebook present, through papermill.
+    The executed copies read well (no frozen progress bars, no log boxes, no stray return values,
+    no papermill warnings; the log in RUN/logs/) and one of them, re-run in a copy of the run
+    folder, works on the copy."""
+    import logging
+    import shutil
+
+    import papermill
+
     out = tmp_path / "smoke"
-    executed = run_series("smoke", out, progress=False)
+    with caplog.at_level(logging.WARNING, logger="papermill"):
+        executed = run_series("smoke", out, progress=False)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("papermill")]
+    for notebook in executed:
+        outputs = _outputs(notebook)
+        widgets = [i for i, o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+        # a progress bar is a widget saved at its first frame; the explorer (07) is the one widget
+        assert widgets == [] or (notebook.name == "07_explore.ipynb" and len(widgets) == 1), notebook.name
+        streams = "".join("".join(o["text"]) for _, o in outputs if o["output_type"] == "stream")
+        assert "INFO" not in streams and "%|" not in streams, notebook.name
+        assert not [o for _, o in outputs if "PosixPath(" in "".join(o.get("data", {}).get("text/plain", ""))]
+        log_file = out / "logs" / f"{notebook.stem}.log"
+        assert f"log: {log_file}" in streams and log_file.exists(), notebook.name
+    assert "INFO ncis_core.stages.generate: stage 4: 12 images" in (out / "logs" / "04_generate_outliers.log").read_text()
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    before = (out / "figures" / "00_counts.png").stat().st_mtime_ns
+    rerun = copy / "notebooks" / "00_data.ipynb"
+    papermill.execute_notebook(str(rerun), str(rerun), cwd=str(rerun.parent), progress_bar=False)
+    assert (copy / "figures" / "00_counts.png").stat().st_mtime_ns > before
+    assert (out / "figures" / "00_counts.png").stat().st_mtime_ns == before
     present = [p.name for _, p in notebook_series(NOTEBOOK_DIR)]
     assert (out / "config.yaml").exists()
     manifest = json.loads((out / "manifest.json").read_text())
@@ -273,3 +379,40 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line(tmp_path):
     line = _one_error_line(proc)
     assert line.startswith(f"error: cannot read image file {bad}: ") and "data.skip_unreadable=true" in line
     assert "DataLoader worker" not in proc.stderr
+
+
+def test_a_headless_kernel_logs_into_the_run_folder_shows_one_line_and_draws_no_bars(tmp_path, monkeypatch,
+                                                                                     capsys):
+    """What the runner's kernels do ($NCIS_HEADLESS): INFO records went to the notebook's stderr
+    (pink boxes) and every bar was saved frozen at its first frame."""
+    import logging
+
+    from ncis_core import notebook
+    from ncis_core.progress import bar_options
+
+    assert bar_options(True) == {} and bar_options(False) == {"disable": True}
+    run_dir = tmp_path / "run"
+    monkeypatch.setenv("NCIS_HEADLESS", "1")
+    monkeypatch.setenv("NCIS_NOTEBOOK", str(run_dir / "notebooks" / "04_generate_outliers.ipynb"))
+    monkeypatch.chdir(Path.cwd())  # start() enters the project folder; back afterwards
+    assert bar_options(True) == {"disable": True}
+    root = logging.getLogger()
+    level = root.level
+    try:
+        notebook.start("smoke", str(run_dir))
+        logging.getLogger("ncis_core.stages.generate").info("an info line")
+        logging.getLogger("ncis_core.stages.generate").warning("a warning")
+        logging.getLogger("transformers").warning("a library's warning")
+    finally:
+        for handler in notebook._HANDLERS:
+            handler.close()
+            root.removeHandler(handler)
+            logging.getLogger("ncis_core").removeHandler(handler)
+        notebook._HANDLERS.clear()
+        root.setLevel(level)
+    shown = capsys.readouterr()
+    log_file = run_dir / "logs" / "04_generate_outliers.log"
+    assert shown.out == f"preset smoke, run folder {run_dir}; log: {log_file}\n"
+    assert "a warning" in shown.err and "an info line" not in shown.err and "library" not in shown.err
+    text = log_file.read_text()
+    assert "INFO ncis_core.stages.generate: an info line" in text and "a library's warning" in text
