@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from .errors import user_error
+
 __all__ = [
     "ConfigError",
     "RunConfig",
@@ -47,6 +49,7 @@ __all__ = [
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
+@user_error
 class ConfigError(ValueError):
     """An unknown preset, an unknown key or a badly typed value; the message lists what is valid."""
 

@@ -42,6 +42,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .errors import user_error
 from . import assets
 from .progress import bar_options
 
@@ -89,6 +90,7 @@ _CACHE: dict[tuple, object] = {}
 _SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 
+@user_error
 class PipelineLoadError(RuntimeError):
     """The pipeline named by ``diffusion.pipeline`` could not be loaded; the message says how to
     point the config at a local folder or checkpoint."""

@@ -12,19 +12,31 @@ from __future__ import annotations
 import errno
 import sys
 
-__all__ = ["user_errors", "report", "environment_fault", "os_fault_message"]
+__all__ = ["TooLittleData", "user_error", "user_errors", "report", "environment_fault", "os_fault_message"]
+
+
+class TooLittleData(ValueError):
+    """Too few rows for a computation (e.g. a class with fewer embeddings than a covariance, a k-NN
+    sampler or a UMAP map needs); the message says how many there are, how many are needed and
+    which config key gives more. A stage that raises it stops the series; a view (a picture) that
+    raises it is replaced by a note (:func:`ncis_core.viz.common.too_little_data_note`)."""
+
+
+_USER_ERRORS: list[type[BaseException]] = []
+
+
+def user_error(cls: type[BaseException]) -> type[BaseException]:
+    """Class decorator: mark an exception type as a fault the user can fix from its message alone
+    (the kit's modules mark theirs; this module imports none of them, so anything may import it)."""
+    _USER_ERRORS.append(cls)
+    return cls
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types whose message is the whole story (imported on demand: cheap CLIs)."""
-    from .config import ConfigError
-    from .data.base import DataError
-    from .diffusion import PipelineLoadError
-    from .runner import NotebookFailed
-    from .runs import MissingArtefactError, RunFolderBusy, RunFolderUnwritable, StaleArtefactError
-
-    return (ConfigError, DataError, PipelineLoadError, NotebookFailed, MissingArtefactError, StaleArtefactError,
-            RunFolderBusy, RunFolderUnwritable, FileNotFoundError, ValueError)
+    """The exception types whose message is the whole story: every type marked :func:`user_error`
+    (a module that can raise one has been imported by then), and the OS's missing-file and value
+    errors."""
+    return (*_USER_ERRORS, FileNotFoundError, ValueError)
 
 
 def report(exc: BaseException) -> int:

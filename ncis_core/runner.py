@@ -45,6 +45,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from .errors import user_error
 from .assets import notebooks_dir, project_dir
 from .config import load_run_config
 from .notebook import HEADLESS_ENV, NOTEBOOK_ENV, RUN_DIR_OF_A_COPY
@@ -63,6 +64,7 @@ VIEW_INPUTS: dict[int, tuple[str, ...]] = {
 }
 
 
+@user_error
 class NotebookFailed(RuntimeError):
     """A notebook of the series raised; the message says which notebook and cell, and why."""
 

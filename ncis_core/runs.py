@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from omegaconf import OmegaConf
 
+from .errors import user_error
 from .config import ExperimentConfig, config_from_yaml, config_to_yaml
 
 __all__ = [
@@ -213,10 +214,12 @@ def stage_sections(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
 _COMMON_SECTIONS = ("run.seed",)
 
 
+@user_error
 class MissingArtefactError(FileNotFoundError):
     """An input artefact is not in the run folder; the message names the stage that makes it."""
 
 
+@user_error
 class StaleArtefactError(RuntimeError):
     """An artefact was built from different inputs than the ones in the run folder now;
     the message names the stage to rerun."""
@@ -765,10 +768,12 @@ class RunDir:
 
 
 # ----------------------------------------------------------------------------- one writer at a time
+@user_error
 class RunFolderBusy(RuntimeError):
     """Another live process is writing the run folder; the message names it."""
 
 
+@user_error
 class RunFolderUnwritable(RuntimeError):
     """The run folder cannot be created or written (it is a file, a read-only or full file system,
     no permission); the message names the path, the reason and the fix."""

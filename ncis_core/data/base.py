@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..errors import user_error
+
 __all__ = [
     "DataError",
     "ImageDataset",
@@ -33,6 +35,7 @@ ROLES = ("id-train", "id-test", "ood-near", "ood-far")
 Transform = Callable[[np.ndarray], np.ndarray]
 
 
+@user_error
 class DataError(RuntimeError):
     """A dataset is missing, laid out wrongly, or unreadable.
 
