@@ -273,3 +273,15 @@ def test_compare_vectorised_gives_the_tables_of_one_at_a_time(smoke_run_1_to_4, 
     mtime = (many / "compare" / "ncis" / "seed0" / "best.safetensors").stat().st_mtime
     compare("smoke", many, methods, seeds, [*overrides, "compare.max_parallel=1"], progress=False)
     assert (many / "compare" / "ncis" / "seed0" / "best.safetensors").stat().st_mtime == mtime
+
+
+def test_models_per_pass_packs_where_it_pays():
+    from ncis_core.stages.train_many import models_per_pass
+
+    small = load_config("demo", ["run.device=cpu"])
+    assert models_per_pass(small, 12) == 12 and models_per_pass(small, 100) == 64
+    assert models_per_pass(load_config("demo", ["run.device=cpu", "classifier.arch=resnet34"]), 12) == 1
+    assert models_per_pass(load_config("demo", ["run.device=cpu", "compare.max_parallel=5"]), 12) == 5
+    assert models_per_pass(load_config("demo", ["run.device=cpu", "compare.max_parallel=1"]), 12) == 1
+    assert models_per_pass(load_config("demo", ["run.device=cpu", "classifier.arch=resnet34",
+                                                "compare.max_parallel=4"]), 3) == 3
