@@ -11,6 +11,7 @@ import umap
 
 from ncis_core.config import load_config
 from ncis_core.embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
+from ncis_core.errors import TooLittleData
 from ncis_core.outliers.files import load_outliers
 from ncis_core.runs import MissingArtefactError, RunDir
 from ncis_core.stages import sample, train_cvpn
@@ -206,6 +207,15 @@ def test_too_few_points_is_clear_and_small_classes_are_left_out(tmp_path):
     with pytest.warns(UserWarning, match="class 1 left out"):
         maps = viz_maps.umap_maps_per_class(run, [0, 1], methods=(), progress=False)
     assert [m.classes for m in maps] == [[0]] and maps[0].params["n_neighbors"] == 5
+    # every class left out: one TooLittleData (a notebook shows it as a note) naming the key
+    every_class_too_small = r"no class has the 5 embeddings .*classes 1: 3; .*embed.max_per_class"
+    with pytest.warns(UserWarning, match="class 1 left out"), \
+            pytest.raises(TooLittleData, match=every_class_too_small):
+        viz_maps.umap_maps_per_class(run, [1], methods=(), progress=False)
+    with pytest.raises(TooLittleData, match="embed.max_per_class"):
+        viz_maps.plot_umap_per_class([])
+    with pytest.raises(TooLittleData, match="embed.max_per_class"):
+        viz_maps.umap_map(run, classes=[1], methods=(), progress=False)
 
 
 def test_pictures(run):
@@ -220,6 +230,41 @@ def test_pictures(run):
         maps = viz_maps.umap_maps_per_class(run, range(CLASSES), progress=False)
     grid = viz_maps.plot_umap_per_class(maps)
     assert len([ax for ax in grid.axes if ax.has_data()]) == CLASSES
+    plt.close("all")
+
+
+def test_a_method_that_refuses_this_few_rows_is_left_off_the_map_with_a_warning(run, monkeypatch):
+    """knn_boundary needs more rows per class than its k: on a quick run (two embeddings per class)
+    the map shows the other methods instead of stopping the notebook."""
+    from ncis_core.outliers import knn_boundary
+
+    with pytest.raises(TooLittleData, match="knn_boundary needs more than k = 3"):
+        knn_boundary.sample_class(torch.randn(2, DIM), 1.0, knn_boundary.KnnBoundaryParams(k=3, select=2),
+                                  seed=0, cls=0)
+    real = knn_boundary.sample_class
+
+    def too_few(x, *args, **kwargs):
+        return real(x[:2], *args, **kwargs)  # as if the class had two embeddings
+
+    monkeypatch.setattr(knn_boundary, "sample_class", too_few)
+    with pytest.warns(UserWarning, match=r"no knn_boundary outlier embeddings to map \(class 0 has 2"):
+        m = viz_maps.umap_map(run, progress=False)
+    assert m.methods == ("ncis", "linear")
+
+
+def test_outlier_markers_are_drawn_above_the_id_dots(run):
+    """On a many-class map UMAP lays a class's outliers onto its own cluster: markers under the dots
+    were invisible (the explorer's "all classes" map of the demo showed none)."""
+    import matplotlib.pyplot as plt
+
+    for classes in (None, [1]):
+        m = viz_maps.umap_map(run, classes=classes, progress=False)
+        ax = viz_maps.plot_umap_map(m).axes[0]
+        names = tuple(m.class_names)
+        dots = [c for c in ax.collections if c.get_label().startswith(names)]
+        markers = [c for c in ax.collections if not c.get_label().startswith(names) and len(c.get_offsets())]
+        assert len(dots) == len(m.classes) and len(markers) == len(m.methods) >= 2
+        assert min(c.get_zorder() for c in markers) > max(c.get_zorder() for c in dots)
     plt.close("all")
 
 

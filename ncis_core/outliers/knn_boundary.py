@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import TooLittleData
 from ..progress import bar_options
 from .base import EMBEDDINGS, OutlierMethod, register_method
 from .inputs import SampleInputs
@@ -125,9 +126,9 @@ def sample_class(x: torch.Tensor, token_norm: float, params: KnnBoundaryParams, 
     """
     p, device = params, x.device
     if p.k >= len(x) or p.select > len(x):
-        raise ValueError(f"class {cls} has {len(x)} training embeddings: knn_boundary needs more than "
-                         f"k = {p.k} and at least select = {p.select} (set sample.method_args.knn_boundary.k "
-                         f"and .select below the class size)")
+        raise TooLittleData(f"class {cls} has {len(x)} training embeddings: knn_boundary needs more than "
+                            f"k = {p.k} and at least select = {p.select} (set sample.method_args.knn_boundary.k "
+                            f"and .select below the class size)")
     u = x.to(dtype)
     u = u / u.norm(dim=1, keepdim=True)
     boundary = u[boundary_points(u, p.k, p.select)]

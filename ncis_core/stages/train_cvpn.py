@@ -42,6 +42,7 @@ from ..progress import bar_options
 from ..config import CVPNConfig, ExperimentConfig
 from ..device import resolve_device, seed_everything
 from ..embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
+from ..errors import TooLittleData
 from ..models.cvpn import CVPN, count_invariants
 from ..runs import (MissingArtefactError, RunDir, Stage, atomic_write_json, atomic_write_safetensors,
                     register_stage)
@@ -124,8 +125,10 @@ def validate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, num_clas
     counts = torch.bincount(labels, minlength=num_classes)
     few = (counts < min_per_class).nonzero().flatten()
     if len(few):
-        raise ValueError(f"class {int(few[0])} has {int(counts[few[0]])} embeddings (need at least "
-                         f"{min_per_class} for a class covariance); {len(few)} class(es) affected")
+        raise TooLittleData(f"class {int(few[0])} has {int(counts[few[0]])} embeddings (need at least "
+                            f"{min_per_class} for a class covariance); {len(few)} class(es) affected: embed "
+                            f"at least {min_per_class} images per class (embed.max_per_class, capped by "
+                            f"data.max_per_class)")
 
 
 def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

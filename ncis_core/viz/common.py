@@ -1,4 +1,5 @@
-"""Pictures used by several stages: a labelled image grid, and saving a figure into the run folder.
+"""Pictures used by several stages: a labelled image grid, saving a figure into the run folder, and
+the note a notebook shows instead of a view that has too little data to draw.
 
 Every picture function of :mod:`ncis_core.viz` returns a matplotlib ``Figure``; :func:`save_figure`
 writes it under the run's ``figures/`` so that what a notebook shows survives a headless papermill run.
@@ -14,16 +15,38 @@ Example:
     >>> run = RunDir.create(load_config("smoke", out=tempfile.mkdtemp()))
     >>> save_figure(fig, run, "00_id_examples.png").relative_to(run.root).as_posix()
     'figures/00_id_examples.png'
+
+A view (a picture, never a stage) that has too little data raises :class:`TooLittleData`; a notebook
+cell wraps it in :func:`too_little_data_note`, which shows the reason as a short markdown line and
+lets the series go on (a quick run with one or two images per class still runs every notebook):
+    >>> with too_little_data_note("per-class maps"):
+    ...     raise TooLittleData("1 embedding of bear: a UMAP map needs at least 5")
+    <IPython.core.display.Markdown object>
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-__all__ = ["save_figure", "image_grid"]
+from ..errors import TooLittleData
+
+__all__ = ["save_figure", "image_grid", "TooLittleData", "too_little_data_note"]
+
+
+@contextmanager
+def too_little_data_note(what: str):
+    """Run a notebook's drawing code; on :class:`TooLittleData` show ``*<what> not drawn: <why>*``
+    as markdown instead of stopping the notebook. Any other error still stops it."""
+    try:
+        yield
+    except TooLittleData as why:
+        from IPython.display import Markdown, display
+
+        display(Markdown(f"*{what} not drawn: {why}*"))
 
 
 def save_figure(fig, run, name: str, dpi: int = 120) -> Path:

@@ -46,6 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..embeddings_io import load_embeddings
+from ..errors import TooLittleData
 from ..progress import bar_options
 from ..runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_path, cache_key, cache_path,
                     content_hash)
@@ -62,9 +63,14 @@ _CACHE_FORMAT = "ncis-umap/2"  # bump when what is cached, or how it is computed
 _CACHE_VERSIONS = ("umap-learn", "scikit-learn", "numba")  # packages whose versions key a cached map
 
 
-class TooFewEmbeddings(ValueError):
+# what gives a map more points, named in every "too few" message
+_MORE_POINTS = "embed more images per class: embed.max_per_class (data.max_per_class caps the split)"
+
+
+class TooFewEmbeddings(TooLittleData):
     """Fewer than :data:`MIN_POINTS` embeddings for a map (a class may simply be small): callers
-    drawing many maps leave that one out."""
+    drawing many maps leave that one out; a notebook shows the message instead of the map
+    (:func:`~ncis_core.viz.common.too_little_data_note`)."""
 
 
 @dataclass
@@ -270,7 +276,7 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     each method's outlier embeddings of those classes are placed with ``transform``: stage 3's
     ``outlier_embeddings.safetensors`` for stage 3's method, the others' computed on the same rows
     (:func:`~ncis_core.outliers.sources.method_outlier_file`, as ``compare`` renders them). A method
-    whose inputs are not in the run yet is skipped with a warning.
+    whose inputs are not in the run yet, or that refuses this few rows, is skipped with a warning.
 
     Args:
         run: the run folder (stage 1 done; stage 3 for NCIS's outliers).
@@ -310,7 +316,8 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     rows = np.flatnonzero(np.isin(labels_all, chosen))
     what = "all classes" if classes is None else ", ".join(names[c] for c in chosen)
     if len(rows) < MIN_POINTS:
-        raise TooFewEmbeddings(f"{len(rows)} embedding(s) of {what}: a UMAP map needs at least {MIN_POINTS}")
+        raise TooFewEmbeddings(f"{len(rows)} embedding(s) of {what}: a UMAP map needs at least {MIN_POINTS} "
+                               f"({_MORE_POINTS})")
     k = min(n_neighbors, len(rows) - 1)
     params = {"seed": seed, "n_neighbors": k, "min_dist": min_dist, "n_epochs": n_epochs,
               "umap-learn": _version("umap-learn"), "scikit-learn": _version("scikit-learn")}
@@ -322,7 +329,8 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     for method in list(found):
         try:
             files[method] = method_outlier_file(cfg, run, method, progress)
-        except (MissingArtefactError, StaleArtefactError) as error:  # unfinished, or from other inputs
+        # unfinished, from other inputs, or a method that cannot run on this few rows (knn_boundary's k)
+        except (MissingArtefactError, StaleArtefactError, TooLittleData) as error:
             warnings.warn(f"no {method} outlier embeddings to map ({error}); the map shows the others",
                           stacklevel=2)
             found.remove(method)
@@ -366,13 +374,23 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
 
 def umap_maps_per_class(run: RunDir, classes: Sequence[int], **kwargs) -> list[UmapMap]:
     """One :func:`umap_map` per class of ``classes`` (``kwargs`` passed on); a class with fewer
-    than :data:`MIN_POINTS` embeddings is left out with a warning."""
-    maps = []
+    than :data:`MIN_POINTS` embeddings is left out with a warning.
+
+    Raises:
+        TooFewEmbeddings: every class was left out (the message gives their counts).
+    """
+    maps, left_out = [], []
     for c in classes:
         try:
             maps.append(umap_map(run, classes=[c], **kwargs))
         except TooFewEmbeddings as error:
             warnings.warn(f"class {c} left out: {error}", stacklevel=2)
+            left_out.append(c)
+    if left_out and not maps:
+        counts = np.bincount(load_embeddings(run.path("embeddings"))["labels"].numpy(),
+                             minlength=max(left_out) + 1)
+        raise TooFewEmbeddings(f"no class has the {MIN_POINTS} embeddings a UMAP map needs (classes "
+                               f"{', '.join(f'{c}: {counts[c]}' for c in left_out)}; {_MORE_POINTS})")
     return maps
 
 
@@ -414,19 +432,22 @@ def plot_umap_map(m: UmapMap, ax=None, title: str | None = None, legend: bool = 
     for c in m.classes:
         here = m.labels == c
         colour = _ID_COLOUR if single else colours[c]
-        # ID dots above the outlier markers: on a many-class map UMAP places a class's outliers onto
-        # its own compact cluster, and markers drawn last would hide the class entirely
+        # on a many-class map UMAP places a class's outliers onto its own compact cluster: the ID
+        # dots go underneath, faint, and the outliers' line markers on top, darker (drawn the other
+        # way round, the dots hid every marker of the demo's "all classes" map)
         ax.scatter(m.coords[here, 0], m.coords[here, 1], s=6 if len(m.coords) > 2000 else 14, color=colour,
-                   alpha=0.55, linewidths=0, label=f"{m.class_names[c]} ({int(here.sum())})", zorder=2)
+                   alpha=0.55 if single else 0.35, linewidths=0, label=f"{m.class_names[c]} ({int(here.sum())})",
+                   zorder=1)
     for method in m.methods:
         marker, name, single_colour = _method_style(method)
         points, labels = m.outlier_coords[method], m.outlier_labels[method]
         if single:
             ax.scatter(points[:, 0], points[:, 1], s=36, marker=marker, color=single_colour,
-                       linewidths=1.2, label=f"{name} ({len(points)})")
+                       linewidths=1.2, label=f"{name} ({len(points)})", zorder=3)
             continue
-        ax.scatter(points[:, 0], points[:, 1], s=20, marker=marker, color=[colours[c] for c in labels],
-                   linewidths=0.8, alpha=0.6, zorder=1)
+        darker = [tuple(0.6 * v for v in colours[c][:3]) for c in labels]
+        ax.scatter(points[:, 0], points[:, 1], s=20, marker=marker, color=darker, linewidths=0.9, alpha=0.85,
+                   zorder=3)
         ax.scatter([], [], s=36, marker=marker, color="k", label=f"{name} ({len(points)})")  # legend entry
     if title is None:
         what = m.class_names[m.classes[0]] if single else f"{len(m.classes)} classes"
@@ -451,7 +472,8 @@ def plot_umap_map(m: UmapMap, ax=None, title: str | None = None, legend: bool = 
 def plot_umap_per_class(maps: Sequence[UmapMap], cols: int = 4):
     """A grid of one-class maps (from :func:`umap_maps_per_class`), one legend on the first panel."""
     if not maps:
-        raise ValueError("no maps to draw (every class was left out?)")
+        raise TooFewEmbeddings(f"no maps to draw: every class has fewer than {MIN_POINTS} embeddings "
+                               f"({_MORE_POINTS})")
     cols = min(cols, len(maps))
     rows = -(-len(maps) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
