@@ -1,8 +1,9 @@
 """The class explorer of ``07_explore.ipynb`` in a real browser: JupyterLab serves a copy of the
 notebook pointed at the shared smoke run, headless Debian Chromium (driven by Selenium through
 Debian's chromedriver: nothing is downloaded) runs all its cells, and the test reads the widgets'
-DOM: the gallery holds as many ``<img>`` as the slider says, and choosing another class in the
-dropdown replaces them.
+DOM: the gallery holds as many ``<img>`` as the slider says, each captioned with its nearest-ID
+distance and invariant energy; the map keeps its aspect ratio; choosing another class in the
+dropdown replaces the images; a click on an image selects that outlier (detail, frame, ringed map).
 
 Needs ``chromium`` and ``chromium-driver`` (Debian packages; ``make browser`` installs them as
 root). Without them the test is skipped, unless ``NCIS_REQUIRE_BROWSER=1`` (CI), where it fails.
@@ -224,6 +225,16 @@ def test_explorer_runs_in_jupyterlab_and_follows_the_class_dropdown(lab, browser
     srcs, titles = wait.until(gallery_of("ncis/0/"))
     readout = browser.find_element(By.CSS_SELECTOR, ".ncis-count .widget-readout").text
     assert len(srcs) == int(readout) == GALLERY_SIZE
+    captions = [c.text for c in browser.find_elements(By.CSS_SELECTOR, ".ncis-gallery .ncis-outlier-caption")]
+    assert len(captions) == GALLERY_SIZE
+    assert all("nearest-ID distance" in c and "(L2)" in c and "invariant energy" in c and "(mean z²)" in c
+               for c in captions), captions
+    # the map is shown at its own aspect ratio (it was stretched to the gallery's height)
+    shape = browser.execute_script(
+        "const m = document.querySelector('.ncis-map'); return [m.naturalWidth, m.naturalHeight, "
+        "m.getBoundingClientRect().width, m.getBoundingClientRect().height];")
+    assert shape[0] > 0 and shape[2] > 0
+    assert shape[2] / shape[3] == pytest.approx(shape[0] / shape[1], rel=0.02), shape
     assert len(browser.find_elements(By.CSS_SELECTOR, ".ncis-id-gallery img.ncis-id-image")) == 8
     assert browser.find_elements(By.CSS_SELECTOR, ".ncis-detail img.ncis-detail-image")
 
@@ -234,12 +245,23 @@ def test_explorer_runs_in_jupyterlab_and_follows_the_class_dropdown(lab, browser
     new_srcs, new_titles = wait.until(gallery_of("ncis/1/"))
     assert len(new_srcs) == GALLERY_SIZE and not set(new_srcs) & set(srcs)
 
-    # a click on an outlier's energy button shows it in the detail view
-    button = browser.find_elements(By.CSS_SELECTOR, ".ncis-gallery .ncis-outlier-select")[1]
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
-    button.click()
+    # a click on an outlier's image shows it in the detail view, frames it and rings it on the map
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    # first the class change's own selection (its first outlier, and its map: a UMAP fit in a cold
+    # kernel) has to have arrived
+    first = new_titles[0].split(" ")[0].removeprefix("ncis/")
+    wait.until(lambda d: first in d.find_element(By.CSS_SELECTOR, ".ncis-detail").text)
+    map_before = browser.find_element(By.CSS_SELECTOR, ".ncis-map").get_attribute("src")
+    image = browser.find_elements(By.CSS_SELECTOR, ".ncis-gallery .ncis-outlier-image")[1]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", image)
+    ActionChains(browser).move_to_element(image).click().perform()  # where the image is on screen
     chosen = new_titles[1].split(" ")[0].removeprefix("ncis/")
     wait.until(lambda d: chosen in d.find_element(By.CSS_SELECTOR, ".ncis-detail").text)
+    selected = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".ncis-gallery .ncis-outlier.ncis-selected"))
+    assert len(selected) == 1 and selected[0].find_element(
+        By.CSS_SELECTOR, ".ncis-outlier-select").get_attribute("title") == new_titles[1]
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".ncis-map").get_attribute("src") != map_before)
 
     # the rest of the notebook ran too: its static twins are in the run folder
     wait.until(lambda d: _no_errors(d)["done"])

@@ -1,11 +1,11 @@
-"""The class explorer: one class's UMAP map, its generated outliers with their energies, real ID
-images of the class, and any outlier's nearest real ID images — as an ipywidgets app and as static
-figures ↔ ``07_explore.ipynb``.
+"""The class explorer: one class's UMAP map, its generated outliers with their nearest-ID distances
+and invariant energies, real ID images of the class, and any outlier's nearest real ID images — as
+an ipywidgets app and as static figures ↔ ``07_explore.ipynb``.
 
 Three layers, so that each can be tested alone:
 
 * data: :class:`ExplorerData` reads a run's artefacts once (stage 1's embeddings, stage 3's outlier
-  embeddings and log-densities, stage 4's ``outliers/index.json``, and every other outlier method's
+  embeddings, stage 2's cVPN, stage 4's ``outliers/index.json``, and every other outlier method's
   ``outliers_<method>/`` once ``python -m ncis_core compare`` has rendered it); :func:`outlier_images`,
   :func:`id_examples`, :func:`nearest_id_images`, :func:`class_view` and :func:`outlier_detail`
   return plain values;
@@ -15,16 +15,29 @@ Three layers, so that each can be tested alone:
 * the widget: :func:`class_explorer` wires a class dropdown, a method toggle and a count slider to
   the data functions, and shows the selected outlier beside its nearest ID images.
 
-An outlier's *energy* is ``−log p`` of its embedding under the class Gaussian it was drawn from
-(stage 3's ``log_density``; for NCIS that Gaussian lives in the cVPN's latent space, for the linear
-baseline in embedding space): the larger, the further out in the tail. A method that draws from no
-Gaussian (``knn_boundary``) has no energy (NaN); its images keep their index order.
+Every outlier, of every method that produces embeddings, carries two numbers that mean the same for
+all methods (:data:`MEASURES` names them; the kit uses no other name for either):
+
+* **nearest-ID distance**: the L2 distance, in embedding units, from the outlier's embedding to the
+  nearest stage-1 embedding of its own class (every embedding of the class, held-out rows too);
+  :func:`nearest_id_distance`. The gallery is sorted by it, largest first: it needs no model, so
+  every method and every run has it, it is measured in the space the generator is conditioned on,
+  and it is no method's own objective (NCIS's cVPN is trained on the invariant energy).
+* **invariant energy**: stage 2's quantity (:func:`ncis_core.models.cvpn.invariant_energy`, as
+  notebooks 02 and 03 plot it): the mean of the squared last ``k`` outputs of the cVPN ``f(x; c)``
+  of the outlier's class (inputs centred by the cVPN's mean, as in training), in squared latent
+  units; near 0 on the ID manifold. :func:`outlier_invariant_energy`; NaN when the run has no cVPN.
+
+Stage 3's ``log_density`` is not shown: NCIS and the linear baseline draw the same standard-normal
+samples, so their log-densities are nearly equal whatever the outliers look like, and
+``knn_boundary`` draws from no Gaussian at all.
 
 Widgets carry stable CSS classes (``ncis-explorer``, ``ncis-class-dropdown``, ``ncis-method``,
-``ncis-count``, ``ncis-save``, ``ncis-status``, ``ncis-map``, ``ncis-gallery``, ``ncis-outlier``,
-``ncis-outlier-image``, ``ncis-outlier-select`` (its tooltip names the file), ``ncis-gallery-empty``,
-``ncis-id-gallery``, ``ncis-id-image``, ``ncis-detail``, ``ncis-detail-image``,
-``ncis-neighbour-image``) so that a browser test can find them.
+``ncis-count``, ``ncis-save``, ``ncis-status``, ``ncis-map``, ``ncis-gallery``, ``ncis-outlier``
+(``ncis-selected`` on the selected one), ``ncis-outlier-image``, ``ncis-outlier-select`` (a
+transparent button over the image, so a click on the image selects it; its tooltip names the file),
+``ncis-outlier-caption``, ``ncis-gallery-empty``, ``ncis-id-gallery``, ``ncis-id-image``,
+``ncis-detail``, ``ncis-detail-image``, ``ncis-neighbour-image``) so that a browser test can find them.
 
 Example (not run by the doctests: it needs a run folder where stages 1-4 ran, such as ``make
 demo``'s ``outputs/demo``; ``tests/test_explorer.py`` builds a smoke one):
@@ -52,6 +65,11 @@ from ..runs import RunDir
 
 __all__ = [
     "ALL_CLASSES",
+    "NEAREST_ID_DISTANCE",
+    "INVARIANT_ENERGY",
+    "MEASURES",
+    "nearest_id_distance",
+    "outlier_invariant_energy",
     "OutlierImage",
     "Neighbour",
     "ClassView",
@@ -63,6 +81,7 @@ __all__ = [
     "nearest_id_images",
     "class_view",
     "outlier_detail",
+    "map_position",
     "class_map",
     "plot_class_view",
     "plot_outlier_detail",
@@ -75,6 +94,22 @@ __all__ = [
 
 # The class selection that means "every class" (a dropdown value must not be None in ipywidgets).
 ALL_CLASSES = -1
+
+# The per-outlier quantities the explorer shows, by the one name the kit gives each → (the unit as a
+# caption writes it, what it is).
+NEAREST_ID_DISTANCE = "nearest-ID distance"
+INVARIANT_ENERGY = "invariant energy"
+MEASURES = {
+    NEAREST_ID_DISTANCE: ("L2", "L2 distance in embedding units from the outlier's embedding to the nearest "
+                                "stage-1 embedding of its class"),
+    INVARIANT_ENERGY: ("mean z²", "mean of the squared last k outputs of the cVPN f(x; c) of its class "
+                                  "(stage 2's invariant energy, as notebooks 02/03 plot it)"),
+}
+
+
+def _measure(name: str, value: float, sep: str = " ") -> str:
+    """``"<name> <value> (<unit>)"``, e.g. ``"nearest-ID distance 0.412 (L2)"``; ``n/a`` for NaN."""
+    return f"{name}{sep}{value:.3g} ({MEASURES[name][0]})" if value == value else f"{name}{sep}n/a"
 
 
 
@@ -99,7 +134,8 @@ class OutlierImage:
         class_index: its class.
         class_name: the class's name.
         embedding_index: the row ``m`` of the method's ``C × M × D`` outlier embeddings of that class.
-        energy: ``−log_density[class, m]``: how far out in the class's tail the embedding was drawn.
+        nearest_id_distance: its embedding's :data:`NEAREST_ID_DISTANCE` (L2, embedding units).
+        invariant_energy: its embedding's :data:`INVARIANT_ENERGY` (NaN: the run has no cVPN).
         seed: the seed of its starting noise (stage 4's plan).
     """
 
@@ -109,8 +145,15 @@ class OutlierImage:
     class_index: int
     class_name: str
     embedding_index: int
-    energy: float
+    nearest_id_distance: float
+    invariant_energy: float
     seed: int
+
+    def caption(self, sep: str = "\n", inner: str = " ") -> str:
+        """Both measures, name + value + unit, e.g. ``"nearest-ID distance 0.412 (L2)\\ninvariant
+        energy 0.0312 (mean z²)"``; ``sep`` between the two, ``inner`` between name and value."""
+        return sep.join([_measure(NEAREST_ID_DISTANCE, self.nearest_id_distance, inner),
+                         _measure(INVARIANT_ENERGY, self.invariant_energy, inner)])
 
     @property
     def key(self) -> str:
@@ -146,7 +189,7 @@ class ClassView:
         rendered: False when the method's images have not been rendered (``outliers_linear/``
             before ``compare``): ``outliers`` is then empty and ``message`` says what to run.
         available: how many outlier images of the selection exist.
-        outliers: the shown outlier images (highest energy first).
+        outliers: the shown outlier images (largest nearest-ID distance first).
         outlier_pixels: their images, ``H × W × 3`` uint8.
         id_image_ids: indices in the ID training split of the real images shown.
         id_pixels: those images.
@@ -185,11 +228,12 @@ class OutlierDetail:
 class ExplorerData:
     """A run's artefacts as the explorer reads them, loaded once (use :meth:`load`).
 
-    The linear baseline's outlier embeddings (for energies and nearest neighbours of its images)
-    and the ID training split (for pixels) are loaded on first use.
+    The other methods' outlier embeddings (for the measures and nearest neighbours of their
+    images), stage 2's cVPN (for the invariant energy), each class's UMAP map and the ID training
+    split (for pixels) are loaded on first use; each outlier's measures are computed once.
 
     Args:
-        run: the run folder (stages 1, 3 and 4 done).
+        run: the run folder (stages 1, 3 and 4 done; stage 2 for the invariant energy).
         embeddings: stage 1's ``{"embeddings", "labels", "image_ids", "class_names", …}``.
         outliers: stage 3's file (:func:`ncis_core.outliers.files.load_outliers`).
         index: stage 4's ``outliers/index.json``.
@@ -214,6 +258,9 @@ class ExplorerData:
         self._outliers = {self.stage3_method: (outliers["outliers"], outliers["log_density"])}
         self._indexes: dict[str, dict | None] = {self.stage3_method: index}
         self._split = None
+        self._cvpn, self.cvpn_note = None, None  # stage 2's result, or why there is none
+        self._measures: dict[str, dict[tuple[int, int], tuple[float, float]]] = {}
+        self._maps: dict[int, object] = {}  # class → UmapMap, or the TooFewEmbeddings it raised
 
     @classmethod
     def load(cls, run: RunDir) -> "ExplorerData":
@@ -267,6 +314,62 @@ class ExplorerData:
         return self._outliers[method]
 
     @property
+    def cvpn(self):
+        """Stage 2's :class:`~ncis_core.stages.train_cvpn.CVPNResult` (model, mean, ``k``), loaded on
+        first use; None when the run has no current cVPN (:attr:`cvpn_note` then says why)."""
+        if self._cvpn is None and self.cvpn_note is None:
+            from ..runs import MissingArtefactError, StaleArtefactError
+            from ..stages.train_cvpn import load_result
+
+            try:
+                self._cvpn = load_result(self.run.cfg, self.run)
+            except (MissingArtefactError, StaleArtefactError) as error:
+                self.cvpn_note = f"no {INVARIANT_ENERGY}: {error}"
+        return self._cvpn
+
+    def measures(self, method: str, classes=None, rows=None) -> tuple[np.ndarray, np.ndarray]:
+        """``(nearest-ID distances, invariant energies)`` (float64) of ``method``'s outliers
+        ``(classes[i], rows[i])`` (class, row ``m`` of its ``C × M × D`` embeddings); default every
+        outlier, class-major (``C·M`` values). Each outlier's are computed once, vectorised over
+        all the outliers asked for (:func:`nearest_id_distance`, :func:`outlier_invariant_energy`)."""
+        points, _ = self.outlier_embeddings(method)
+        if classes is None:
+            classes, rows = np.divmod(np.arange(points.shape[0] * points.shape[1]), points.shape[1])
+        pairs = [(int(c), int(m)) for c, m in zip(classes, rows)]
+        known = self._measures.setdefault(method, {})
+        todo = list(dict.fromkeys(p for p in pairs if p not in known))
+        if todo:
+            c, m = torch.tensor(todo).T
+            query = points[c, m]
+            distance = nearest_id_distance(query, c, self.embeddings["embeddings"], self.embeddings["labels"])
+            cvpn = self.cvpn
+            energy = outlier_invariant_energy(cvpn, query, c) if cvpn is not None else \
+                torch.full((len(todo),), float("nan"), dtype=torch.float64)
+            known.update(zip(todo, zip(distance.tolist(), energy.tolist())))
+        values = np.array([known[p] for p in pairs], dtype=np.float64).reshape(-1, 2)
+        return values[:, 0], values[:, 1]
+
+    def class_umap(self, class_index: int = ALL_CLASSES):
+        """The UMAP map of a class (or of all) with every method's outliers
+        (:func:`ncis_core.viz.maps.umap_map`, cached in the run folder and here).
+
+        Raises:
+            TooFewEmbeddings: too few embeddings for a map.
+        """
+        if class_index not in self._maps:
+            from .maps import TooFewEmbeddings, umap_map
+
+            classes = None if class_index == ALL_CLASSES else [class_index]
+            try:
+                self._maps[class_index] = umap_map(self.run, classes=classes, methods=tuple(self.methods),
+                                                   progress=False)
+            except TooFewEmbeddings as error:
+                self._maps[class_index] = error
+        if isinstance(self._maps[class_index], Exception):
+            raise self._maps[class_index]
+        return self._maps[class_index]
+
+    @property
     def id_split(self):
         """The ID training split (stage 1's ``image_ids`` index it)."""
         if self._split is None:
@@ -285,9 +388,46 @@ class ExplorerData:
 
 
 # ----------------------------------------------------------------------------- data functions
+def nearest_id_distance(points: torch.Tensor, point_labels: torch.Tensor, embeddings: torch.Tensor,
+                        labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """:data:`NEAREST_ID_DISTANCE` of each point: the L2 distance (float64, embedding units) from
+    ``points[i]`` to the nearest row of ``embeddings`` whose label is ``point_labels[i]``; NaN for a
+    class without embeddings. Exact (no ``‖a‖² + ‖b‖² − 2ab`` shortcut), one ``cdist`` per class.
+
+    Example:
+        >>> x = torch.tensor([[0.0, 0.0], [3.0, 0.0], [10.0, 10.0]])
+        >>> nearest_id_distance(torch.tensor([[0.0, 4.0]]), torch.tensor([0]), x, torch.tensor([0, 0, 1]))
+        tensor([4.], dtype=torch.float64)
+    """
+    points, point_labels = torch.as_tensor(points), torch.as_tensor(point_labels)
+    out = torch.full((len(points),), float("nan"), dtype=torch.float64)
+    for c in torch.unique(point_labels).tolist():
+        which = (point_labels == c).nonzero().flatten()
+        rows = embeddings[labels == c].to(torch.float64)
+        if not len(rows):
+            continue
+        for start in range(0, len(which), chunk):
+            part = which[start:start + chunk]
+            out[part] = torch.cdist(points[part].to(torch.float64), rows,
+                                    compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    return out
+
+
+def outlier_invariant_energy(cvpn, points: torch.Tensor, point_labels: torch.Tensor) -> torch.Tensor:
+    """:data:`INVARIANT_ENERGY` of each point under its class: stage 2's
+    :func:`~ncis_core.models.cvpn.invariant_energy` of ``points − mean`` (as notebooks 02 and 03
+    compute it), float64 on the CPU. ``cvpn``: a :class:`~ncis_core.stages.train_cvpn.CVPNResult`."""
+    from ..models.cvpn import invariant_energy
+
+    device = next(cvpn.model.parameters()).device
+    x = torch.as_tensor(points).to(device=device, dtype=cvpn.mean.dtype) - cvpn.mean.to(device)
+    return invariant_energy(cvpn.model, x, torch.as_tensor(point_labels).to(device), cvpn.k).to(torch.float64)
+
+
 def outlier_images(data: ExplorerData, class_index: int = ALL_CLASSES, method: str | None = None
                    ) -> list[OutlierImage]:
-    """The outlier images of a class (or of all), highest energy first (ties: index order).
+    """The outlier images of a class (or of all), largest :data:`NEAREST_ID_DISTANCE` first (ties:
+    index order), each with both measures (:meth:`ExplorerData.measures`).
 
     Empty when the method's images have not been rendered (see :meth:`ExplorerData.index`).
     ``method``: default stage 3's.
@@ -296,18 +436,17 @@ def outlier_images(data: ExplorerData, class_index: int = ALL_CLASSES, method: s
     index = data.index(method)
     if index is None:
         return []
-    _, log_density = data.outlier_embeddings(method)
+    entries = [e for e in index["images"] if class_index == ALL_CLASSES or int(e["class"]) == class_index]
+    classes = [int(e["class"]) for e in entries]
+    rows = [int(e["embedding_index"]) for e in entries]
+    distance, energy = data.measures(method, classes, rows)
     folder = data.image_folder(method)
-    found = []
-    for entry in index["images"]:
-        c, m = int(entry["class"]), int(entry["embedding_index"])
-        if class_index != ALL_CLASSES and c != class_index:
-            continue
-        found.append(OutlierImage(method, entry["file"], folder / entry["file"], c, data.class_names[c], m,
-                                  -float(log_density[c, m]), int(entry["seed"])))
-    # Python's sort is stable, so equal energies (one embedding per batch) keep the index's order;
-    # a method without energies (NaN) keeps the index's order
-    return sorted(found, key=lambda o: -o.energy if o.energy == o.energy else 0.0)
+    found = [OutlierImage(method, e["file"], folder / e["file"], c, data.class_names[c], m, float(d), float(u),
+                          int(e["seed"]))
+             for e, c, m, d, u in zip(entries, classes, rows, distance, energy)]
+    # Python's sort is stable: equal distances (one embedding per batch) keep the index's order
+    return sorted(found, key=lambda o: -o.nearest_id_distance if o.nearest_id_distance == o.nearest_id_distance
+                  else float("inf"))
 
 
 def classes_with_images(data: ExplorerData, method: str | None = None) -> list[int]:
@@ -347,7 +486,8 @@ def _read_png(path: Path) -> np.ndarray:
 
 def class_view(data: ExplorerData, class_index: int = ALL_CLASSES, method: str | None = None, n: int = 8,
                id_images: int = 8, seed: int = 0) -> ClassView:
-    """The ``n`` highest-energy outlier images of a class (or all) and ``id_images`` real ones."""
+    """The ``n`` outlier images of a class (or all) furthest from their class (largest
+    :data:`NEAREST_ID_DISTANCE`) and ``id_images`` real ones."""
     method = method or data.stage3_method
     title = "all classes" if class_index == ALL_CLASSES else data.class_names[class_index]
     rendered = data.index(method) is not None
@@ -363,9 +503,13 @@ def class_view(data: ExplorerData, class_index: int = ALL_CLASSES, method: str |
         message = f"{title}: no {label} outlier images (stage 4 rendered {len(data.index(method)['images'])} " \
                   f"images, for the classes its generate.num_batches reached)"
     else:
-        message = (f"{title}: {len(shown)} of {len(found)} {label} outlier images, highest energy first "
-                   f"(energy = −log p of the embedding under its class Gaussian: "
-                   f"{shown[-1].energy:.1f} … {shown[0].energy:.1f})")
+        message = (f"{title}: {len(shown)} of {len(found)} {label} outlier images, largest "
+                   f"{NEAREST_ID_DISTANCE} first ({shown[0].nearest_id_distance:.3g} … "
+                   f"{shown[-1].nearest_id_distance:.3g} {MEASURES[NEAREST_ID_DISTANCE][0]}). "
+                   f"{NEAREST_ID_DISTANCE} = {MEASURES[NEAREST_ID_DISTANCE][1]}; "
+                   f"{INVARIANT_ENERGY} = {MEASURES[INVARIANT_ENERGY][1]}")
+        if data.cvpn_note:
+            message += f" ({data.cvpn_note})"
     return ClassView(class_index, title, method, rendered, len(found), shown,
                      [_read_png(o.path) for o in shown], ids, [data.id_image(i) for i in ids], message)
 
@@ -377,16 +521,27 @@ def outlier_detail(data: ExplorerData, outlier: OutlierImage, k: int = 5) -> Out
                          [data.id_image(nb.image_id) for nb in neighbours])
 
 
-def class_map(data: ExplorerData, class_index: int = ALL_CLASSES, ax=None):
-    """The UMAP map of a class (or of all) with every method's outlier embeddings
-    (:func:`ncis_core.viz.maps.umap_map`, cached in the run folder); returns the figure. A class
-    with too few embeddings for a map gets a note in its place."""
-    from .maps import TooFewEmbeddings, plot_umap_map, umap_map
+def map_position(umap, outlier: OutlierImage) -> np.ndarray | None:
+    """Where ``outlier`` lies on the UMAP map ``umap`` (``[x, y]``); None when its method or class is
+    not on the map. ``umap.outlier_coords[method]`` holds the method's ``M`` outliers of each mapped
+    class, class by class in row order."""
+    if outlier.method not in umap.methods:
+        return None
+    of_class = np.flatnonzero(np.asarray(umap.outlier_labels[outlier.method]) == outlier.class_index)
+    if outlier.embedding_index >= len(of_class):
+        return None
+    return np.asarray(umap.outlier_coords[outlier.method][of_class[outlier.embedding_index]], dtype=np.float64)
 
-    classes = None if class_index == ALL_CLASSES else [class_index]
+
+def class_map(data: ExplorerData, class_index: int = ALL_CLASSES, ax=None, selected: OutlierImage | None = None):
+    """The UMAP map of a class (or of all) with every method's outlier embeddings
+    (:meth:`ExplorerData.class_umap`); ``selected`` is ringed on it (artist gid ``ncis-selected``).
+    Returns the figure. A class with too few embeddings for a map gets a note in its place."""
+    from .maps import TooFewEmbeddings, plot_umap_map
+
     title = "all classes" if class_index == ALL_CLASSES else data.class_names[class_index]
     try:
-        umap = umap_map(data.run, classes=classes, methods=tuple(data.methods), progress=False)
+        umap = data.class_umap(class_index)
     except TooFewEmbeddings as error:
         fig = ax.figure if ax is not None else plt.subplots(figsize=(5, 4))[0]
         ax = ax if ax is not None else fig.axes[0]
@@ -394,7 +549,15 @@ def class_map(data: ExplorerData, class_index: int = ALL_CLASSES, ax=None):
         ax.text(0.5, 0.5, f"no map: {error}", ha="center", va="center", wrap=True, fontsize=8,
                 transform=ax.transAxes)
         return fig
-    return plot_umap_map(umap, ax=ax, title=f"UMAP: {title}")
+    fig = plot_umap_map(umap, ax=ax, title=f"UMAP: {title}")
+    where = map_position(umap, selected) if selected is not None else None
+    if where is not None:
+        ax = ax if ax is not None else fig.axes[0]
+        ax.scatter([where[0]], [where[1]], s=260, facecolors="none", edgecolors="black", linewidths=2.2,
+                   zorder=6, gid="ncis-selected")
+        ax.annotate("selected", where, xytext=(9, 9), textcoords="offset points", fontsize=8, zorder=6,
+                    bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "black", "alpha": 0.8})
+    return fig
 
 
 # ----------------------------------------------------------------------------- static twins
@@ -409,22 +572,23 @@ def _image_axes(ax, image: np.ndarray | None, title: str = "", fontsize: int = 7
 
 
 def plot_class_view(data: ExplorerData, view: ClassView, with_map: bool = True):
-    """The widget's class view as one figure: the UMAP map (left), the outlier gallery with each
-    image's energy, and a row of real ID images of the class."""
+    """The widget's class view as one figure: the UMAP map (left, its first outlier ringed), the
+    outlier gallery with each image's nearest-ID distance and invariant energy, and a row of real
+    ID images of the class."""
     columns = max(len(view.outlier_pixels), len(view.id_pixels), 1)
-    cell, map_width = 1.1, (4.4 if with_map else 0.0)
-    fig = plt.figure(figsize=(map_width + cell * columns + 0.8, 4.4))
+    cell, map_width = 1.25, (4.6 if with_map else 0.0)
+    fig = plt.figure(figsize=(map_width + cell * columns + 0.8, 4.8))
     outer = fig.add_gridspec(1, 2, width_ratios=[map_width, cell * columns + 0.8] if with_map else [1e-3, 1],
                              wspace=0.12)
     map_ax = fig.add_subplot(outer[0, 0]) if with_map else None
-    grid = outer[0, 1].subgridspec(2, columns, hspace=0.45, wspace=0.12)
+    grid = outer[0, 1].subgridspec(2, columns, hspace=0.75, wspace=0.15)
     label = _label(view.method)
     for j in range(columns):
         ax = fig.add_subplot(grid[0, j])
         if j < len(view.outliers):
             o = view.outliers[j]
-            caption = f"E={o.energy:.1f}" + ("" if view.class_index != ALL_CLASSES else f"\n{o.class_name}")
-            _image_axes(ax, view.outlier_pixels[j], caption)
+            caption = o.caption(inner="\n") + ("" if view.class_index != ALL_CLASSES else f"\n{o.class_name}")
+            _image_axes(ax, view.outlier_pixels[j], caption, fontsize=6)
         else:
             _image_axes(ax, None)
             if j == 0:  # nothing to show: say why where the images would be
@@ -436,8 +600,9 @@ def plot_class_view(data: ExplorerData, view: ClassView, with_map: bool = True):
         if j == 0:
             ax.set_ylabel("real ID\n(train)", fontsize=8)
     if with_map:  # drawn last: into a figure whose layout is set (the map would re-lay a lone axes)
-        class_map(data, view.class_index, ax=map_ax)
-    fig.suptitle(f"{view.title}: {label} outliers (highest energy first) and real images", fontsize=10)
+        class_map(data, view.class_index, ax=map_ax, selected=view.outliers[0] if view.outliers else None)
+    fig.suptitle(f"{view.title}: {label} outliers (largest {NEAREST_ID_DISTANCE} first) and real images",
+                 fontsize=10)
     return fig
 
 
@@ -449,11 +614,10 @@ def plot_outlier_detail(detail: OutlierDetail):
     grid = fig.add_gridspec(1, 2 + k, wspace=0.2)
     o = detail.outlier
     _image_axes(fig.add_subplot(grid[0, :2]), detail.pixels,
-                f"{_label(o.method)} outlier {o.file}\n"
-                f"class {o.class_name}, E={o.energy:.1f}", fontsize=8)
+                f"{_label(o.method)} outlier {o.file}, class {o.class_name}\n{o.caption()}", fontsize=8)
     for j, (nb, pixels) in enumerate(zip(detail.neighbours, detail.neighbour_pixels)):
         _image_axes(fig.add_subplot(grid[0, 2 + j]), pixels,
-                    f"#{j + 1} {nb.class_name}\nd={nb.distance:.2f}", fontsize=7)
+                    f"#{j + 1} {nb.class_name}\ndistance {nb.distance:.3g} (L2)", fontsize=7)
     fig.suptitle("an outlier and its nearest real ID training images (stage-1 embedding space)",
                  fontsize=9, y=1.08)
     return fig
@@ -527,7 +691,8 @@ class ClassExplorer(widgets.VBox):
                  id_images: int, neighbours: int, thumbnail: int, seed: int):
         self.data, self.neighbours, self.id_images = data, neighbours, id_images
         self.thumbnail, self.seed = thumbnail, seed
-        self._map_png: dict[int, bytes] = {}  # a UMAP map per class, drawn once
+        self._map_png: dict[tuple, bytes] = {}  # a UMAP map per (class, selected outlier), drawn once
+        self._items: dict[str, widgets.Widget] = {}  # outlier key → its gallery item
         self.view: ClassView | None = None
         self.detail_view: OutlierDetail | None = None
         options = [(name, i) for i, name in enumerate(data.class_names)] + [("all classes", ALL_CLASSES)]
@@ -547,13 +712,16 @@ class ClassExplorer(widgets.VBox):
                                    "ncis-save")
         self.saved = _tagged(widgets.HTML(), "ncis-saved")
         self.status = _tagged(widgets.HTML(), "ncis-status")
-        self.map_image = _tagged(widgets.Image(format="png"), "ncis-map")
+        # the map at its own size and aspect ratio (a flex row would stretch it to the gallery's height)
+        self.map_image = _tagged(widgets.Image(format="png", layout=widgets.Layout(
+            width="auto", height="auto", align_self="flex-start", object_fit="contain", flex="0 0 auto")),
+            "ncis-map")
         self.gallery = _tagged(widgets.HBox(layout=widgets.Layout(flex_flow="row wrap")), "ncis-gallery")
         self.id_gallery = _tagged(widgets.HBox(layout=widgets.Layout(flex_flow="row wrap")), "ncis-id-gallery")
         self.detail = _tagged(widgets.VBox(), "ncis-detail")
         pictures = widgets.VBox([
-            widgets.HTML("<b>generated outliers</b>, highest energy first (click one for its nearest "
-                         "real images)"), self.gallery,
+            widgets.HTML(f"<b>generated outliers</b>, largest {NEAREST_ID_DISTANCE} first (click one for "
+                         f"its nearest real images; the map rings it)"), self.gallery,
             widgets.HTML("<b>real ID training images of the class</b>"), self.id_gallery])
         super().__init__([
             widgets.HBox([self.class_dropdown, self.method_toggle]),
@@ -573,22 +741,29 @@ class ClassExplorer(widgets.VBox):
     def refresh(self) -> None:
         """Redraw the map, the galleries and the detail for the current selection."""
         class_index = self.class_dropdown.value
-        if class_index not in self._map_png:
-            self._map_png[class_index] = _figure_png(class_map(self.data, class_index))
-        self.map_image.value = self._map_png[class_index]
         self.view = class_view(self.data, class_index, self.method_toggle.value, self.count_slider.value,
                                self.id_images, self.seed)
         self.status.value = self.view.message
-        items = []
+        items, self._items = [], {}
+        size = f"{self.thumbnail}px"
         for outlier, pixels in zip(self.view.outliers, self.view.outlier_pixels):
-            # the energy is the caption; the button's tooltip names the file (a browser test reads it)
-            button = _tagged(widgets.Button(description=f"E={outlier.energy:.1f}",
-                                            tooltip=f"{outlier.key} ({outlier.class_name})",
-                                            layout=widgets.Layout(width=f"{self.thumbnail}px")),
+            # a transparent button over the image (one grid cell): a click on the image selects it;
+            # its tooltip names the file (a browser test reads it)
+            image = _image_widget(pixels, self.thumbnail, "ncis-outlier-image")
+            image.layout.grid_area = "cell"
+            button = _tagged(widgets.Button(description="", tooltip=f"{outlier.key} ({outlier.class_name})",
+                                            layout=widgets.Layout(width=size, height=size, margin="0",
+                                                                  padding="0", grid_area="cell")),
                              "ncis-outlier-select")
+            button.style.button_color = "transparent"
             button.on_click(lambda _, chosen=outlier: self.select(chosen))
-            items.append(_tagged(widgets.VBox([_image_widget(pixels, self.thumbnail, "ncis-outlier-image"),
-                                               button]), "ncis-outlier"))
+            cell = widgets.GridBox([image, button], layout=widgets.Layout(
+                grid_template_areas='"cell"', width=size, height=size))
+            caption = _tagged(widgets.HTML(outlier.caption(sep="<br>"), layout=widgets.Layout(width=size)),
+                              "ncis-outlier-caption")
+            items.append(_tagged(widgets.VBox([cell, caption], layout=widgets.Layout(
+                margin="2px", padding="2px", border="2px solid transparent")), "ncis-outlier"))
+            self._items[outlier.key] = items[-1]
         if not self.view.rendered:
             items = [_tagged(widgets.HTML(self.view.message), "ncis-gallery-empty")]
         self.gallery.children = items
@@ -596,23 +771,35 @@ class ClassExplorer(widgets.VBox):
         self.select(self.view.outliers[0] if self.view.outliers else None)
 
     def select(self, outlier: OutlierImage | None) -> None:
-        """Show ``outlier`` large beside its nearest ID training images (None: clear)."""
+        """Show ``outlier`` large beside its nearest ID training images, frame it in the gallery and
+        ring it on the map (None: clear)."""
+        self._draw_map(outlier)
+        for key, item in self._items.items():
+            chosen = outlier is not None and key == outlier.key
+            item.layout.border = "2px solid #d62728" if chosen else "2px solid transparent"
+            (item.add_class if chosen else item.remove_class)("ncis-selected")
         if outlier is None:
             self.detail_view = None
             self.detail.children = [widgets.HTML("no outlier selected")]
             return
         self.detail_view = outlier_detail(self.data, outlier, self.neighbours)
         neighbours = [widgets.VBox([_image_widget(pixels, self.thumbnail, "ncis-neighbour-image"),
-                                    widgets.HTML(f"#{j + 1} {nb.class_name}<br>d={nb.distance:.2f}")])
+                                    widgets.HTML(f"#{j + 1} {nb.class_name}<br>distance {nb.distance:.3g} (L2)")])
                       for j, (nb, pixels) in enumerate(zip(self.detail_view.neighbours,
                                                            self.detail_view.neighbour_pixels))]
         self.detail.children = [
             widgets.HTML(f"{_label(outlier.method)} outlier "
-                         f"<code>{outlier.file}</code> of class <b>{outlier.class_name}</b>, energy "
-                         f"{outlier.energy:.2f}; its {len(neighbours)} nearest real ID training images in "
-                         f"embedding space:"),
+                         f"<code>{outlier.file}</code> of class <b>{outlier.class_name}</b>: "
+                         f"{outlier.caption(sep=', ')}; its {len(neighbours)} nearest real ID training images "
+                         f"in embedding space (any class):"),
             widgets.HBox([_image_widget(self.detail_view.pixels, 3 * self.thumbnail, "ncis-detail-image"),
                           widgets.HBox(neighbours, layout=widgets.Layout(flex_flow="row wrap"))])]
+
+    def _draw_map(self, outlier: OutlierImage | None) -> None:
+        key = (self.class_dropdown.value, None if outlier is None else outlier.key)
+        if key not in self._map_png:
+            self._map_png[key] = _figure_png(class_map(self.data, key[0], selected=outlier))
+        self.map_image.value = self._map_png[key]
 
     def save(self) -> list[Path]:
         """Write the static twins of what is shown now under ``figures/``; returns their paths."""
