@@ -191,7 +191,8 @@ def _run_series(cfg, preset, out, overrides, stages, notebooks, kernel_name, pro
 @contextlib.contextmanager
 def _kernel_environment(notebook: Path) -> Iterator[None]:
     """The variables the notebook's kernel inherits (it is started with this process's environment)."""
-    values = {NOTEBOOK_ENV: str(notebook), HEADLESS_ENV: "1"}
+    # absolute: `make demo` names a relative run folder, and the kernel resolves only absolute paths
+    values = {NOTEBOOK_ENV: str(Path(notebook).resolve()), HEADLESS_ENV: "1"}
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         values[name] = os.environ.get(name, "error")
     previous = {name: os.environ.get(name) for name in values}

@@ -418,3 +418,16 @@ def test_a_headless_kernel_logs_into_the_run_folder_shows_one_line_and_draws_no_
     # (a library's own records reach the log only while its logger propagates: transformers stops
     # propagating once it configured its logging, so whether earlier tests imported it decides)
     assert "INFO ncis_core.stages.generate: an info line" in text and "WARNING ncis_core.stages.generate" in text
+
+
+def test_the_kernel_is_told_the_executed_copy_s_absolute_path(tmp_path, monkeypatch):
+    """`make demo` runs with --out outputs/demo (relative): the copy's path must reach the kernel
+    absolute, or start() cannot tell the run folder it sits in (make demo failed in notebook 00)."""
+    import os
+
+    from ncis_core.notebook import NOTEBOOK_ENV
+    from ncis_core.runner import _kernel_environment
+
+    monkeypatch.chdir(tmp_path)
+    with _kernel_environment(Path("outputs/demo/notebooks/00_data.ipynb")):
+        assert os.environ[NOTEBOOK_ENV] == str(tmp_path / "outputs/demo/notebooks/00_data.ipynb")
