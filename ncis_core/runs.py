@@ -351,10 +351,11 @@ _VERSIONED = ("torch", "diffusers", "transformers", "accelerate", "numpy", "scip
               "animal-mnist", "ncis-kit")
 
 
-def package_versions() -> dict[str, str | None]:
-    """Installed versions of the packages that shape a run's numbers (None when absent)."""
+def package_versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str | None]:
+    """Installed versions of ``names`` (default: the packages that shape a run's numbers; None when
+    absent)."""
     versions = {}
-    for name in _VERSIONED:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -404,13 +405,7 @@ def cache_key(inputs: dict[str, str], config: Any = None, versions: tuple[str, .
             return dataclasses.asdict(value)
         return str(value)
 
-    found = {}
-    for name in versions:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    payload = {"inputs": dict(inputs), "config": config, "versions": found}
+    payload = {"inputs": dict(inputs), "config": config, "versions": package_versions(tuple(versions))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=plain).encode()).hexdigest()[:24]
 
 
@@ -507,11 +502,10 @@ class RunDir:
 
     def stages_changed_by(self, before: ExperimentConfig) -> list[str]:
         """The stages whose config sections differ between ``before`` and this folder's config."""
-        old = RunDir(self.root, before)
-        return [name for name, stage in STAGES.items()
+        return [name for name in STAGES
                 if any(_section_hash(before, sec) != _section_hash(self.cfg, sec)
                        for sec in (*_COMMON_SECTIONS, *stage_sections(self.cfg, name),
-                                   *stage_sections(old.cfg, name)))]
+                                   *stage_sections(before, name)))]
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "RunDir":

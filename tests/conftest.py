@@ -27,3 +27,14 @@ def smoke_run_1_to_4(tmp_path_factory):
         return build_smoke_run(tmp_path_factory.mktemp("smoke-1-4") / "run")
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def restore_scores():
+    """The score registry as before the test (a test's toy score must not leak into others)."""
+    from ncis_core.scores import SCORES
+
+    saved = dict(SCORES)
+    yield
+    SCORES.clear()
+    SCORES.update(saved)

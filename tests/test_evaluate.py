@@ -205,15 +205,6 @@ def test_energy_sign_override(tmp_path, rule, sign):
     assert results["energy_sign"] == sign and rule in results["energy_sign_source"]
 
 
-@pytest.fixture
-def restore_scores():
-    """The score registry as before the test (a test's toy score must not leak into others)."""
-    saved = dict(SCORES)
-    yield
-    SCORES.clear()
-    SCORES.update(saved)
-
-
 def test_a_score_defined_in_a_test_runs_through_stage6_without_editing_the_package(tmp_path, restore_scores):
     @register_score
     class NegativeL1(Score):

@@ -34,15 +34,6 @@ def model_and_x():
     return Linear(), torch.randn(5, 3, 2, 2)
 
 
-@pytest.fixture
-def restore_scores():
-    """The registry as it was before the test, whatever the test registered or removed."""
-    saved = dict(SCORES)
-    yield
-    SCORES.clear()
-    SCORES.update(saved)
-
-
 def _batches(x, y, size=16):
     return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
 
