@@ -35,11 +35,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .config import ExperimentConfig, load_run_config
 from .metrics import METRIC_KEYS
 from . import outliers as registry
 from .outliers.sources import outlier_image_folder, render_outliers
+from .progress import bar_options
 from .runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_write_json, atomic_write_text,
                    cache_key, content_hash, write_lock)
 from .stages import evaluate as stage6
@@ -134,10 +136,17 @@ def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progres
     config continues; one of another config is discarded).
     ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained.
     ``trained``: ``folder`` already holds this training (``compare``'s vectorised pass)."""
-    done = folder / "results" / "metrics.json"
+    done = _train(cfg, run, folder, progress, reuse, trained)
+    return done if done is not None else _evaluate(cfg, folder, progress)
+
+
+def _train(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool, reuse: Path | None,
+           trained: bool) -> dict | None:
+    """The results when ``folder`` is complete; otherwise its classifier (copied, trained or left
+    by a vectorised pass) is made ready for :func:`_evaluate` and None returned."""
     fingerprint = _fingerprint(cfg, run)
     if _complete(folder, fingerprint):
-        return json.loads(done.read_text())
+        return json.loads((folder / "results" / "metrics.json").read_text())
     _claim(folder, fingerprint)
     if reuse is not None:
         log.info("compare: reusing the run's stage-5 classifier (%s): the same training", reuse)
@@ -145,10 +154,50 @@ def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progres
             shutil.copy2(reuse / name, folder / name)
     elif not trained:
         stage5.train(cfg, run, folder=folder, progress=progress)
+    return None
+
+
+def _evaluate(cfg: ExperimentConfig, folder: Path, progress: bool, splits=None) -> dict:
+    """Stage 6 on ``folder``'s classifier into ``folder/results`` (``splits``: the datasets, when
+    the caller built them once for many classifiers)."""
     bundle = stage5.load_classifier(folder / "best.safetensors")
-    results, raw = stage6.evaluate(cfg, bundle, progress=progress)
+    results, raw = stage6.evaluate(cfg, bundle, progress=progress, splits=splits)
     stage6.write_results(folder / "results", results, raw)
     return results
+
+
+def _evaluate_many(jobs: list[tuple[ExperimentConfig, Path]], progress: bool) -> list[dict]:
+    """:func:`_evaluate` for every ``(cfg, folder)`` (one data config), the datasets built once.
+    On the CPU the evaluations run side by side on worker threads of one intra-op thread each, as
+    ``train_many``'s threaded engine trains (a small network's kernels do not keep two cores busy;
+    each evaluation is the same arithmetic whatever thread runs it)."""
+    if not jobs:
+        return []
+    import torch
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .data import build_splits
+    from .device import resolve_device
+
+    splits = build_splits(jobs[0][0].data)
+    workers = min(torch.get_num_threads(), len(jobs))
+    if workers < 2 or resolve_device(jobs[0][0].run.device).type != "cpu":
+        return [_evaluate(cfg, folder, progress, splits) for cfg, folder in jobs]
+    log.info("compare: evaluating %d classifiers on %d threads", len(jobs), workers)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # process-wide: every worker's kernels on one thread
+    bar = tqdm(total=len(jobs), desc="evaluating classifiers", **bar_options(progress))
+    try:
+        def one(job):
+            result = _evaluate(*job, progress=False, splits=splits)
+            bar.update()
+            return result
+
+        with ThreadPoolExecutor(workers, thread_name_prefix="compare-evaluate") as pool:
+            return list(pool.map(one, jobs))
+    finally:
+        bar.close()
+        torch.set_num_threads(previous)
 
 
 def _train_together(jobs: list[tuple[ExperimentConfig, RunDir, Path]], progress: bool = True) -> set[Path]:
@@ -429,12 +478,17 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
                          stage5_twin(base, run, method, seed)))
     trained = _train_together([(cfg, run_dir, f) for _, _, cfg, run_dir, f, reuse in jobs if reuse is None],
                               progress)
+    # the trainings left (none when every one shared a vectorised pass), then the evaluations
+    results_of: dict[Path, dict] = {}
+    for method, seed, cfg, run_dir, job_folder, reuse in jobs:
+        done = _train(cfg, run_dir, job_folder, progress, reuse, trained=job_folder in trained)
+        if done is not None:
+            results_of[job_folder] = done
+    pending = [(cfg, job_folder) for _, _, cfg, _, job_folder, _ in jobs if job_folder not in results_of]
+    results_of.update(zip([f for _, f in pending], _evaluate_many(pending, progress)))
     per_run: dict[str, list[dict]] = {}
     for method, seed, cfg, run_dir, job_folder, reuse in jobs:
-        log.info("compare: method %s, seed %d", method, seed)
-        results = train_and_evaluate(cfg, run_dir, job_folder, progress, reuse=reuse,
-                                     trained=job_folder in trained)
-        per_run.setdefault(method, []).append(results)
+        per_run.setdefault(method, []).append(results_of[job_folder])
     score = base.evaluate.score
     rows = aggregate(per_run, score)
     convention = next(iter(per_run.values()))[0]["convention"]

@@ -215,3 +215,40 @@ def test_forest_plot_and_method_gallery(tmp_path):
     assert rows[1][0][0, 0, 0] == 206 and rows[0][1][0, 0, 0] == 47
     assert len(plot_method_gallery(methods, rows, seeds).axes) == 4
     plt.close("all")
+
+
+@pytest.mark.slow
+def test_evaluations_on_worker_threads_equal_the_one_at_a_time_results(smoke_run, tmp_path):
+    """compare evaluates its classifiers side by side on threads (one intra-op thread each, the
+    datasets built once): the same numbers as each evaluated alone."""
+    import shutil
+
+    import torch
+
+    from ncis_core import compare as compare_module
+    from ncis_core.config import load_run_config
+
+    if not (smoke_run / "compare" / "none" / "seed1" / "best.safetensors").exists():
+        compare("smoke", smoke_run, ["none", "ncis"], [0, 1], OVERRIDES, progress=False)
+    jobs, alone = [], []
+    for method in ("none", "ncis"):
+        for seed in (0, 1):
+            source = smoke_run / "compare" / method / f"seed{seed}"
+            folder = tmp_path / method / f"seed{seed}"
+            folder.mkdir(parents=True)
+            shutil.copy2(source / "best.safetensors", folder)
+            cfg = load_run_config("smoke", [*OVERRIDES, f"classifier.outliers={method}", f"classifier.seed={seed}"],
+                                  out=str(smoke_run))
+            jobs.append((cfg, folder))
+            alone.append(compare_module._evaluate(cfg, source, progress=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = compare_module._evaluate_many(jobs, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    for a, b in zip(alone, together):
+        assert a["rows"] == b["rows"] and a["id_accuracy"] == b["id_accuracy"]
+    for _, folder in jobs:
+        assert (folder / "results" / "metrics.json").exists()

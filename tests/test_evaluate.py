@@ -272,3 +272,54 @@ def test_knn_in_stage6_is_set_up_on_the_training_split_with_the_evaluation_trans
     test /= np.linalg.norm(test, axis=1, keepdims=True)
     expected = [-np.sort(((train - q) ** 2).sum(1))[2] for q in test]
     np.testing.assert_allclose(raw["knn/id-test"], expected, rtol=1e-5, atol=1e-6)
+
+
+class _Counting(nn.Module):
+    """A small random CNN (logits and features) that counts its forward passes."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        from ncis_core.models.resnet import SmallNet
+
+        self.net, self.calls = SmallNet(6, width=4).eval(), 0
+
+    def forward(self, x, return_features=False):
+        self.calls += 1
+        return self.net(x, return_features=return_features)
+
+
+def test_all_scores_of_a_batch_share_one_forward_pass_and_equal_each_score_alone(tmp_path):
+    """The fix of stage 6 running the network once per score (and once more for the accuracy):
+    every score and the accuracy now come from one forward pass per batch, with the same numbers
+    as each score computed on its own over the unshared network, batch by batch (the old way).
+    ODIN (gradients, a perturbed input) still runs the network itself."""
+    cfg = _cfg(tmp_path, "evaluate.extra_scores=[msp,maxlogit,mahalanobis,knn,odin]", "evaluate.batch_size=7")
+    model = _Counting()
+    results, raw = stage6.evaluate(cfg, ClassifierBundle(model, EnergyHead("monotone"), {"slope": 1.0}),
+                                   progress=False)
+    splits = {s.name: s for s in stage6.build_splits(cfg.data)}
+    scored = [splits[name] for name in ("id-test", "texture_crops", "faces")]
+    batches = sum(-(-len(s.dataset) // 7) for s in scored)
+    train_batches = -(-len(splits["id-train"].dataset) // 7)
+    # setup: mahalanobis and knn read the training split (one pass each); scoring: one shared pass
+    # per batch plus ODIN's own two (perturbation gradient, perturbed input) per batch
+    assert model.calls == 2 * train_batches + batches + 2 * batches
+
+    scores = stage6.build_scores(cfg, 1.0)
+    loader = stage6._OnDevice(stage6._loader(splits["id-train"], cfg), torch.device("cpu"), "", False)
+    for name in ("mahalanobis", "knn"):
+        scores[name].setup(model.net, loader)
+    correct = total = 0
+    for split in scored:
+        data = stage6._Normalised(split, cfg)
+        images = torch.stack([data[i][0] for i in range(len(data))])
+        labels = torch.tensor([data[i][1] for i in range(len(data))])
+        for name, score_fn in scores.items():
+            alone = torch.cat([score_fn(model.net, images[i:i + 7]).double() for i in range(0, len(images), 7)])
+            np.testing.assert_array_equal(raw[f"{name}/{split.name}"], alone.numpy(), err_msg=name)
+        if split.name == "id-test":
+            with torch.no_grad():
+                correct = (model.net(images).argmax(1) == labels).sum().item()
+            total = len(labels)
+    assert results["id_accuracy"] == correct / total

@@ -49,7 +49,10 @@ class Score:
 
     ``model`` is a classifier returning logits, and ``(logits, features)`` with
     ``return_features=True`` (penultimate features; every network of :mod:`ncis_core.models.resnet`);
-    ``images`` is a normalised ``B × 3 × H × W`` batch on the model's device.
+    ``images`` is a normalised ``B × 3 × H × W`` batch on the model's device. Stage 6 runs the network
+    once per batch for all its scores: a gradient-free call on the batch's own ``images`` returns
+    the outputs computed for the first one, so treat them as read-only (no in-place operations);
+    a call with gradients on, or on another tensor (ODIN's perturbed input), runs the network.
     """
 
     name: ClassVar[str] = ""

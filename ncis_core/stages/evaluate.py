@@ -82,23 +82,56 @@ class _OnDevice:
             yield images.to(self.device), labels
 
 
+class _OneForwardPerBatch:
+    """``model`` for the scores of one batch (:meth:`start` names it): the first gradient-free call
+    on the batch computes the logits and the features, and every later gradient-free call on it
+    gets them back (the logit scores, the kNN features and the accuracy of a batch cost one forward
+    pass instead of one each). A call on another tensor (ODIN's perturbed input) or with gradients
+    on runs the network itself and leaves the batch's outputs alone. Attributes are the model's."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model, self._images, self._outputs = model, None, None
+
+    def start(self, images: torch.Tensor) -> torch.Tensor:
+        self._images, self._outputs = images, None
+        return images
+
+    def __call__(self, images: torch.Tensor, return_features: bool = False):
+        if images is not self._images or torch.is_grad_enabled():
+            return self.model(images, return_features=return_features)
+        if self._outputs is None:
+            self._outputs = self.model(images, return_features=True)
+        return self._outputs if return_features else self._outputs[0]
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
 def score_split(model: torch.nn.Module, score_fn, split: Split, cfg: ExperimentConfig,
                 device: torch.device, progress: bool = True) -> np.ndarray:
     """Scores (higher = more ID) of every image of ``split``, in order, as float64."""
-    out = []
-    for images, _ in tqdm(_loader(split, cfg), desc=f"{score_fn.name} · {split.name}", leave=False,
-                          **bar_options(progress)):
-        out.append(score_fn(model, images.to(device)).double().cpu())
-    return torch.cat(out).numpy()
+    return _score_batches(model, {score_fn.name: score_fn}, split, cfg, device, progress)[0][score_fn.name]
 
 
-@torch.no_grad()
-def _accuracy(model, split: Split, cfg: ExperimentConfig, device) -> float:
+def _score_batches(model: torch.nn.Module | None, scores: dict, split: Split, cfg: ExperimentConfig,
+                   device: torch.device, progress: bool) -> tuple[dict[str, np.ndarray], float | None]:
+    """Every score of ``scores`` on ``split`` (name → scores, in order, float64) and the top-1
+    accuracy of the model's logits on the split's labels, in one pass over its images with one
+    forward pass per batch for all of them (:class:`_OneForwardPerBatch`)."""
+    shared = _OneForwardPerBatch(model) if model is not None else None
+    out: dict[str, list] = {name: [] for name in scores}
     correct = total = 0
-    for images, labels in _loader(split, cfg):
-        correct += (model(images.to(device)).argmax(1).cpu() == labels).sum().item()
+    for images, labels in tqdm(_loader(split, cfg), desc=f"{', '.join(scores)} · {split.name}", leave=False,
+                               **bar_options(progress)):
+        images = images.to(device) if shared is None else shared.start(images.to(device))
+        for name, score_fn in scores.items():
+            out[name].append(score_fn(shared, images).double().cpu())
+        if shared is not None:
+            with torch.no_grad():
+                correct += (shared(images).argmax(1).cpu() == labels).sum().item()
         total += len(labels)
-    return correct / max(total, 1)
+    accuracy = correct / max(total, 1) if shared is not None else None
+    return {name: torch.cat(parts).numpy() for name, parts in out.items()}, accuracy
 
 
 def energy_sign(rule: str, slope: float | None) -> tuple[float, str]:
@@ -156,9 +189,10 @@ def _mean_rows(rows: list[dict], score: str) -> list[dict]:
     return means
 
 
-def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = True
-             ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Evaluate a classifier on the preset's ID test and OOD sets.
+def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = True,
+             splits: list[Split] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """Evaluate a classifier on the preset's ID test and OOD sets (``splits``: ``build_splits(cfg.data)``
+    when the caller built them once for many classifiers; read-only, so threads may share them).
 
     Returns:
         ``(results, raw_scores)``: ``results`` holds the convention, the ID accuracy, the energy
@@ -167,7 +201,7 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
     """
     device = resolve_device(cfg.run.device)
     model = bundle.model.to(device).eval()
-    splits = build_splits(cfg.data)
+    splits = build_splits(cfg.data) if splits is None else splits
     id_test = next(s for s in splits if s.role == "id-test")
     trained_on = bundle.meta.get("classes")
     if trained_on is not None and list(trained_on) != list(id_test.classes):
@@ -185,11 +219,17 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
         loader = _loader(train, cfg)
         for name in to_set_up:
             scores[name].setup(model, _OnDevice(loader, device, f"{name} · setup on {train.name}", progress))
+    # each split read once; all scores of a batch (and the ID accuracy) from one forward pass
+    by_split = {}
+    for split in [id_test, *ood]:
+        by_split[split.name], split_accuracy = _score_batches(model, scores, split, cfg, device, progress)
+        if split is id_test:
+            accuracy = split_accuracy
     rows, raw = [], {}
-    for name, score_fn in scores.items():
-        raw[f"{name}/{id_test.name}"] = id_scores = score_split(model, score_fn, id_test, cfg, device, progress)
+    for name in scores:
+        raw[f"{name}/{id_test.name}"] = id_scores = by_split[id_test.name][name]
         for split in ood:
-            raw[f"{name}/{split.name}"] = ood_scores = score_split(model, score_fn, split, cfg, device, progress)
+            raw[f"{name}/{split.name}"] = ood_scores = by_split[split.name][name]
             rows.append({"score": name, "set": split.name, "role": split.role,
                          **ood_metrics(id_scores, ood_scores, positive=e.positive,
                                                      fpr95_rule=e.fpr95_rule)})
@@ -197,7 +237,7 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
     results = {
         "positive": e.positive, "convention": CONVENTIONS[e.positive], "main_score": e.score,
         "fpr95_rule": e.fpr95_rule,
-        "id_accuracy": _accuracy(model, id_test, cfg, device), "energy_sign": sign,
+        "id_accuracy": accuracy, "energy_sign": sign,
         "energy_sign_source": sign_source,
         "score_args": {name: score_arguments(name, e.score_args.get(name)) for name in scores},
         "slope": bundle.slope, "classifier": {k: v for k, v in bundle.meta.items() if k != "classes"},
