@@ -75,6 +75,25 @@ def test_compare_smoke_times_one_at_a_time_and_vectorised(tmp_path):
     assert out["identical_classifier_files"] == 4
 
 
+def test_seed_spread_smoke_runs_compare_per_training_length(smoke_run_1_to_4, tmp_path):
+    out = _run("seed_spread.py", "--smoke", "--run", str(smoke_run_1_to_4), "--work", str(tmp_path / "work"),
+               tmp_path=tmp_path)
+    assert out["benchmark"] == "seed_spread" and set(out["by_epochs"]) == {"1", "2"}
+    for entry in out["by_epochs"].values():
+        assert entry["seconds"] > 0 and entry["seconds_per_training"] > 0
+        assert set(entry["methods"]) == {"none", "ncis"}
+        row = entry["paired"]["ncis - none"]["mean (all)"]
+        assert row["std"] >= 0 and row["detectable_at_plan_seeds"] >= 0 and row["efficiency"] >= 0
+    # a second look reads the results the first left, running nothing
+    again = _run("seed_spread.py", "--smoke", "--run", str(smoke_run_1_to_4), "--work", str(tmp_path / "work"),
+                 "--read-only", tmp_path=tmp_path)
+    for e, v in again["by_epochs"].items():
+        assert v["methods"] == out["by_epochs"][e]["methods"] and v["seconds"] is None
+        first = out["by_epochs"][e]["paired"]["ncis - none"]
+        assert {k: (r["mean"], r["std"]) for k, r in v["paired"]["ncis - none"].items()} == \
+            {k: (r["mean"], r["std"]) for k, r in first.items()}
+
+
 SMOKE = {
     "bench_classifier.py": "classifier",
     "bench_cvpn.py": "cvpn",
@@ -88,7 +107,7 @@ SMOKE = {
 def test_every_benchmark_has_a_smoke_mode_that_a_test_runs():
     scripts = {p.name for p in (ROOT / "benchmarks").glob("*.py")}
     assert scripts == set(SMOKE) | {"rehearse_paper.py", "gpu_check.py", "bench_knn_boundary.py",
-                                    "bench_compare.py"}
+                                    "bench_compare.py", "seed_spread.py"}
     for name in scripts:
         assert "--smoke" in (ROOT / "benchmarks" / name).read_text(), name
 
