@@ -54,12 +54,14 @@ log = logging.getLogger(__name__)
 
 
 def _config_text(cfg: ExperimentConfig) -> str:
-    """The config as YAML without its ``compare`` section: how the trainings run (``max_parallel``)
-    is not what they compute, so changing it leaves the results current."""
+    """The config as YAML without its ``compare`` section and ``run.out``: how the trainings run
+    (``max_parallel``) and where the folder lies are not what they compute, so changing them (a
+    moved or copied run folder) leaves the results current."""
     from omegaconf import OmegaConf
 
     tree = OmegaConf.to_container(OmegaConf.structured(cfg))
     tree.pop("compare", None)
+    tree["run"].pop("out", None)
     return OmegaConf.to_yaml(tree)
 
 

@@ -252,3 +252,27 @@ def test_evaluations_on_worker_threads_equal_the_one_at_a_time_results(smoke_run
         assert a["rows"] == b["rows"] and a["id_accuracy"] == b["id_accuracy"]
     for _, folder in jobs:
         assert (folder / "results" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_a_moved_run_folder_keeps_its_compare_results(smoke_run, tmp_path, monkeypatch):
+    """The results' fingerprint held run.out, so a copied or moved folder retrained every (method,
+    seed) of compare; where the folder lies is not what a training computes."""
+    import shutil
+
+    from ncis_core.stages import train_classifier as stage5
+    from ncis_core.stages import train_many
+
+    if not (smoke_run / "compare" / "ncis" / "seed1" / "results" / "metrics.json").exists():
+        compare("smoke", smoke_run, ["none", "ncis"], [0, 1], OVERRIDES, progress=False)
+    before = compare("smoke", smoke_run, ["none", "ncis"], [0, 1], OVERRIDES, progress=False)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(smoke_run, moved)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("compare retrained a finished (method, seed) of the moved folder")
+
+    monkeypatch.setattr(stage5, "train", refuse)
+    monkeypatch.setattr(train_many, "train_many", refuse)
+    after = compare("smoke", moved, ["none", "ncis"], [0, 1], OVERRIDES, progress=False)
+    assert after["rows"] == before["rows"]
