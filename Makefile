@@ -38,7 +38,7 @@ $(STAMP)-lab: $(STAMP)
 # The whole pipeline on the embedded demo world: notebooks 00-05, the comparison of outlier methods
 # over seeds (its ncis seed-0 run is stage 5's own training, copied), then notebooks 06 and 07, after
 # compare so that they show the comparison table and the other methods' images.
-DEMO_SEEDS ?= 0,1,2
+DEMO_SEEDS ?= 0,1,2,3,4,5,6,7,8,9
 DEMO_METHODS ?= none,idgen,linear,ncis,knn_boundary
 demo: setup
 	@start=$$(date +%s); set -e; \
