@@ -34,10 +34,11 @@ Two engines make the G optimizer steps of a pass:
   on the 2-core CPU of this project (torch 2.13, oneDNN): a grouped convolution costs per model what
   a separate one does (NCHW: about twice as much; channels-last: no less than the separate
   channels-last network), so packing buys nothing there, while one small network cannot keep two
-  cores busy and G independent steps can. Same kernels on the same thread count: the same bits as
-  ``train()`` (any change of rounding — channels-last, another thread count, grouping — moves the
-  weights by ~1e-6 per step, and where an activation sits at a ReLU or max-pool kink that grows to
-  ~1e-3 within a few steps, for ``train()`` against itself as much).
+  cores busy and G independent steps can. Same kernels (``train()``'s channels-last layout,
+  ``stage5.MEMORY_FORMAT``) on the same thread count: the same bits as ``train()`` (any change of
+  rounding — another memory layout, another thread count, grouping — moves the weights by ~1e-6 per
+  step, and where an activation sits at a ReLU or max-pool kink that grows to ~1e-3 within a few
+  steps, for ``train()`` against itself as much).
 
 What can share a pass: one architecture and one classifier config except the per-model fields
 (:data:`PER_MODEL`: seed, outlier source) — :func:`shared_key` — and the same composition of the
