@@ -17,7 +17,8 @@ for the same config; the one (method, seed) that is the run's own stage 5 (same 
 seed, still current) is copied from ``classifier/`` rather than trained again. The trainings of one
 architecture run together in vectorised passes (:mod:`ncis_core.stages.train_many`: each model
 trains exactly as it would alone; ``compare.max_parallel`` models per pass, 1 for one at a time).
-Writes ``DIR/compare/table.md`` and ``table.csv``.
+Writes ``DIR/compare/table.md`` and ``table.csv`` (and ``summary.json``; ``times.json``: where the
+time went).
 
 Every method trains with the same seeds, and a seed fixes the initialisation and the data order, so
 runs with one seed are paired: :func:`paired_differences` compares two methods seed by seed (mean
@@ -32,6 +33,7 @@ import io
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -468,16 +470,20 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
         run = RunDir.open(run.root)
     folder = run.path("compare_dir")
     jobs = []
+    clock = time.perf_counter()
     for method in methods:
         produces = registry.get_method(method).produces
         if produces != registry.NOTHING and not (produces == registry.EMBEDDINGS
                                                  and method == base.sample.method):
             render_outliers(base, run, method, progress=progress)
+    seconds = {"render": time.perf_counter() - clock}
+    for method in methods:
         for seed in seeds:
             cfg = load_run_config(preset, [*overrides, f"classifier.outliers={method}", f"classifier.seed={seed}"],
                                   out=str(out))
             jobs.append((method, seed, cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}",
                          stage5_twin(base, run, method, seed)))
+    started = time.perf_counter()
     trained = _train_together([(cfg, run_dir, f) for _, _, cfg, run_dir, f, reuse in jobs if reuse is None],
                               progress)
     # the trainings left (none when every one shared a vectorised pass), then the evaluations
@@ -487,7 +493,12 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
         if done is not None:
             results_of[job_folder] = done
     pending = [(cfg, job_folder) for _, _, cfg, _, job_folder, _ in jobs if job_folder not in results_of]
+    seconds["train"] = time.perf_counter() - started
+    waiting = {f for _, f in pending}
+    trained_now = sum(1 for *_, job_folder, reuse in jobs if job_folder in waiting and reuse is None)
+    started = time.perf_counter()
     results_of.update(zip([f for _, f in pending], _evaluate_many(pending, progress)))
+    seconds["evaluate"] = time.perf_counter() - started
     per_run: dict[str, list[dict]] = {}
     for method, seed, cfg, run_dir, job_folder, reuse in jobs:
         per_run.setdefault(method, []).append(results_of[job_folder])
@@ -533,4 +544,11 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
                          for seed, res in zip(seeds, results)] for method, results in per_run.items()}
     atomic_write_json(folder / "summary.json", {"methods": methods, "seeds": seeds, "score": score, "rows": rows,
                                                 "paired": paired, "per_seed": per_seed, "pixel_shift": shifts})
+    # where the time went, apart from the results (which are the same bytes on every run)
+    seconds["total"] = time.perf_counter() - clock
+    atomic_write_json(folder / "times.json", {**{k: round(v, 1) for k, v in seconds.items()},
+                                              "trainings": trained_now, "evaluations": len(pending)})
+    log.info("compare: %.0f s (rendering the methods' images %.0f s, training %d classifiers %.0f s, "
+             "evaluating %d %.0f s): %s", seconds["total"], seconds["render"], trained_now, seconds["train"],
+             len(pending), seconds["evaluate"], folder / "table.md")
     return {"rows": rows, "per_run": per_run, "paired": paired, "pixel_shift": shifts}

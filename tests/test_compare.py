@@ -35,6 +35,8 @@ def test_compare_on_smoke(smoke_run):
         assert [(i["file"], i["seed"]) for i in other] == [(i["file"], i["seed"]) for i in ncis]
     assert {s["method"] for s in result["pixel_shift"]} == {"linear", "ncis"}
     assert {p["method"] for p in result["paired"]} == {"none", "linear", "ncis"}
+    times = json.loads((smoke_run / "compare" / "times.json").read_text())
+    assert times["trainings"] == times["evaluations"] == 8 and times["total"] >= times["train"] > 0
     # rerun: every (method, seed) is complete and current, nothing is retrained
     mtime = (smoke_run / "compare" / "ncis" / "seed0" / "best.safetensors").stat().st_mtime
     again = compare("smoke", smoke_run, ["none", "idgen", "linear", "ncis"], [0, 1], OVERRIDES, progress=False)
@@ -276,3 +278,5 @@ def test_a_moved_run_folder_keeps_its_compare_results(smoke_run, tmp_path, monke
     monkeypatch.setattr(train_many, "train_many", refuse)
     after = compare("smoke", moved, ["none", "ncis"], [0, 1], OVERRIDES, progress=False)
     assert after["rows"] == before["rows"]
+
+
