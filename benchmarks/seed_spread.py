@@ -46,7 +46,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 
-from ncis_core.compare import compare, detectable_difference  # noqa: E402
+from ncis_core.compare import compare, detectable_difference, paired_differences  # noqa: E402
 from ncis_core.config import load_run_config  # noqa: E402
 
 log = logging.getLogger("seed_spread")
@@ -78,15 +78,13 @@ def spread(per_run: dict[str, list[dict]], methods: list[str], score: str, plan_
         accuracy = 100 * np.array([res["id_accuracy"] for res in per_run[method]])
         out["methods"][method]["id_accuracy"] = {"mean": round(float(accuracy.mean()), 2),
                                                  "std": round(float(accuracy.std(ddof=1)), 2)}
-    reference = methods[0]
-    for method in methods[1:]:
-        out["paired"][f"{method} - {reference}"] = rows = {}
-        for name in SETS:
-            diffs = 100 * np.array([auroc(a, name, score) - auroc(b, name, score)
-                                    for a, b in zip(per_run[method], per_run[reference])])
-            std = float(diffs.std(ddof=1))
-            rows[name] = {"mean": round(float(diffs.mean()), 2), "std": round(std, 2),
-                          "detectable_at_plan_seeds": round(detectable_difference(std, plan_seeds, 0.05), 2)}
+    # the seed-by-seed differences of compare's own paired table; only the detectable difference is
+    # given for --plan-seeds rather than for the seeds run
+    for row in paired_differences(per_run, score, methods[0], sets=SETS, metrics=("auroc",)):
+        std = 100 * row["std"]
+        out["paired"].setdefault(f"{row['method']} - {methods[0]}", {})[row["set"]] = {
+            "mean": round(100 * row["mean"], 2), "std": round(std, 2),
+            "detectable_at_plan_seeds": round(detectable_difference(std, plan_seeds, 0.05), 2)}
     return out
 
 
@@ -153,7 +151,7 @@ def main(argv=None) -> None:
                 for row in rows.values():
                     row["efficiency"] = round(row["std"] * per_training ** 0.5, 2) if per_training else None
             line["by_epochs"][str(epochs)] = entry
-            log.info("epochs %d: %.0f s, paired std %s", epochs, seconds,
+            log.info("epochs %d: %s s, paired std %s", epochs, entry["seconds"],
                      {k: {s: r["std"] for s, r in v.items()} for k, v in entry["paired"].items()})
     line.update({"note": "a standard deviation from n seeds has a 95 % interval of about "
                          f"{_chi_interval(len(seeds))} times itself: only clear differences rank the lengths",
