@@ -181,27 +181,25 @@ def _evaluate_many(jobs: list[tuple[ExperimentConfig, Path]], progress: bool) ->
     from concurrent.futures import ThreadPoolExecutor
 
     from .data import build_splits
-    from .device import resolve_device
+    from .device import intra_op_threads, resolve_device
 
     splits = build_splits(jobs[0][0].data)
     workers = min(torch.get_num_threads(), len(jobs))
     if workers < 2 or resolve_device(jobs[0][0].run.device).type != "cpu":
         return [_evaluate(cfg, folder, progress, splits) for cfg, folder in jobs]
     log.info("compare: evaluating %d classifiers on %d threads", len(jobs), workers)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # process-wide: every worker's kernels on one thread
     bar = tqdm(total=len(jobs), desc="evaluating classifiers", **bar_options(progress))
-    try:
-        def one(job):
-            result = _evaluate(*job, progress=False, splits=splits)
-            bar.update()
-            return result
 
-        with ThreadPoolExecutor(workers, thread_name_prefix="compare-evaluate") as pool:
+    def one(job):
+        result = _evaluate(*job, progress=False, splits=splits)
+        bar.update()
+        return result
+
+    try:
+        with intra_op_threads(1), ThreadPoolExecutor(workers, thread_name_prefix="compare-evaluate") as pool:
             return list(pool.map(one, jobs))
     finally:
         bar.close()
-        torch.set_num_threads(previous)
 
 
 def _train_together(jobs: list[tuple[ExperimentConfig, RunDir, Path]], progress: bool = True) -> set[Path]:

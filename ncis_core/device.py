@@ -10,13 +10,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 
 import numpy as np
 import torch
 
-__all__ = ["resolve_device", "seed_everything", "process_state", "broadcast"]
+__all__ = ["resolve_device", "seed_everything", "process_state", "broadcast", "intra_op_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +72,16 @@ def broadcast(state, values: list) -> list:
 
         broadcast_object_list(values)
     return values
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """Run torch's CPU kernels on ``count`` intra-op threads inside the block, then restore the
+    previous count. Process-wide (torch has one setting), so it is how the kit runs W small jobs side
+    by side on W worker threads: each kernel on one thread, the W jobs on the W cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -279,3 +279,37 @@ def test_every_hint_for_a_damaged_outlier_image_works_when_followed(smoke_run_1_
     assert damaged.read_bytes() == original
     run = RunDir.open(root)
     assert {s.stage: s.state for s in run.status()}["classifier"] == "current"
+
+
+def test_batches_drawn_side_by_side_equal_one_thread_drawing_them_in_turn(tmp_path, monkeypatch):
+    """On the CPU a small pipeline's batches are drawn on worker threads, each with its own copy of
+    the pipeline (sharing one races: the scheduler's step, the class token's rows). The files equal,
+    byte for byte, those of one thread drawing the batches in turn, and each batch is reported in plan
+    order after its files are written."""
+    import threading
+
+    from ncis_core.device import intra_op_threads
+
+    calls, reported = [], []
+    real = generate.generate_images
+
+    def spy(pipe, *args, **kwargs):
+        calls.append((threading.current_thread().name, id(pipe)))
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_images", spy)
+    trees = {}
+    for threads in (1, 2):
+        cfg, run = prepared(tmp_path / f"threads{threads}")
+        calls.clear()
+        with intra_op_threads(threads):
+            pipe, _ = generate.prepare(cfg, NAMES)
+            assert generate.render_workers(pipe, 3) == threads
+            generate.run(cfg, run, progress=False, on_batch_end=lambda b: reported.append(
+                (threads, b, len(list(run.path("outliers_dir").rglob("*.png"))))))
+        trees[threads] = {p.relative_to(run.root).as_posix(): p.read_bytes()
+                          for p in sorted(run.path("outliers_dir").rglob("*.png"))}
+        assert len({pipe_id for _, pipe_id in calls}) == threads  # one pipeline per worker
+        assert all(name.startswith("render") for name, _ in calls) == (threads == 2)
+    assert len(trees[1]) == 12 and trees[1] == trees[2]
+    assert reported == [(t, b, 4 * (b + 1)) for t in (1, 2) for b in range(3)]
