@@ -16,6 +16,14 @@ byte-identical between the two (all of them when both sides run their kernels on
 of intra-op threads: ``--sequential-threads 1``), and the 1-minute load average at start and end
 (the machine is shared: timings move with the load).
 
+The roofline (``roofline``): what the machine allows at best. ``peak_gflops_per_thread`` is a
+measured float32 matrix product (2048², one intra-op thread, best of 5: the fastest arithmetic this
+CPU does); each block's ``training_gflop`` counts the classifiers' arithmetic (FLOPs of a training
+step per image, :func:`ncis_core.flops.classifier_flops`, × images per step × steps), and
+``bound_seconds`` is that arithmetic on every core at that peak with nothing else costing anything
+(no BatchNorm, pooling, data or optimizer). ``best_possible_speedup_12`` = one at a time ÷ the
+bound of the 12: no engine can beat it on this machine; ``share_of_peak`` = bound ÷ measured.
+
 ``--smoke``: the smoke preset and a folder of random PNGs as the outlier source (no run folder
 needed): ``none`` and ``folder`` × 2 seeds, one smoke epoch, both ways; seconds on 2 CPU cores.
 
@@ -92,6 +100,55 @@ def vectorised(jobs, threads: int) -> dict:
     log.info("vectorised: %d trainings in %.1f s (%d passes)", len(jobs), seconds, len(passes))
     return {"trainings": len(jobs), "seconds": round(seconds, 2), "max_parallel": size, "torch_threads": threads,
             "passes": passes, "data_wait_share": round(wait / max(wall, 1e-9), 4)}
+
+
+def peak_gflops_per_thread(size: int = 2048, repeats: int = 5) -> float:
+    """The float32 matrix product's rate on one intra-op thread, best of ``repeats`` (GFLOP/s)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(size, size), torch.randn(size, size)
+        a @ b  # warm-up: the library's first call sets up its kernels
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(previous)
+    return 2 * size ** 3 / best / 1e9
+
+
+def training_gflop(jobs) -> float:
+    """The classifiers' arithmetic of ``jobs`` (GFLOP): per training, the FLOPs of a training step
+    per image × the images of a step (ID batch, and for a method with outliers the generated ID and
+    outlier batches) × its steps (``epochs`` × the ID loader's batches)."""
+    from ncis_core.data import get_split
+    from ncis_core.flops import classifier_flops
+
+    total = 0.0
+    for cfg, run_dir, _ in jobs:
+        c = cfg.classifier
+        split = get_split(cfg.data, "id-train")
+        flops = classifier_flops(c.arch, len(split.classes), cfg.data.image_size, c.width, training=True)
+        n = len(split.dataset)
+        steps = c.epochs * (n // c.batch_size if c.drop_last and n > c.batch_size else -(-n // c.batch_size))
+        images = c.batch_size
+        if stage5._outlier_folder(cfg, run_dir) is not None:
+            images += c.outlier_batch_size * (2 if c.id_generated != "none" else 1)
+        total += (flops["forward"] + flops["backward"]) * images * steps / 1e9
+    return total
+
+
+def roofline(blocks: dict, peak: float) -> dict:
+    """The bound of each measured block (see the module's docstring)."""
+    cores = os.cpu_count() or 1
+    out = {"peak_gflops_per_thread": round(peak, 1), "cores": cores}
+    for name, (gflop, seconds) in blocks.items():
+        bound = gflop / (cores * peak)
+        out[name] = {"training_gflop": round(gflop, 1), "bound_seconds": round(bound, 2),
+                     "measured_seconds": seconds, "share_of_peak": round(bound / max(seconds, 1e-9), 3)}
+    return out
 
 
 def identical_files(a_jobs, b_jobs) -> int:
@@ -180,6 +237,17 @@ def main(argv=None) -> None:
             if seq is not None:
                 line["ratio_50_vectorised_to_12_one_at_a_time"] = round(v50["seconds"] / seq["seconds"], 3)
         line["epochs"] = sequential_jobs[0][0].classifier.epochs
+        blocks, twelve = {}, "" if args.smoke else "_12"
+        if seq is not None:
+            gflop = training_gflop(sequential_jobs)
+            blocks.update({f"one_at_a_time{twelve}": (gflop, seq["seconds"]),
+                           f"vectorised{twelve}": (gflop, vec["seconds"])})
+        if "vectorised_50" in line:
+            blocks["vectorised_50"] = (training_gflop(jobs50), line["vectorised_50"]["seconds"])
+        line["roofline"] = roof = roofline(blocks, peak_gflops_per_thread(1024 if args.smoke else 2048))
+        if seq is not None:
+            line[f"best_possible_speedup{twelve}"] = round(
+                seq["seconds"] / max(roof[f"one_at_a_time{twelve}"]["bound_seconds"], 1e-9), 2)
 
     load_end = os.getloadavg()[0]
     line.update({"machine": f"{platform.system()} {platform.machine()} {os.cpu_count()} CPUs",

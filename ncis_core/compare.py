@@ -183,7 +183,7 @@ def _evaluate_many(jobs: list[tuple[ExperimentConfig, Path]], progress: bool) ->
     from .data import build_splits
     from .device import intra_op_threads, resolve_device
 
-    splits = build_splits(jobs[0][0].data)
+    splits = stage6.normalised_splits(build_splits(jobs[0][0].data), jobs[0][0])  # normalised once for all
     workers = min(torch.get_num_threads(), len(jobs))
     if workers < 2 or resolve_device(jobs[0][0].run.device).type != "cpu":
         return [_evaluate(cfg, folder, progress, splits) for cfg, folder in jobs]

@@ -73,6 +73,17 @@ def test_compare_smoke_times_one_at_a_time_and_vectorised(tmp_path):
     assert all(0 <= p["data_wait_share"] <= 1 for p in out["vectorised"]["passes"])
     # one thread each side (OMP_NUM_THREADS=1): the same classifier files, byte for byte
     assert out["identical_classifier_files"] == 4
+    # the roofline's arithmetic by hand: 48 ID images in batches of 16 -> 3 steps of one epoch;
+    # none steps 16 images, folder 16 + 8 outliers; per image a width-32 small net's training FLOPs
+    from ncis_core.flops import classifier_flops
+
+    per_image = classifier_flops("small", 6, 32, 32, training=True)
+    per_image = per_image["forward"] + per_image["backward"]
+    roof = out["roofline"]
+    assert roof["one_at_a_time"]["training_gflop"] == round(2 * 3 * (16 + 24) * per_image / 1e9, 1)
+    assert roof["peak_gflops_per_thread"] > 0 and out["best_possible_speedup"] > 0
+    for block in ("one_at_a_time", "vectorised"):  # no run beats the bound
+        assert 0 < roof[block]["share_of_peak"] <= 1
 
 
 def test_seed_spread_smoke_runs_compare_per_training_length(smoke_run_1_to_4, tmp_path):

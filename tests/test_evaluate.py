@@ -323,3 +323,23 @@ def test_all_scores_of_a_batch_share_one_forward_pass_and_equal_each_score_alone
                 correct = (model.net(images).argmax(1) == labels).sum().item()
             total = len(labels)
     assert results["id_accuracy"] == correct / total
+
+
+def test_normalised_splits_give_the_batches_of_the_per_image_loader(monkeypatch):
+    """compare normalises each split once for its many evaluations: the same batches, bit for bit,
+    as the per-image loader; over the memory budget the splits are left as they are."""
+    from ncis_core.data import build_splits
+
+    cfg = load_config("smoke", ["evaluate.batch_size=7"])
+    splits = build_splits(cfg.data)
+    cached = stage6.normalised_splits(splits, cfg)
+    assert [s.name for s in cached] == [s.name for s in splits]
+    for plain, fast in zip(splits, cached):
+        assert isinstance(fast.dataset, stage6.NormalisedImages) and len(fast.dataset) == len(plain.dataset)
+        expected = list(stage6._loader(plain, cfg))
+        got = stage6._loader(fast, cfg)
+        assert len(got) == len(expected) == -(-len(plain.dataset) // 7)
+        for (x, y), (xf, yf) in zip(expected, got):
+            assert torch.equal(x, xf) and torch.equal(y, yf)
+    monkeypatch.setattr(stage6, "NORMALISED_CACHE_MAX_BYTES", 1000)
+    assert stage6.normalised_splits(splits, cfg) is splits
