@@ -3,7 +3,7 @@ Prints one JSON line.
 
 Runs the kit's own stage-5 pieces, not a copy: the preset's config (``load_config``, default
 ``demo``), the real ID training split (``get_split(cfg.data, "id-train")``) with the stage-5
-transforms (``train_transforms`` + ``with_transform``), the outlier dataset of
+transforms (``train_transforms`` through ``training_loader``), the outlier dataset of
 ``classifier.outliers=folder`` (``outlier_dataset``; a temporary folder of random PNGs, larger
 than the training size so that ``RandomChoiceResize`` does real work) cycled the way training
 cycles it (``_cycle``: the outlier loader is restarted, workers and all, each time it runs out),
@@ -53,11 +53,11 @@ from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from ncis_core.config import load_config  # noqa: E402
-from ncis_core.data import get_split, with_transform  # noqa: E402
+from ncis_core.data import get_split  # noqa: E402
 from ncis_core.models.resnet import EnergyHead  # noqa: E402
 from ncis_core.runs import RunDir  # noqa: E402
-from ncis_core.stages.train_classifier import (_cycle, _init_model, _Tensors, cosine_lr,  # noqa: E402
-                                               energy_loss, outlier_dataset, train_transforms)
+from ncis_core.stages.train_classifier import (_cycle, _init_model, cosine_lr, energy_loss,  # noqa: E402
+                                               outlier_dataset, train_transforms, training_loader)
 
 log = logging.getLogger("bench_classifier")
 
@@ -91,15 +91,11 @@ def bench(cfg, split, num_workers: int, steps: int, warmup: int, seed: int = 0,
     c = cfg.classifier
     torch.manual_seed(seed)
     id_tf, out_tf = train_transforms(cfg)
-    id_data = _Tensors(with_transform(split.dataset, id_tf))
     run_dir = RunDir(cache_root, cfg) if cache_root is not None else None  # outliers=folder: no run needed
     outliers = outlier_dataset(cfg, run_dir)
-    out_data = _Tensors(with_transform(outliers, out_tf))
     id_gen, out_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    id_loader = DataLoader(id_data, batch_size=c.batch_size, shuffle=True, generator=id_gen,
-                           num_workers=num_workers, drop_last=len(id_data) > c.batch_size)
-    out_loader = DataLoader(out_data, batch_size=c.outlier_batch_size, shuffle=True, generator=out_gen,
-                            num_workers=num_workers, drop_last=len(out_data) > c.outlier_batch_size)
+    id_loader = training_loader(split.dataset, id_tf, c.batch_size, id_gen, num_workers, drop_last=True)
+    out_loader = training_loader(outliers, out_tf, c.outlier_batch_size, out_gen, num_workers, drop_last=True)
     model = _init_model(cfg, len(split.classes))
     head = EnergyHead(c.energy_head, c.head_hidden)
     opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=c.lr, momentum=c.momentum,

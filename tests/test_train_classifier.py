@@ -225,3 +225,36 @@ def test_an_unreadable_outlier_image_names_skip_unreadable_and_following_it_trai
         stage5.run(cfg, run, progress=False)
     cfg, run = _run(tmp_path, *sets, "data.skip_unreadable=true")
     assert stage5.run(cfg, run, progress=False)["num_outliers"] == 11
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cifar100", "imagenet100"])
+def test_training_loader_batches_equal_the_per_image_transforms(preset):
+    """Stage 5's loaders convert each batch to a normalised tensor at once (the random array
+    transforms stay per image): the same batches, bit for bit, as the per-image transforms with
+    torch's default collate, and the same draws from torch's generator (its state after an epoch)."""
+    from torch.utils.data import DataLoader
+
+    from ncis_core.data import with_transform
+    from ncis_core.data.base import ArrayDataset
+
+    cfg = load_config(preset)
+    size = cfg.data.image_size
+    rng = np.random.default_rng(0)
+    images = ArrayDataset(rng.integers(0, 256, (23, size + 8, size + 8, 3), dtype=np.uint8), np.arange(23) % 5)
+    for transform in stage5.train_transforms(cfg):
+        batches, states = [], []
+        for make in ("per image", "batched"):
+            torch.manual_seed(7)
+            gen = torch.Generator().manual_seed(3)
+            if make == "per image":
+                loader = DataLoader(stage5._Tensors(with_transform(images, transform)), batch_size=6,
+                                    shuffle=True, generator=gen, drop_last=False)
+            else:
+                loader = stage5.training_loader(images, transform, 6, gen)
+            batches.append(list(loader))
+            states.append(torch.get_rng_state())
+        assert len(batches[0]) == len(batches[1]) == 4
+        for (x, y), (xb, yb) in zip(*batches):
+            assert x.dtype == xb.dtype == torch.float32 and x.shape == xb.shape and xb.is_contiguous()
+            assert torch.equal(x, xb) and torch.equal(y, yb) and y.dtype == yb.dtype
+        assert torch.equal(*states)

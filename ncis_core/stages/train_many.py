@@ -307,10 +307,7 @@ class _Member:
 
         def loader(images, transform, batch_size: int, seed_offset: int, drop_last: bool):
             gen = torch.Generator().manual_seed(seed + seed_offset)
-            data = stage5._Tensors(stage5.with_transform(images, transform))
-            return torch.utils.data.DataLoader(
-                data, batch_size=batch_size, shuffle=True, generator=gen, num_workers=c.num_workers,
-                drop_last=drop_last and len(data) > batch_size), gen
+            return stage5.training_loader(images, transform, batch_size, gen, c.num_workers, drop_last), gen
 
         self.id_loader, self.id_gen = loader(split.dataset, id_tf, c.batch_size, 0, c.drop_last)
         self.out_loader, self.out_gen = loader(self.outliers, out_tf, c.outlier_batch_size, 1, True) \
