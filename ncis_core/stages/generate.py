@@ -27,7 +27,9 @@ batches whose files are all intact — present and equal to their recorded hash,
 index records yet (a killed run's), decodable — and redraws the others, writing only their damaged
 or missing files; so a truncated or edited PNG is regenerated, byte for byte, by rerunning the
 stage, and the final tree equals that of an uninterrupted run. Under ``accelerate launch`` the
-batches are split between processes and the main process writes the index.
+batches are split between processes and the main process writes the index. On the CPU a small
+pipeline's batches are drawn side by side on worker threads (:func:`render_workers`), with the
+same bytes as one thread drawing them in turn.
 
 Command line (also under ``accelerate launch``)::
 
