@@ -340,8 +340,8 @@ def _drawn_in_order(pipe, todo: Sequence[int], draw: Callable) -> Iterator[tuple
     batches are drawn on worker threads of one intra-op thread each, every worker with its own copy of
     the pipeline (the pipeline is not safe to share: the scheduler keeps its step, and
     :func:`~ncis_core.diffusion.encode_prompts` swaps the class token's rows in place). Each batch is
-    the same arithmetic on whichever thread draws it, and one thread draws what two do, bit for bit
-    (checked by ``tests/test_generate.py``), so the images do not depend on the number of workers."""
+    the same arithmetic on one intra-op thread whichever worker draws it, so the images do not depend
+    on the number of workers (``tests/test_generate.py``)."""
     workers = render_workers(pipe, len(todo))
     if workers == 1:
         for b in todo:
