@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from ncis_core import outliers as registry  # noqa: E402
 from ncis_core.config import load_config, load_run_config  # noqa: E402
+from ncis_core.device import intra_op_threads  # noqa: E402
 from ncis_core.runs import RunDir  # noqa: E402
 from ncis_core.stages import train_classifier as stage5  # noqa: E402
 from ncis_core.stages import train_many as many  # noqa: E402
@@ -104,9 +105,7 @@ def vectorised(jobs, threads: int) -> dict:
 
 def peak_gflops_per_thread(size: int = 2048, repeats: int = 5) -> float:
     """The float32 matrix product's rate on one intra-op thread, best of ``repeats`` (GFLOP/s)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with intra_op_threads(1):
         a, b = torch.randn(size, size), torch.randn(size, size)
         a @ b  # warm-up: the library's first call sets up its kernels
         best = float("inf")
@@ -114,8 +113,6 @@ def peak_gflops_per_thread(size: int = 2048, repeats: int = 5) -> float:
             t0 = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t0)
-    finally:
-        torch.set_num_threads(previous)
     return 2 * size ** 3 / best / 1e9
 
 
@@ -126,17 +123,20 @@ def training_gflop(jobs) -> float:
     from ncis_core.data import get_split
     from ncis_core.flops import classifier_flops
 
-    total = 0.0
+    total, per_config = 0.0, {}  # the split and the network's count once per (data, network)
     for cfg, run_dir, _ in jobs:
         c = cfg.classifier
-        split = get_split(cfg.data, "id-train")
-        flops = classifier_flops(c.arch, len(split.classes), cfg.data.image_size, c.width, training=True)
-        n = len(split.dataset)
+        key = (repr(cfg.data), c.arch, c.width)
+        if key not in per_config:
+            split = get_split(cfg.data, "id-train")
+            f = classifier_flops(c.arch, len(split.classes), cfg.data.image_size, c.width, training=True)
+            per_config[key] = (len(split.dataset), f["forward"] + f["backward"])
+        n, per_image = per_config[key]
         steps = c.epochs * (n // c.batch_size if c.drop_last and n > c.batch_size else -(-n // c.batch_size))
         images = c.batch_size
         if stage5._outlier_folder(cfg, run_dir) is not None:
             images += c.outlier_batch_size * (2 if c.id_generated != "none" else 1)
-        total += (flops["forward"] + flops["backward"]) * images * steps / 1e9
+        total += per_image * images * steps / 1e9
     return total
 
 
