@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .config import ExperimentConfig, load_run_config
+from .config import ExperimentConfig, load_run_config, memo_by_content
 from .metrics import METRIC_KEYS
 from . import outliers as registry
 from .outliers.sources import outlier_image_folder, render_outliers
@@ -55,6 +55,7 @@ __all__ = ["pixel_shift", "train_and_evaluate", "aggregate", "stage5_twin", "pai
 log = logging.getLogger(__name__)
 
 
+@memo_by_content()
 def _config_text(cfg: ExperimentConfig) -> str:
     """The config as YAML without its ``compare`` section and ``run.out``: how the trainings run
     (``max_parallel``) and where the folder lies are not what they compute, so changing them (a
@@ -140,15 +141,14 @@ def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progres
     config continues; one of another config is discarded).
     ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained.
     ``trained``: ``folder`` already holds this training (``compare``'s vectorised pass)."""
-    done = _train(cfg, run, folder, progress, reuse, trained)
+    done = _train(cfg, run, folder, progress, reuse, trained, _fingerprint(cfg, run))
     return done if done is not None else _evaluate(cfg, folder, progress)
 
 
 def _train(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool, reuse: Path | None,
-           trained: bool) -> dict | None:
+           trained: bool, fingerprint: str) -> dict | None:
     """The results when ``folder`` is complete; otherwise its classifier (copied, trained or left
     by a vectorised pass) is made ready for :func:`_evaluate` and None returned."""
-    fingerprint = _fingerprint(cfg, run)
     if _complete(folder, fingerprint):
         return json.loads((folder / "results" / "metrics.json").read_text())
     _claim(folder, fingerprint)
@@ -202,8 +202,8 @@ def _evaluate_many(jobs: list[tuple[ExperimentConfig, Path]], progress: bool) ->
         bar.close()
 
 
-def _train_together(jobs: list[tuple[ExperimentConfig, RunDir, Path]], progress: bool = True) -> set[Path]:
-    """Train the not yet complete ``(cfg, run_dir, folder)`` of ``jobs`` in vectorised passes
+def _train_together(jobs: list[tuple[ExperimentConfig, RunDir, Path, str]], progress: bool = True) -> set[Path]:
+    """Train the not yet complete ``(cfg, run_dir, folder, fingerprint)`` of ``jobs`` in vectorised passes
     (:func:`~ncis_core.stages.train_many.train_many`), as many per pass as ``compare.max_parallel``
     or :func:`~ncis_core.stages.train_many.models_per_pass` allow; the folders it trained. The rest
     (one per pass would be all a pass holds, or the trainings cannot share one) train one at a time
@@ -211,8 +211,7 @@ def _train_together(jobs: list[tuple[ExperimentConfig, RunDir, Path]], progress:
     from .stages import train_many as many
 
     groups: dict[str, list[tuple]] = {}
-    for cfg, run_dir, folder in jobs:
-        fingerprint = _fingerprint(cfg, run_dir)
+    for cfg, run_dir, folder, fingerprint in jobs:
         if not _complete(folder, fingerprint):
             groups.setdefault(many.shared_key(cfg), []).append((cfg, run_dir, folder, fingerprint))
     done: set[Path] = set()
@@ -481,13 +480,15 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
                                   out=str(out))
             jobs.append((method, seed, cfg, RunDir(run.root, cfg), folder / method / f"seed{seed}",
                          stage5_twin(base, run, method, seed)))
+    # what each result is computed from, once per job (it hashes the config and the outlier images)
+    fingerprint_of = {job_folder: _fingerprint(cfg, run_dir) for _, _, cfg, run_dir, job_folder, _ in jobs}
     started = time.perf_counter()
-    trained = _train_together([(cfg, run_dir, f) for _, _, cfg, run_dir, f, reuse in jobs if reuse is None],
-                              progress)
+    trained = _train_together([(cfg, run_dir, f, fingerprint_of[f]) for _, _, cfg, run_dir, f, reuse in jobs
+                               if reuse is None], progress)
     # the trainings left (none when every one shared a vectorised pass), then the evaluations
     results_of: dict[Path, dict] = {}
     for method, seed, cfg, run_dir, job_folder, reuse in jobs:
-        done = _train(cfg, run_dir, job_folder, progress, reuse, trained=job_folder in trained)
+        done = _train(cfg, run_dir, job_folder, progress, reuse, job_folder in trained, fingerprint_of[job_folder])
         if done is not None:
             results_of[job_folder] = done
     pending = [(cfg, job_folder) for _, _, cfg, _, job_folder, _ in jobs if job_folder not in results_of]

@@ -14,9 +14,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -44,6 +46,7 @@ __all__ = [
     "load_run_config",
     "config_to_yaml",
     "config_from_yaml",
+    "memo_by_content",
 ]
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -624,15 +627,14 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
     presets = available_presets()
     if preset not in presets:
         raise ConfigError(f"unknown preset {preset!r}; available presets: {', '.join(presets)}")
-    schema = OmegaConf.structured(ExperimentConfig)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form stage.key=value")
     try:
         if start is not None:  # an existing run folder's resolved config (load_run_config)
-            merged = OmegaConf.merge(schema, OmegaConf.structured(start))
+            merged = _typed(start)
         else:
-            merged = OmegaConf.merge(schema, OmegaConf.load(PRESET_DIR / f"{preset}.yaml"))
+            merged = OmegaConf.merge(_schema(), OmegaConf.load(PRESET_DIR / f"{preset}.yaml"))
     except OmegaConfBaseException as exc:
         raise _explain(exc, f"preset {preset}") from None
     base = {"run": {"preset": preset}}
@@ -672,15 +674,64 @@ def load_run_config(preset: str, overrides: list[str] | tuple[str, ...] = (), ou
     return load_config(preset, overrides, out=out, start=folder)
 
 
+_T = TypeVar("_T")
+
+
+@functools.lru_cache(maxsize=1)
+def _schema():
+    """The schema as an OmegaConf node, built once: ``OmegaConf.merge`` copies its first argument,
+    so merging into it never changes it."""
+    return OmegaConf.structured(ExperimentConfig)
+
+
+def memo_by_content(maxsize: int = 1024) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
+    """Memoise ``f(cfg, *args)`` of a config by the config's content, the ``maxsize`` most recent.
+
+    Why: the kit derives the same YAML and hashes from equal configs many times per command
+    (``compare`` builds ~50 configs and checks every stage's config sections for each), and each
+    derivation goes through ``OmegaConf.structured`` (~50 ms on a 2-core CPU): half a minute of one
+    core per ``make demo``. A config is a tree of frozen dataclasses whose values are scalars,
+    strings, paths, lists and dicts, so its ``repr`` (every field, recursively, floats exactly)
+    names its content: equal reprs, equal configs. ``f`` must return an immutable value (text, a
+    hash) and depend on nothing but its arguments.
+    """
+    def wrap(f: Callable[..., _T]) -> Callable[..., _T]:
+        memo: OrderedDict[tuple, _T] = OrderedDict()
+
+        @functools.wraps(f)
+        def cached(cfg, *args):
+            key = (type(cfg), repr(cfg), args)
+            if key in memo:
+                memo.move_to_end(key)
+                return memo[key]
+            value = memo[key] = f(cfg, *args)
+            if len(memo) > maxsize:
+                memo.popitem(last=False)
+            return value
+
+        cached.cache_clear = memo.clear  # type: ignore[attr-defined]
+        return cached
+
+    return wrap
+
+
+@memo_by_content(maxsize=8)
+def _typed(cfg: ExperimentConfig):
+    """``cfg`` merged into the schema (a typed node the overrides merge into; merging copies it)."""
+    return OmegaConf.merge(_schema(), OmegaConf.structured(cfg))
+
+
+@memo_by_content()
 def config_to_yaml(cfg: ExperimentConfig) -> str:
     """The resolved config as YAML (what the run folder keeps as ``config.yaml``)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+@functools.lru_cache(maxsize=16)  # a command reads its folder's config.yaml once per job (compare: ~50)
 def config_from_yaml(text: str) -> ExperimentConfig:
     """Read back a config written by :func:`config_to_yaml` (type-checked against the schema)."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(text))
+        merged = OmegaConf.merge(_schema(), OmegaConf.create(text))
     except OmegaConfBaseException as exc:
         raise _explain(exc, "config.yaml") from None
     cfg = OmegaConf.to_object(merged)

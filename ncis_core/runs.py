@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterator, Mapping
 from omegaconf import OmegaConf
 
 from .errors import user_error
-from .config import ExperimentConfig, config_from_yaml, config_to_yaml
+from .config import ExperimentConfig, config_from_yaml, config_to_yaml, memo_by_content
 
 __all__ = [
     "ARTEFACTS",
@@ -417,10 +417,18 @@ def cache_path(root: str | os.PathLike, kind: str, key: str, suffix: str = "") -
     return folder / f"{key}{suffix}"
 
 
+@memo_by_content()
 def _section_hash(cfg: ExperimentConfig, dotted: str) -> str:
-    node = OmegaConf.select(OmegaConf.structured(cfg), dotted)
+    """The hash of one config section (``classifier``, ``run.seed``) as the manifest records it."""
+    node = OmegaConf.select(_structured(cfg), dotted)
     text = OmegaConf.to_yaml(node) if OmegaConf.is_config(node) else repr(node)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+@memo_by_content(maxsize=8)
+def _structured(cfg: ExperimentConfig):
+    """``OmegaConf.structured(cfg)``, once for all the sections hashed of one config (read only)."""
+    return OmegaConf.structured(cfg)
 
 
 # ----------------------------------------------------------------------------- the run folder
@@ -572,7 +580,7 @@ class RunDir:
     def _sections_used(self, name: str) -> dict[str, Any]:
         """The values of the config sections stage ``name`` runs with (the manifest keeps them per
         stage: what each artefact was made with, whatever ``config.yaml`` says later)."""
-        node = OmegaConf.structured(self.cfg)
+        node = _structured(self.cfg)
         out = {}
         for section in (*_COMMON_SECTIONS, *stage_sections(self.cfg, name)):
             value = OmegaConf.select(node, section)

@@ -4,8 +4,10 @@ import dataclasses
 
 import pytest
 
+from omegaconf import OmegaConf
+
 from ncis_core.config import (ConfigError, ExperimentConfig, available_presets, config_from_yaml,
-                              config_to_yaml, load_config, preset_summary)
+                              config_to_yaml, load_config, memo_by_content, preset_summary)
 
 
 def test_presets_are_the_four_named_ones():
@@ -220,3 +222,35 @@ def test_an_existing_run_folder_s_config_is_the_default_of_later_commands(tmp_pa
     assert "stage(s) 2 (cvpn) will rerun" in caplog.text  # stage 2 only: later stages follow by staleness
     with pytest.raises(ConfigError, match="run folder of preset 'smoke', not 'demo': use --preset smoke"):
         load_run_config("demo", [], out=out)
+
+
+def test_memo_by_content_computes_once_per_content_and_again_for_any_changed_value():
+    calls = []
+
+    def plain(cfg, section):
+        return OmegaConf.to_yaml(OmegaConf.select(OmegaConf.structured(cfg), section))
+
+    @memo_by_content(maxsize=2)
+    def yaml_of(cfg, section):
+        calls.append((cfg, section))
+        return plain(cfg, section)
+
+    a, b = load_config("smoke"), load_config("smoke")  # equal contents, two objects
+    assert a is not b and a == b
+    assert yaml_of(a, "classifier") == yaml_of(b, "classifier")
+    assert len(calls) == 1
+    # a changed value anywhere (a float, a nested list) is another content, so computed again,
+    # and what it gives is what the function gives uncached
+    for override in ["classifier.lr=0.10000000000000002", "data.ood_sets=[digits]", "run.out=elsewhere"]:
+        c = load_config("smoke", [override])
+        assert yaml_of(c, "classifier") == plain(c, "classifier")
+    assert len(calls) == 4
+    # the memo keeps the 2 most recent: the lr config left it, a is long gone, the last one is there
+    assert "0.10000000000000002" in yaml_of(load_config("smoke", ["classifier.lr=0.10000000000000002"]),
+                                            "classifier")
+    assert len(calls) == 5
+    yaml_of(load_config("smoke", ["run.out=elsewhere"]), "classifier")
+    assert len(calls) == 5
+    # the other arguments are part of the key
+    yaml_of(a, "cvpn"), yaml_of(a, "cvpn")
+    assert len(calls) == 6

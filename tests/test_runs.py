@@ -5,6 +5,12 @@ import os
 
 import pytest
 
+import dataclasses
+import hashlib
+
+from omegaconf import OmegaConf
+
+from ncis_core import runs
 from ncis_core.config import load_config
 from ncis_core.runs import (ARTEFACTS, STAGES, MissingArtefactError, RunDir, StaleArtefactError,
                             atomic_path, atomic_write_json, atomic_write_text, content_hash)
@@ -149,6 +155,21 @@ def test_config_change_makes_a_stage_rerun_and_not_resumable(run):
         assert not rec.done and not rec.resumable
         atomic_write_text(run2.path("embeddings"), "v2")
     assert run2.manifest()["stages"]["embed"]["runs"] == 2
+
+
+def test_section_hashes_are_the_manifest_s_whatever_the_memo_holds():
+    """The memoised section hash is the hash of the section's YAML, as manifests record it (so run
+    folders written before the memo stay current), for every section, on equal and changed configs."""
+    def direct(cfg, dotted):
+        node = OmegaConf.select(OmegaConf.structured(cfg), dotted)
+        text = OmegaConf.to_yaml(node) if OmegaConf.is_config(node) else repr(node)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    for cfg in (load_config("demo"), load_config("demo"), load_config("demo", ["classifier.epochs=3"])):
+        for dotted in ("run.seed", "run.device", *(f.name for f in dataclasses.fields(cfg))):
+            assert runs._section_hash(cfg, dotted) == direct(cfg, dotted), dotted
+    assert runs._section_hash(load_config("demo"), "classifier") != \
+        runs._section_hash(load_config("demo", ["classifier.epochs=3"]), "classifier")
 
 
 def test_interrupted_stage_is_resumable_with_same_inputs(run):
