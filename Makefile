@@ -25,6 +25,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(BIN)/python -m pip install --upgrade pip
 	$(PIP) -e .
 	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
+	$(BIN)/python -m ncis_core compile-kernels
 	touch $(STAMP)
 
 $(STAMP)-test: $(STAMP)

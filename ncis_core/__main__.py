@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--compare", default=None, metavar="METHODS:SEEDS",
                     help="also plan a compare run, e.g. none,idgen,linear,ncis:0,1,2 (make demo runs that)")
 
+    sub.add_parser("compile-kernels", help="compile umap-learn's numba kernels into numba's disk cache "
+                                           "(make setup runs it: the first UMAP map then does not wait for it)")
+
     data = sub.add_parser("datasets", help="one JSON line per split of a preset")
     data.add_argument("--preset", required=True)
     data.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE")
@@ -190,6 +193,13 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_compile_kernels(args) -> int:
+    from .viz.maps import compile_umap_kernels
+
+    print(f"umap-learn's numba kernels compiled and cached in {compile_umap_kernels():.0f} s")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .runner import run_series
 
@@ -209,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
 
     commands = {"run": _cmd_run, "presets": _cmd_presets, "datasets": _cmd_datasets, "evaluate": _cmd_evaluate,
                 "strip-notebooks": _cmd_strip, "train-generator": _cmd_train_generator,
-                "compare": _cmd_compare, "plan": _cmd_plan, "status": _cmd_status}
+                "compare": _cmd_compare, "plan": _cmd_plan, "status": _cmd_status,
+                "compile-kernels": _cmd_compile_kernels}
     try:
         return commands[args.command](args)
     except user_errors() as exc:

@@ -283,3 +283,23 @@ def test_other_methods_outlier_embeddings_are_computed_once_per_inputs(run, monk
     deeper = load_config("smoke", ["sample.draws_per_round=40"], out=str(run.root))
     other = sources.method_outlier_embeddings(deeper, RunDir(run.root, deeper), "linear", progress=False)
     assert calls == [1] and not torch.equal(other["outliers"], first["outliers"])
+
+
+def test_the_setup_warm_up_compiles_the_argument_types_a_map_passes(run, monkeypatch):
+    """numba compiles per argument type: ``compile_umap_kernels`` (``make setup``) must hand UMAP's
+    fit and transform what ``umap_map`` hands them, or the first real map compiles again."""
+    seen = {}
+    real = viz_maps._fit_and_place
+
+    def recording(x, outliers, *args, **kwargs):
+        seen.setdefault("calls", []).append(
+            (x.dtype, x.ndim, x.flags.c_contiguous, sorted({(o.dtype, o.ndim, o.flags.c_contiguous)
+                                                            for o in outliers.values()}, key=str)))
+        return real(x, outliers, *args, **kwargs)
+
+    monkeypatch.setattr(viz_maps, "_fit_and_place", recording)
+    viz_maps.umap_map(run, cache=False, progress=False)
+    seconds = viz_maps.compile_umap_kernels(points=40, dim=4)
+    map_types, warm_types = seen["calls"]
+    assert map_types == warm_types
+    assert map_types[0] == np.float32 and seconds > 0

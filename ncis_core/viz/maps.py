@@ -16,6 +16,9 @@ Why the first map in a fresh kernel takes seconds, not a minute:
   the rest of the transform is UMAP's own;
 * umap-learn compiles its parallel numba kernels without ``cache=True``; :func:`umap_map` switches
   numba's disk cache on for them, so only the first kernel ever on a machine pays ~8 s for them;
+* :func:`compile_umap_kernels` (``python -m ncis_core compile-kernels``, run by ``make setup``)
+  compiles all of them into numba's disk cache at installation, on random points: without it the
+  first map on a new installation spends ~25 s compiling (measured on a 2-core CPU);
 * the result is kept in ``RUN/cache/umap/<key>.npz`` (:func:`ncis_core.runs.cache_path`), the key
   (:func:`ncis_core.runs.cache_key`) hashing the input files' contents, the classes, the methods, the
   seed, the UMAP settings and the package versions: reopening a map (also from a new process) reads
@@ -54,7 +57,7 @@ from .. import outliers as registry
 from ..outliers.files import load_outliers
 
 __all__ = ["map_methods", "MIN_POINTS", "TooFewEmbeddings", "UmapMap", "knn_graph", "umap_map", "umap_maps_per_class",
-           "umap_cache_dir", "plot_umap_map", "plot_umap_per_class"]
+           "umap_cache_dir", "plot_umap_map", "plot_umap_per_class", "compile_umap_kernels"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +201,20 @@ def _fit_and_place(x: np.ndarray, outliers: dict[str, np.ndarray], n_neighbors: 
             bar.update()
         timings["transform"] = time.perf_counter() - t
     return coords.astype(np.float32), placed, timings
+
+
+def compile_umap_kernels(points: int = 300, dim: int = 16) -> float:
+    """Compile the numba kernels a map runs — the fit on a precomputed kNN graph and the transform,
+    with the dtypes :func:`umap_map` passes (float32 rows) — into numba's disk cache, on random
+    points; later processes load them instead of compiling. What ``make setup`` runs once (numba
+    compiles per argument type, not per shape, so a small map compiles what a large one needs).
+    Returns the seconds it took (~25 s on a new installation, ~2 s once cached)."""
+    started = time.perf_counter()
+    x = np.random.default_rng(0).standard_normal((points, dim)).astype(np.float32)
+    with tqdm(disable=True) as bar:
+        _fit_and_place(x, {"random": x[:10] + np.float32(0.1)}, n_neighbors=15, min_dist=0.1, n_epochs=None,
+                       seed=0, bar=bar)
+    return time.perf_counter() - started
 
 
 # ----------------------------------------------------------------------------- the map of a run
