@@ -1,5 +1,7 @@
-"""The command line: ``python -m ncis_core {run,presets,datasets,plan,evaluate,compare,status,
-    train-generator,strip-notebooks,compile-kernels}``.
+"""The command line: ``python -m ncis_core COMMAND``, one subcommand per job (``--help`` lists them).
+
+Commands: ``run``, ``presets``, ``datasets``, ``plan``, ``evaluate``, ``compare``, ``status``,
+``train-generator``, ``strip-notebooks``, ``compile-kernels``.
 
 Errors a researcher can fix (an unknown preset or key, a missing dataset, a stale artefact, a
 failing notebook) print one clear message and exit with status 2; no traceback.
