@@ -709,7 +709,6 @@ def memo_by_content(maxsize: int = 1024) -> Callable[[Callable[..., _T]], Callab
                 memo.popitem(last=False)
             return value
 
-        cached.cache_clear = memo.clear  # type: ignore[attr-defined]
         return cached
 
     return wrap
