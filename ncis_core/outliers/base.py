@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -128,6 +129,11 @@ def method_params(method: OutlierMethod, method_args: dict | None) -> Any:
                          f"{method.name} takes {', '.join(fields)}")
     for key, value in given.items():
         want = type(getattr(method.params(), key))
+        if want is type(None):  # an Optional[T] parameter (default None): None or a T
+            if value is None:
+                continue
+            want = next(t for t in typing.get_args(typing.get_type_hints(method.params)[key])
+                        if t is not type(None))
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             given[key] = float(value)
         elif not isinstance(given[key], want) or (want is int and isinstance(value, bool)):

@@ -11,24 +11,31 @@ Per class, with the rows ``u_i = x_i / ‖x_i‖`` (N of them):
    rule). ``reject=none`` keeps the first ``keep`` candidates instead: the original code's effective
    behaviour — it reshapes the candidates' distances with a view whose order does not match the
    candidates', so the points it keeps were not selected by their own distance;
+   ``boundary_per_round=n`` visits only the first n of the round's random order (n of B drawn
+   without replacement; the original's ImageNet-100 script: 50 of 200), ``None`` all of B (CIFAR-100);
+   ``shared_noise=true`` draws one ``candidates × D`` set of ε per round for every ``b`` of the round
+   (the original), ``false`` independent ε per ``b`` (the kit's default);
 4. every kept ``v`` is rescaled to the norm of the class token's row: ``o = v · ‖e_c‖``.
 
-So M = ``rounds × select × keep`` outliers per class (10 000 at the paper's values), round by
-round, boundary points in the round's order, the ``keep`` of one point best first.
+So M = ``rounds × n × keep`` outliers per class (n = ``boundary_per_round or select``; 10 000 at
+the paper's values), round by round, boundary points in the round's order, the ``keep`` of one
+point best first.
 
 Distances are exact (all pairs, chunked so a block stays under ~64 MB), computed as
 ``‖a‖² + ‖b‖² − 2 a·b`` in ``dtype`` (float32 by default; the tests use float64 against a loop).
 Each (class, round) has its own random stream derived from the seed, so the result does not depend
 on the chunking or on other classes.
 
-The paper's values (Dream-OOD's code) are the defaults of :class:`KnnBoundaryParams`; ``k`` must stay
-below the class size (the demo has 90 training rows per class: its preset scales ``k`` and ``select``
-by the paper's ratios to N = 500, k/N = 0.6 and select/N = 0.1).
+The paper's values (Dream-OOD's CIFAR-100 code) are the defaults of :class:`KnnBoundaryParams` but
+``shared_noise`` (the paper presets set it); ``k`` must stay below the class size (the demo has 90
+training rows per class: its preset scales ``k`` and ``select`` by the paper's ratios to N = 500,
+k/N = 0.6 and select/N = 0.1).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -53,12 +60,16 @@ class KnnBoundaryParams:
     Args:
         k: the neighbour whose distance scores a point (the point itself is its own first).
         select: boundary points per class (the most isolated rows).
-        rounds: sampling rounds; each visits every boundary point once.
+        rounds: sampling rounds; each visits every boundary point (or ``boundary_per_round`` of them) once.
         candidates: perturbations drawn around a boundary point per round.
         keep: candidates kept per boundary point and round.
         sigma: the perturbation's scale (it multiplies ``ε ~ N(0, I_D)`` on the unit sphere).
         reject: ``knn`` (keep the candidates with the largest k-th-NN distance, the intended rule)
             or ``none`` (keep the first ``keep``: the original code's effective behaviour).
+        boundary_per_round: boundary points visited per round, drawn at random from the ``select``
+            (Dream-OOD's ImageNet-100 script: 50 of 200); ``None``: all of them.
+        shared_noise: one set of ``candidates`` draws ε per round for all its boundary points (the
+            original) instead of independent draws per point.
     """
 
     k: int = 300
@@ -68,6 +79,8 @@ class KnnBoundaryParams:
     keep: int = 2
     sigma: float = 0.07
     reject: str = "knn"
+    boundary_per_round: Optional[int] = None
+    shared_noise: bool = False
 
     def check(self) -> None:
         for name in ("k", "select", "rounds", "candidates", "keep"):
@@ -80,6 +93,15 @@ class KnnBoundaryParams:
         if self.reject not in REJECT_RULES:
             raise ValueError(f"sample.method_args.knn_boundary.reject={self.reject!r} is not one of "
                              f"{', '.join(REJECT_RULES)}")
+        n = self.boundary_per_round
+        if n is not None and not 1 <= n <= self.select:
+            raise ValueError(f"sample.method_args.knn_boundary.boundary_per_round={n} must be ≥ 1 and "
+                             f"≤ select={self.select}")
+
+    @property
+    def per_round(self) -> int:
+        """Boundary points visited per round (``boundary_per_round``, or all ``select``)."""
+        return self.select if self.boundary_per_round is None else self.boundary_per_round
 
 
 def _generator(seed: int, cls: int, rnd: int, device: torch.device) -> torch.Generator:
@@ -116,7 +138,7 @@ def boundary_points(u: torch.Tensor, k: int, select: int) -> torch.Tensor:
 
 def sample_class(x: torch.Tensor, token_norm: float, params: KnnBoundaryParams, seed: int, cls: int,
                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """One class's ``M × D`` outliers (M = rounds × select × keep) and their k-th-NN distances
+    """One class's ``M × D`` outliers (M = rounds × per_round × keep) and their k-th-NN distances
     (NaN under ``reject=none``, which does not score the candidates).
 
     Args:
@@ -124,7 +146,7 @@ def sample_class(x: torch.Tensor, token_norm: float, params: KnnBoundaryParams, 
         token_norm: ``‖e_c‖``, the norm of the class token's row.
         cls: the class index (selects the random streams).
     """
-    p, device = params, x.device
+    p, device, n = params, x.device, params.per_round
     if p.k >= len(x) or p.select > len(x):
         raise TooLittleData(f"class {cls} has {len(x)} training embeddings: knn_boundary needs more than "
                             f"k = {p.k} and at least select = {p.select} (set sample.method_args.knn_boundary.k "
@@ -135,17 +157,18 @@ def sample_class(x: torch.Tensor, token_norm: float, params: KnnBoundaryParams, 
     kept, scores = [], []
     for r in range(p.rounds):
         gen = _generator(seed, cls, r, device)
-        order = torch.randperm(p.select, generator=gen, device=device)
-        eps = torch.randn(p.select, p.candidates, u.shape[1], generator=gen, device=device, dtype=dtype)
+        order = torch.randperm(p.select, generator=gen, device=device)[:n]   # n of B, drawn in order
+        shape = (p.candidates, u.shape[1]) if p.shared_noise else (n, p.candidates, u.shape[1])
+        eps = torch.randn(shape, generator=gen, device=device, dtype=dtype)  # shared: broadcast over b
         v = boundary[order][:, None, :] + p.sigma * eps
         v = v / v.norm(dim=-1, keepdim=True)
         if p.reject == "knn":
-            score = kth_neighbour_distance(v, u, p.k)                        # select × candidates
+            score = kth_neighbour_distance(v, u, p.k)                        # n × candidates
             top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :p.keep]
             scores.append(torch.gather(score, 1, top).reshape(-1))
         else:
-            top = torch.arange(p.keep, device=device).expand(p.select, -1)
-            scores.append(torch.full((p.select * p.keep,), float("nan"), dtype=dtype, device=device))
+            top = torch.arange(p.keep, device=device).expand(n, -1)
+            scores.append(torch.full((n * p.keep,), float("nan"), dtype=dtype, device=device))
         kept.append(torch.gather(v, 1, top[..., None].expand(-1, -1, u.shape[1])).reshape(-1, u.shape[1]))
     return (torch.cat(kept) * token_norm).to(torch.float32), torch.cat(scores).to(torch.float64)
 
@@ -170,7 +193,7 @@ def sample_knn_boundary(inputs: SampleInputs, params: KnnBoundaryParams | None =
 def flops_per_class(params: KnnBoundaryParams, rows: int, dim: int) -> float:
     """FLOPs of one class's distances: all row pairs, then every candidate against the rows
     (2 · D per pair); ``reject=none`` scores no candidate."""
-    scored = params.rounds * params.select * params.candidates if params.reject == "knn" else 0
+    scored = params.rounds * params.per_round * params.candidates if params.reject == "knn" else 0
     return 2.0 * dim * rows * (rows + scored)
 
 
