@@ -254,7 +254,7 @@ def planned(preset: str, overrides: list[str], out: Path) -> dict:
     from ncis_core.config import load_config
     from ncis_core.plan import dataset_counts, stage_work
 
-    cfg = load_config(preset, [*overrides, "diffusion.dtype=float32"], out=str(out))
+    cfg = load_config(preset, [*overrides, "diffusion.dtype=float32", "generate.precision=fp32"], out=str(out))
     counts, classes, _ = dataset_counts(cfg)
     return stage_work(cfg, counts, classes)
 

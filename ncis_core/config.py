@@ -92,8 +92,8 @@ class DataConfig:
         resize: shorter side after ``Resize`` for evaluation images (32 for CIFAR, 256 for ImageNet).
         image_size: side after ``CenterCrop`` (32 for CIFAR, 224 for ImageNet).
         as_is_sets: OOD sets evaluated without Resize/CenterCrop (ToTensor + Normalize only), as the
-            original does for LSUN-C and iSUN; their images must already be ``image_size`` square
-            (checked when loaded). Empty: every set is resized and centre-cropped.
+            original does for LSUN-C and iSUN: each image at its own size (a warning names the sizes
+            that are not ``image_size`` square). Empty: every set is resized and centre-cropped.
         skip_unreadable: skip and count unreadable image files instead of failing on the first.
         max_per_class: keep at most this many ID images per class and split (``smoke``); ``null``: all.
     """
@@ -121,8 +121,8 @@ class DiffusionConfig:
     Args:
         pipeline: a hub id, a local diffusers folder, or an original single-file checkpoint.
         dtype: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``float32``, ``float16`` or ``bfloat16``:
-            the pipeline's dtype where nothing is backpropagated (stage 4, VAE reconstructions).
-            Stage 1 backpropagates through the UNet and has its own ``embed.precision``.
+            the pipeline's dtype where nothing is backpropagated (VAE reconstructions). Stage 1
+            has its own ``embed.precision``, stage 4 its own ``generate.precision``.
         class_token: ``first_piece`` (paper: the first BPE piece of the short name) or
             ``placeholder`` (one new token per class; METHOD.md defect 1).
         single_file_config: for an original single-file checkpoint (``.ckpt``/``.safetensors``), a
@@ -131,7 +131,7 @@ class DiffusionConfig:
     """
 
     pipeline: str = "CompVis/stable-diffusion-v1-4"
-    dtype: str = "auto"  # the generation dtype (stage 4, VAE round trips); stage 1: embed.precision
+    dtype: str = "auto"  # VAE round trips; stage 1: embed.precision, stage 4: generate.precision
     class_token: str = "first_piece"
     single_file_config: str = ""
 
@@ -244,6 +244,12 @@ class GenerateConfig:
             (``F.interpolate(mode="bilinear")``: a 2 × 2 box average at 512 → 256).
         quantize: float → uint8 by ``truncate`` (the original: ``(255 * x).astype(uint8)``) or
             ``round``.
+        precision: ``autocast`` (the original: fp32 weights, on CUDA under ``torch.autocast`` in
+            fp16, the injected row fp32; plain fp32 elsewhere), or ``fp16`` / ``bf16`` / ``fp32``
+            weights without autocast.
+        nail_prompt: ImageNet-100's class ``nail``: ``concatenated`` (the original's prompt, "A
+            high-quality image of the nailA high-quality image of the wire nail") or ``wire_nail``
+            ("A high-quality image of the wire nail"); see :mod:`ncis_core.data.classes`.
     """
 
     prompt: str = "A high-quality image of the {}"
@@ -261,6 +267,8 @@ class GenerateConfig:
     batch_embedding: str = "random"
     antialias: bool = False
     quantize: str = "truncate"
+    precision: str = "autocast"
+    nail_prompt: str = "concatenated"
 
 
 @dataclass(frozen=True)
@@ -314,10 +322,10 @@ class EvaluateConfig:
             own default. A score may be configured here without being evaluated.
 
     Args (beyond the paper's values):
-        energy_sign: the sign the energy score is multiplied by: ``auto`` (the sign of the saved
-            energy head's slope; +1 when the checkpoint has no head, as the original's never do,
-            and a warning whenever it flips), ``positive`` (+logsumexp, the original) or
-            ``negative``.
+        energy_sign: the sign the energy score is multiplied by: ``positive`` (+logsumexp always,
+            the original), ``auto`` (the sign of the saved energy head's slope, measured over the
+            5–95 % range of the last epoch's ID training scores; +1 when the checkpoint has no head,
+            as the original's never do; a warning whenever it flips) or ``negative``.
         fpr95_rule: the FPR95 threshold: ``closest`` (the original: the ROC point whose recall is
             closest to 95 %) or ``first_above`` (the first point with recall ≥ 95 %); see
             :func:`ncis_core.metrics.ood_metrics`.
@@ -329,7 +337,7 @@ class EvaluateConfig:
     # empty: every score at its own defaults (ODIN's T = 1000, ε = 0.0014; each in its module)
     score_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 256
-    energy_sign: str = "auto"
+    energy_sign: str = "positive"
     fpr95_rule: str = "closest"
 
 
@@ -438,6 +446,8 @@ _CHOICES = {
     ("generate", "embedding_per"): ("batch", "image"),
     ("generate", "batch_embedding"): ("random", "cyclic"),
     ("generate", "quantize"): ("truncate", "round"),
+    ("generate", "nail_prompt"): ("concatenated", "wire_nail"),
+    ("generate", "precision"): ("autocast", "fp16", "bf16", "fp32"),
     ("classifier", "precision"): ("fp32", "bf16"),
     ("classifier", "energy_head"): ("linear", "monotone"),
     ("classifier", "id_generated"): ("none", "vae_recon", "idgen"),

@@ -9,6 +9,8 @@ was while the prompt is encoded. This module holds what both stages share:
   (``from_single_file``), on the configured device and dtype, safety checker off; or, for
   ``diffusion.pipeline: tiny-random`` (the ``smoke`` preset and the tests), tiny random components
   built from configs (:func:`build_tiny_pipeline`). Pipelines are cached in-process.
+* :func:`generation_precision` — ``generate.precision`` as the weights dtype and the autocast
+  context that stage 4's renders run in.
 * :func:`class_tokens` — which row stands for each class, by ``diffusion.class_token``:
   ``first_piece`` (the paper: the first BPE piece of the short name) or ``placeholder`` (one new
   token per class, initialised from the mean of its name's pieces; METHOD.md defect 1).
@@ -33,12 +35,13 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -59,6 +62,8 @@ __all__ = [
     "PROMPT_WORDS",
     "PipelineLoadError",
     "resolve_dtype",
+    "GENERATION_PRECISIONS",
+    "generation_precision",
     "load_pipeline",
     "pipeline_with_class_tokens",
     "class_token_rows",
@@ -105,6 +110,32 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown diffusion.dtype {name!r}; use auto, {', '.join(_DTYPES)}") from None
+
+
+#: ``generate.precision`` → the dtype of the generation pipeline's weights
+GENERATION_PRECISIONS = {"autocast": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+                         "fp32": torch.float32}
+
+
+def generation_precision(precision: str, device: torch.device | str, autocast_device: str | None = None,
+                         autocast_dtype: torch.dtype = torch.float16
+                         ) -> tuple[torch.dtype, Callable[[], contextlib.AbstractContextManager]]:
+    """``generate.precision`` on ``device`` → ``(weights dtype, context factory)`` for rendering.
+
+    ``autocast`` (the original): fp32 weights and, on CUDA, ``torch.autocast("cuda", float16)``
+    around the whole generation; elsewhere plain fp32. ``fp16`` / ``bf16`` / ``fp32``: weights in
+    that dtype, no autocast. ``autocast_device`` forces the autocast onto that device type (tests:
+    ``"cpu"`` with ``autocast_dtype=torch.bfloat16``).
+    """
+    try:
+        dtype = GENERATION_PRECISIONS[precision]
+    except KeyError:
+        raise ValueError(f"unknown generate.precision {precision!r}; use "
+                         f"{', '.join(GENERATION_PRECISIONS)}") from None
+    kind = autocast_device or torch.device(device).type
+    if precision != "autocast" or (autocast_device is None and kind != "cuda"):
+        return dtype, contextlib.nullcontext
+    return dtype, functools.partial(torch.autocast, kind, dtype=autocast_dtype)
 
 
 def _local_path(source: str) -> Path | None:
@@ -409,7 +440,8 @@ def load_pipeline(dcfg, device: torch.device | str = "cpu", words: Sequence[str]
         progress: the pipeline's denoising progress bar.
         seed: for ``tiny-random`` only: the weight seed.
         dtype: overrides ``dcfg.dtype`` (stage 1 passes its ``embed.precision``: it backpropagates
-            through the UNet, which ``diffusion.dtype``'s fp16 default on CUDA does badly). Pipelines
+            through the UNet, which ``diffusion.dtype``'s fp16 default on CUDA does badly; stage 4
+            the weights dtype of ``generate.precision``: :func:`generation_precision`). Pipelines
             of different dtypes are cached apart.
 
     Returns:
@@ -521,13 +553,20 @@ def _placeholder(name: str) -> str:
     return "<" + re.sub(r"\s+", "-", name.strip().lower()) + ">"
 
 
-def generation_names(dataset: str, names: Sequence[str]) -> list[str]:
+def generation_names(dataset: str, names: Sequence[str], nail_prompt: str = "concatenated") -> list[str]:
     """The long names of the generation prompt for the short ``names`` of ``dataset``
-    (CLASSES.md: CIFAR-100's six exceptions, ImageNet-100's suffixes; the demo's are the same)."""
-    from .data.classes import CIFAR100_LONG, CIFAR100_SHORT, IMAGENET100_NAMES, IMAGENET100_PROMPT_NAMES
+    (CLASSES.md: CIFAR-100's six exceptions, ImageNet-100's suffixes; the demo's are the same).
+    ``nail_prompt``: ImageNet-100's ``nail`` as the original spells it (``concatenated``) or as
+    ``wire nail`` (``generate.nail_prompt``)."""
+    from .data.classes import (CIFAR100_LONG, CIFAR100_SHORT, IMAGENET100_NAIL_ORIGINAL, IMAGENET100_NAMES,
+                               IMAGENET100_PROMPT_NAMES)
 
+    if nail_prompt not in ("concatenated", "wire_nail"):
+        raise ValueError(f"generate.nail_prompt={nail_prompt!r} is not one of concatenated, wire_nail")
     table = {"cifar100": dict(zip(CIFAR100_SHORT, CIFAR100_LONG)),
              "imagenet100": dict(zip(IMAGENET100_NAMES, IMAGENET100_PROMPT_NAMES))}.get(dataset, {})
+    if dataset == "imagenet100" and nail_prompt == "concatenated":
+        table["nail"] = IMAGENET100_NAIL_ORIGINAL
     return [table.get(n, n) for n in names]
 
 
@@ -596,7 +635,7 @@ def pipeline_with_class_tokens(cfg, class_names: Sequence[str], device: torch.de
     Returns:
         ``(pipe, tokens)``.
     """
-    long_names = generation_names(cfg.data.dataset, class_names)
+    long_names = generation_names(cfg.data.dataset, class_names, cfg.generate.nail_prompt)
     words = [*class_names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
              *cfg.generate.prompt.replace("{}", " ").split()]
     pipe = load_pipeline(cfg.diffusion, device, words=words, progress=progress, seed=cfg.run.seed, dtype=dtype)

@@ -9,9 +9,9 @@ Nothing is computed. :func:`plan` reads the resolved config and the disk and ret
   split into convolutions and matrix products;
 * the projected **hours** on a card (:data:`CARDS`, or ``NAME:TFLOPS``) at a stated fraction of its
   datasheet rate (default 40 %, an assumption until ``benchmarks/gpu_check.sh`` measures it). The
-  rate depends on the stage's precision: bf16/fp16 run at the dense bf16 rate; fp32 runs
-  convolutions at the TF32 rate (cuDNN's default) and matrix products at the plain fp32 rate
-  (PyTorch's default: ``torch.backends.cuda.matmul.allow_tf32`` is off); per process under
+  rate depends on the stage's precision: bf16/fp16 (and stage 4's fp16 autocast) run at the dense
+  bf16 rate; fp32 runs convolutions at the TF32 rate (cuDNN's default) and matrix products at the
+  plain fp32 rate (PyTorch's default: ``torch.backends.cuda.matmul.allow_tf32`` is off); per process under
   ``accelerate`` with ``gpus`` processes for the sharded stages (1, 4, 5);
 * **disk** per artefact and a **peak memory** estimate per stage (weights + what the backward pass
   keeps, counted on the meta device; for generation weights + a guided batch's largest activations);
@@ -101,7 +101,7 @@ NOMINAL_COUNTS = {
     "imagenet100": {"id-train": 126_689, "id-test": 5_000},
     "demo": {"id-train": 4_800, "id-test": 1_200},
 }
-_NOMINAL_OOD = {"svhn": 26_032, "places365": 36_500, "lsun_crop": 10_000, "lsun_resize": 10_000,
+_NOMINAL_OOD = {"svhn": 26_032, "places365": 328_500, "lsun_crop": 10_000, "lsun_resize": 10_000,
                 "isun": 8_925, "textures": 5_640, "inaturalist": 10_000, "sun": 10_000, "places": 10_000,
                 "demo_near": 800, "digits": 1_797, "texture_crops": 600, "faces": 200}
 _PNG_RATIO = 0.6   # PNG bytes / raw RGB bytes for generated photographs (assumed)
@@ -305,16 +305,11 @@ def dataset_counts(cfg: ExperimentConfig) -> tuple[dict[str, int], list[str], li
 
 
 def _hours(conv: float, matmul: float, precision: str, card: Card, fraction: float) -> float:
-    if precision in ("bf16", "fp16"):
+    if precision in ("bf16", "fp16", "autocast"):  # autocast: convolutions and matmuls in fp16
         seconds = (conv + matmul) / (card.bf16 * 1e12)
     else:
         seconds = conv / (card.tf32 * 1e12) + matmul / (card.fp32 * 1e12)
     return seconds / max(fraction, 1e-9) / 3600
-
-
-def _dtype_name(name: str) -> str:
-    """``diffusion.dtype`` as a precision name (``auto`` is fp16 on the GPUs being planned for)."""
-    return {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "auto": "fp16"}.get(name, name)
 
 
 def stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict[str, dict]:
@@ -386,10 +381,14 @@ def stage_work(cfg: ExperimentConfig, counts: dict, classes: list[str]) -> dict[
     t4 = _count("text", text, 0)
     v4 = _count("vae", vae, g.height)["decode"]
     evals = images4 * g.steps * guided
-    precision4 = _dtype_name(cfg.diffusion.dtype)
-    bytes4 = {"fp32": 4, "bf16": 2, "fp16": 2}[precision4]
+    # generate.precision; autocast (planned for CUDA, where it applies): fp32 weights (autocast
+    # caches no fp16 copies of weights that need no gradient) and activations of fp16's size (the
+    # convolutions' and matmuls' outputs, which dominate, are fp16)
+    precision4 = g.precision
+    bytes4 = {"fp32": 4, "bf16": 2, "fp16": 2, "autocast": 4}[precision4]
     weights4 = weights1 // bytes1 * bytes4
-    act4 = g.batch_size * guided * (g.height // factor) ** 2 * unet["block_out_channels"][0] * bytes4 * 24
+    act_bytes4 = 2 if precision4 == "autocast" else bytes4
+    act4 = g.batch_size * guided * (g.height // factor) ** 2 * unet["block_out_channels"][0] * act_bytes4 * 24
     out["generate"] = {
         "work": {"images": images4, "unet_evaluations": evals, "guidance": guided > 1},
         "conv": evals * u4["conv"] + images4 * (v4["conv"] + guided * t4["conv"]),

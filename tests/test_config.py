@@ -122,10 +122,12 @@ ORIGINAL = {
     "classifier.precision": "fp32",
     "classifier.drop_last": False,
     "data.as_is_sets": ["lsun_crop", "isun"],
-    "evaluate.energy_sign": "auto",  # = +logsumexp for the original's head-less checkpoints
+    "evaluate.energy_sign": "positive",  # +logsumexp always, also for the kit's own checkpoints
     "evaluate.fpr95_rule": "closest",
     "diffusion.class_token": "first_piece",
     "classifier.outliers_with_replacement": False,
+    "generate.precision": "autocast",
+    "generate.nail_prompt": "concatenated",
 }
 
 
@@ -135,6 +137,13 @@ def test_paper_presets_follow_the_original_switch_by_switch(preset):
     for key, value in ORIGINAL.items():
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) == value, key
+
+
+def test_demo_and_smoke_keep_the_sign_of_the_saved_head():
+    """The paper presets score +logsumexp as the original does; the small worlds, whose linear or
+    monotone heads are saved, keep `auto` (the demo's table does not move)."""
+    for preset in ("demo", "smoke"):
+        assert load_config(preset).evaluate.energy_sign == "auto"
 
 
 def test_the_presets_command_lists_every_preset():

@@ -181,9 +181,9 @@ def test_diffusion_dtype_does_not_leak_into_stage_1():
     assert torch.equal(rows, table[tokens.token_ids].detach())  # exact: no float16 round trip
     bf16 = load_config("smoke", [*SMALL, "diffusion.dtype=float16", "embed.precision=bf16"])
     assert embed.prepare(bf16)[0].unet.dtype == torch.bfloat16
-    # stage 4 keeps diffusion.dtype
+    # stage 4 follows generate.precision (autocast: fp32 weights), not diffusion.dtype either
     gen_pipe, _ = generate.prepare(cfg, tokens.names)
-    assert gen_pipe.unet.dtype == torch.float16
+    assert gen_pipe.unet.dtype == torch.float32
 
 
 def test_stage_records_its_precision(tmp_path):

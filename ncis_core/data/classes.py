@@ -21,6 +21,7 @@ __all__ = [
     "IMAGENET100_NAMES",
     "IMAGENET100_PROMPT_NAMES",
     "IMAGENET100_PROMPT_SUFFIXES",
+    "IMAGENET100_NAIL_ORIGINAL",
     "DEMO_ID_CLASSES",
     "DEMO_NEAR_CLASSES",
 ]
@@ -103,6 +104,12 @@ IMAGENET100_PROMPT_NAMES = [
     "wire nail" if name == "nail" else name + IMAGENET100_PROMPT_SUFFIXES.get(name, "")
     for name in IMAGENET100_NAMES
 ]
+
+# The original's long name of "nail" (class 80): its suffix for nail is a whole prompt, "A
+# high-quality image of the wire nail", appended to the name, so the generation prompt reads
+# "A high-quality image of the nailA high-quality image of the wire nail". The paper preset
+# reproduces it (generate.nail_prompt=concatenated); wire_nail uses "wire nail" above.
+IMAGENET100_NAIL_ORIGINAL = "nailA high-quality image of the wire nail"
 
 # The demo world (animal-mnist silhouettes): trained classes and never-trained near-OOD classes.
 DEMO_ID_CLASSES = ["bear", "bird", "cat", "dog", "elephant", "giraffe"]

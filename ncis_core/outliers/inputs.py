@@ -94,10 +94,13 @@ def sample_inputs(cfg: ExperimentConfig, run_dir, device: torch.device | str | N
         return model, meta, mean
 
     def token_rows():
-        # the rows of the pipeline stage 4 renders with, for the embeddings' own class names
+        # the class tokens' rows of the pipeline stage 4 renders with, for the embeddings' own class
+        # names, read in float32 whatever generate.precision rounds them to later (the table's own
+        # values: SD 1.4's weights are float32, and the original injects its rows in float32)
         from .. import diffusion
 
-        pipe, tokens = diffusion.pipeline_with_class_tokens(cfg, list(data["class_names"]), device)
+        pipe, tokens = diffusion.pipeline_with_class_tokens(cfg, list(data["class_names"]), device,
+                                                            dtype=torch.float32)
         return diffusion.class_token_rows(pipe, tokens)
 
     return SampleInputs(x[train_index].to(device, torch.float32), labels[train_index].to(device), num_classes,

@@ -8,7 +8,8 @@ unconditional prompt ``generate.negative_prompt`` ("") is encoded without replac
 bilinearly to ``output_size`` (without antialiasing unless ``generate.antialias``: the original's
 ``F.interpolate(mode="bilinear")``, a 2 × 2 box average at 512 → 256), turned into uint8 by
 truncation (the original's ``(255 * x).astype(uint8)``) or rounding (``generate.quantize``) and
-saved as PNG.
+saved as PNG. The weights' dtype and the autocast follow ``generate.precision`` (the original:
+fp32 weights under ``torch.autocast("cuda")``, the injected row in fp32).
 
 The plan (:func:`plan`) is fixed by the config alone: batch ``b`` of ``generate.num_batches`` is
 class ``b mod C`` (round-robin) and its ``k = b div C``-th batch; image ``j`` of it is the class's
@@ -167,14 +168,16 @@ def load_outlier_embeddings(path: str | Path) -> dict:
 
 def prepare(cfg: ExperimentConfig, class_names: Sequence[str], device: torch.device | str = "cpu",
             progress: bool = False):
-    """The pipeline (PNDM with ``skip_prk_steps``) and the class tokens for ``class_names``.
+    """The pipeline (PNDM with ``skip_prk_steps``; weights in ``generate.precision``'s dtype, not
+    ``diffusion.dtype``'s) and the class tokens for ``class_names``.
 
     Returns:
         ``(pipe, tokens)``.
     """
     from diffusers import PNDMScheduler
 
-    pipe, tokens = diffusion.pipeline_with_class_tokens(cfg, class_names, device, progress)
+    dtype, _ = diffusion.generation_precision(cfg.generate.precision, device)
+    pipe, tokens = diffusion.pipeline_with_class_tokens(cfg, class_names, device, progress, dtype)
     if not (isinstance(pipe.scheduler, PNDMScheduler) and pipe.scheduler.config.skip_prk_steps):
         # METHOD.md §4: PLMS = PNDM without the Runge-Kutta warm-up steps
         pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
@@ -211,23 +214,26 @@ def generate_images(pipe, tokens, class_index: int, vectors: torch.Tensor | None
                     gcfg: GenerateConfig) -> np.ndarray:
     """One batch of images of class ``class_index``; image ``j`` carries ``vectors[j]`` in place of the
     class token's row. ``vectors=None``: the ordinary class prompt with the long name (no placeholder,
-    nothing injected).
+    nothing injected). The prompt encoding, the denoising and the decode run in the context of
+    ``generate.precision`` (:func:`~ncis_core.diffusion.generation_precision`).
 
     Returns:
         ``B × output_size × output_size × 3`` uint8.
     """
     b = len(seeds)
-    if vectors is None:
-        ctx = diffusion.encode_prompts(pipe, [gcfg.prompt.format(tokens.long_names[class_index])] * b)
-    else:
-        prompts = [gcfg.prompt.format(tokens.generation_words[class_index])] * b
-        ctx = diffusion.encode_prompts(pipe, prompts, [tokens.token_ids[class_index]] * b, vectors)
-    negative = diffusion.encode_prompts(pipe, [gcfg.negative_prompt] * b)
-    # One CPU generator per image: its starting noise depends on its seed only, on any device.
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    out = pipe(prompt_embeds=ctx, negative_prompt_embeds=negative, height=gcfg.height, width=gcfg.width,
-               num_inference_steps=gcfg.steps, guidance_scale=gcfg.guidance_scale, eta=gcfg.eta,
-               generator=generators, output_type="pt").images
+    _, precision = diffusion.generation_precision(gcfg.precision, pipe.device)
+    with precision():
+        if vectors is None:
+            ctx = diffusion.encode_prompts(pipe, [gcfg.prompt.format(tokens.long_names[class_index])] * b)
+        else:
+            prompts = [gcfg.prompt.format(tokens.generation_words[class_index])] * b
+            ctx = diffusion.encode_prompts(pipe, prompts, [tokens.token_ids[class_index]] * b, vectors)
+        negative = diffusion.encode_prompts(pipe, [gcfg.negative_prompt] * b)
+        # One CPU generator per image: its starting noise depends on its seed only, on any device.
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        out = pipe(prompt_embeds=ctx, negative_prompt_embeds=negative, height=gcfg.height, width=gcfg.width,
+                   num_inference_steps=gcfg.steps, guidance_scale=gcfg.guidance_scale, eta=gcfg.eta,
+                   generator=generators, output_type="pt").images
     return to_uint8(out, gcfg.output_size, gcfg.antialias, gcfg.quantize)
 
 
