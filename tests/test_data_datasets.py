@@ -50,6 +50,25 @@ def test_class_lists():
     assert classes.DEMO_NEAR_CLASSES == ["cow", "horse", "sheep", "zebra"]
 
 
+def test_the_imagenet100_preset_prompts_nail_as_the_original_concatenates_it():
+    """The original appends a whole prompt to "nail" as its suffix; the paper preset keeps that."""
+    from ncis_core.config import load_config
+    from ncis_core.diffusion import generation_names
+
+    cfg = load_config("imagenet100")
+    assert cfg.generate.nail_prompt == "concatenated"
+    names = generation_names("imagenet100", classes.IMAGENET100_NAMES, cfg.generate.nail_prompt)
+    assert classes.IMAGENET100_NAMES[80] == "nail"
+    assert cfg.generate.prompt.format(names[80]) == \
+        "A high-quality image of the nailA high-quality image of the wire nail"
+    fixed = generation_names("imagenet100", classes.IMAGENET100_NAMES, "wire_nail")
+    assert cfg.generate.prompt.format(fixed[80]) == "A high-quality image of the wire nail"
+    assert names[:80] + names[81:] == fixed[:80] + fixed[81:] == \
+        classes.IMAGENET100_PROMPT_NAMES[:80] + classes.IMAGENET100_PROMPT_NAMES[81:]
+    # the switch touches ImageNet-100's nail only
+    assert generation_names("cifar100", classes.CIFAR100_SHORT, "concatenated") == classes.CIFAR100_LONG
+
+
 # ---------------------------------------------------------------- CIFAR-100
 
 def test_cifar100_reads_the_official_format(tmp_path):
@@ -272,32 +291,28 @@ def test_as_is_sets_keep_32x32_images_pixel_for_pixel(tmp_path):
                 assert ToTensor()(image).equal(ToTensor()(np.asarray(pil.convert("RGB"))))
 
 
-def test_as_is_sets_refuse_other_sizes_and_the_switch_resizes(tmp_path, caplog):
+def test_as_is_sets_keep_every_image_at_its_own_size_and_say_so_once(tmp_path, caplog):
+    """The original feeds LSUN-C and iSUN through ToTensor alone, whatever size a file has."""
     from ncis_core.data import eval_transform
 
-    write_image(tmp_path / "iSUN" / "iSUN_patches" / "a.jpeg", size=(32, 32), seed=0)
-    big_path = tmp_path / "iSUN" / "iSUN_patches" / "b.png"
-    big = write_image(big_path, size=(36, 36), seed=1)
+    small = write_image(tmp_path / "iSUN" / "iSUN_patches" / "a.jpeg", size=(32, 32), seed=0)
+    big = write_image(tmp_path / "iSUN" / "iSUN_patches" / "b.png", size=(36, 36), seed=1)
     wide = write_image(tmp_path / "iSUN" / "iSUN_patches" / "c.png", size=(32, 40), seed=2)
     bad = write_corrupt(tmp_path / "iSUN" / "iSUN_patches" / "d.jpeg")
-    split = get_split(as_is_config(tmp_path), "isun")
-    assert split.dataset[0][0].shape == (32, 32, 3)
-    with pytest.raises(DataError) as info:
-        split.dataset[1]
-    message = str(info.value)
-    assert "\n" not in message
-    for part in (str(big_path), "36×36", "32×32", "'isun'", "--set data.as_is_sets=[]"):
-        assert part in message, part
-    with pytest.raises(DataError, match="is 40×32"):  # width × height
-        split.dataset[2]
+    with caplog.at_level(logging.INFO):
+        split = get_split(as_is_config(tmp_path), "isun")
+    assert split.dataset.sizes == [(32, 32), (36, 36), (40, 32), None]  # (width, height) from the headers
+    np.testing.assert_array_equal(split.dataset[1][0], big)  # pixel for pixel, at 36 × 36
+    np.testing.assert_array_equal(split.dataset[2][0], wide)
+    assert split.dataset[0][0].shape == small.shape
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "not 32×32" in warnings[0] and "36×36 (1)" in warnings[0]
+    assert "data.as_is_sets=[]" in warnings[0] and "\n" not in warnings[0]
+    assert any("isun, as is" in r.message and "32×32 (1)" in r.message for r in caplog.records)
     with pytest.raises(DataError, match="cannot read image file"):  # unreadable stays unreadable
         split.dataset[3]
-    # skip_unreadable drops the corrupt file but not the wrong size: that is not "unreadable"
-    with caplog.at_level(logging.WARNING):
-        skipping = get_split(as_is_config(tmp_path, skip_unreadable=True), "isun")
-    assert skipping.dataset.skipped == [bad] and len(skipping.dataset) == 3
-    with pytest.raises(DataError, match="36×36"):
-        skipping.dataset[1]
+    skipping = get_split(as_is_config(tmp_path, skip_unreadable=True), "isun")
+    assert skipping.dataset.skipped == [bad] and skipping.dataset.sizes == [(32, 32), (36, 36), (40, 32)]
     # the switch: resize + centre-crop as for every other set
     resized = get_split(as_is_config(tmp_path, as_is_sets=[]), "isun")
     np.testing.assert_array_equal(resized.dataset[1][0], eval_transform(32, 32)(big))
@@ -313,13 +328,17 @@ def test_sets_outside_as_is_sets_are_still_resized(tmp_path):
     np.testing.assert_array_equal(split.dataset[0][0], eval_transform(32, 32)(big))
 
 
-def test_as_is_svhn_checks_its_array_size(tmp_path):
+def test_as_is_svhn_of_another_size_is_used_as_is_with_a_warning(tmp_path, caplog):
     write_svhn_mat(tmp_path / "svhn" / "test_32x32.mat", n=5)
     cfg = as_is_config(tmp_path, ood_sets=["svhn"], ood_roots={"svhn": str(tmp_path / "svhn")},
                        as_is_sets=["svhn"])
-    assert get_split(cfg, "svhn").dataset[0][0].shape == (32, 32, 3)
-    with pytest.raises(DataError, match="data.as_is_sets=\\[\\]"):
-        get_split(dataclasses.replace(cfg, image_size=28, resize=28), "svhn")
+    with caplog.at_level(logging.WARNING):
+        assert get_split(cfg, "svhn").dataset[0][0].shape == (32, 32, 3)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        split = get_split(dataclasses.replace(cfg, image_size=28, resize=28), "svhn")
+    assert split.dataset[0][0].shape == (32, 32, 3)
+    assert any("not 28×28" in r.message and "32×32 (5)" in r.message for r in caplog.records)
 
 
 # ---------------------------------------------------------------- splits
@@ -413,3 +432,13 @@ def test_readme_repeats_the_error_texts():
     for name, spec in OOD_SETS.items():
         assert spec.layout in readme and spec.source in readme, name
         assert f"data.ood_roots.{name}" in readme
+
+
+def test_places365_names_the_test_images_the_original_evaluates():
+    """The original evaluates Places365's test images (its places_test/), not "test or val"."""
+    from ncis_core.plan import _NOMINAL_OOD
+
+    spec = OOD_SETS["places365"]
+    assert "test_256.tar" in spec.source and "test images" in spec.layout
+    assert "or val_256" not in spec.source and "places_test/" in spec.source
+    assert _NOMINAL_OOD["places365"] == 328_500  # plan's count when the copy is not on disk

@@ -155,9 +155,10 @@ def test_a_released_checkpoint_without_head_always_scores_plus_logsumexp(tmp_pat
         torch.manual_seed(seed)  # the seed a fresh head would be drawn with
         bundle = stage5.load_classifier(path, c.arch, 100, c.energy_head, c.head_hidden)
         assert bundle.slope is None and bundle.meta["head_saved"] is False
-        sign, source = stage6.energy_sign(load_config("cifar100").evaluate.energy_sign, bundle.slope)
-        signs.add(sign)
-        assert "no energy head" in source
+        for rule in ("auto", load_config("cifar100").evaluate.energy_sign):  # the preset's: positive
+            sign, source = stage6.energy_sign(rule, bundle.slope)
+            signs.add(sign)
+            assert "no energy head" in source if rule == "auto" else source == "evaluate.energy_sign=positive"
     assert signs == {1.0}
 
 
@@ -343,3 +344,55 @@ def test_normalised_splits_give_the_batches_of_the_per_image_loader(monkeypatch)
             assert torch.equal(x, xf) and torch.equal(y, yf)
     monkeypatch.setattr(stage6, "NORMALISED_CACHE_MAX_BYTES", 1000)
     assert stage6.normalised_splits(splits, cfg) is splits
+
+
+def test_an_as_is_set_of_several_sizes_scores_each_image_as_it_would_alone(tmp_path):
+    """LSUN-C / iSUN copies whose files are not all 32 × 32 (METHOD.md: the original scores them
+    at their own size): batches are cut where the size changes, in order, and every score equals
+    the image's score computed alone."""
+    from data_fixtures import write_image
+
+    from ncis_core.data.ood import ood_split
+
+    sizes = [(32, 32), (32, 32), (36, 36), (36, 36), (36, 36), (32, 32), (32, 40)]
+    for i, size in enumerate(sizes):
+        write_image(tmp_path / "iSUN" / f"{i:02d}.png", size=size, seed=i)
+    split = ood_split("isun", tmp_path / "iSUN", resize=32, image_size=32, subset_size=None,
+                      subset_seed=0, as_is=True)
+    cfg = _cfg(tmp_path, "evaluate.batch_size=2", "classifier.num_workers=0")
+    torch.manual_seed(0)
+    net = stage5.build_classifier("small", 6).eval()
+    score = SCORES["energy"]()
+    got = stage6.score_split(net, score, split, cfg, torch.device("cpu"), progress=False)
+    with torch.no_grad():
+        alone = [score(net, stage6._Normalised(split, cfg)[i][0][None]).item() for i in range(len(sizes))]
+    np.testing.assert_allclose(got, alone, rtol=1e-5)
+    assert [len(b) for b in stage6.same_size_batches(split.dataset.sizes, 2)] == [2, 2, 1, 1, 1]
+    assert stage6.normalised_splits([split], cfg)[0] is split  # compare's cache leaves it alone
+
+
+def test_the_slope_of_an_mlp_head_is_measured_where_the_id_scores_lie():
+    """ImageNet-100's head is Linear(1 → 512) → ReLU → Linear(512 → 2): its slope depends on s.
+    This one rises where ID scores lie (s in [0, 5]) and falls steeply past s = 10, so the old
+    average over s in [−20, 20] called it negative and `auto` would have flipped the score."""
+    head = EnergyHead("linear", hidden=2)
+    with torch.no_grad():
+        first, _, last = head.net
+        first.weight.copy_(torch.tensor([[1.0], [1.0]]))
+        first.bias.copy_(torch.tensor([0.0, -10.0]))        # h = relu(s), relu(s − 10)
+        last.weight.copy_(torch.tensor([[0.0, 0.0], [1.0, -3.0]]))  # margin = h₁ − 3 h₂
+        last.bias.zero_()
+    assert head.slope() < 0
+    quantiles_id = [0.5, 1.0, 2.5, 4.0, 5.0]  # 5/25/50/75/95 % of the epoch's ID training scores
+    assert stage5.head_slope(head, quantiles_id) == pytest.approx(1.0, rel=1e-4)  # float32 differences
+    linear = EnergyHead("linear")
+    assert stage5.head_slope(linear, quantiles_id) == pytest.approx(float(linear.slope()))
+
+
+def test_a_trained_mlp_head_records_its_slope_over_the_id_training_scores(tmp_path):
+    cfg = _cfg(tmp_path, "classifier.outliers=none", "classifier.epochs=1", "classifier.head_hidden=8")
+    run = RunDir.create(cfg)
+    history = stage5.run(cfg, run, progress=False)
+    bundle = stage5.load_classifier(run.require("classifier_best"))
+    expected = stage5.head_slope(bundle.head, history["epochs"][-1]["score_quantiles_id"])
+    assert history["slope"] == pytest.approx(expected) and bundle.slope == pytest.approx(expected)

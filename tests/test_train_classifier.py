@@ -60,6 +60,10 @@ def test_outlier_counts_are_checked(tmp_path):
                     "classifier.num_outliers=3")
     data = stage5.outlier_dataset(cfg, run)
     assert len(data) == 3 and data[0][0].shape == (48, 40, 3)
+    # null: every image there (the imagenet100 preset: the original trains on the whole folder)
+    cfg, run = _run(tmp_path, "classifier.outliers=folder", f"classifier.outlier_folder={folder}",
+                    "classifier.num_outliers=null")
+    assert len(stage5.outlier_dataset(cfg, run)) == 5
 
 
 def test_empty_outlier_folder_and_missing_ncis_tree_are_clear(tmp_path):

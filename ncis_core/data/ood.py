@@ -9,7 +9,7 @@ unlabelled here: every label is ``-1``.
 :func:`ood_split` turns a set into an ``ood-far`` :class:`~ncis_core.data.base.Split`: a seeded
 random subset of ``subset_size`` images under the evaluation transform Resize + CenterCrop, or,
 for a set in ``data.as_is_sets`` (LSUN-C and iSUN, as the original evaluates them), no transform
-at all: each image must then already be ``image_size`` square (:class:`AsIsImageFiles`).
+at all: each image keeps its own size (:class:`AsIsImageFiles`).
 
 Example (a folder of five 48 × 64 images standing in for DTD's ``data/ood/dtd/images``, where
 ``subset_size=2000`` keeps 2 000 of its 5 640):
@@ -26,10 +26,12 @@ Example (a folder of five 48 × 64 images standing in for DTD's ``data/ood/dtd/i
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from .base import ArrayDataset, DataError, ImageDataset, Split, Subset, seeded_subset_indices
 from .folders import ImageFolderFiles, list_images
@@ -70,34 +72,40 @@ class SVHN(ArrayDataset):
 
 
 class AsIsImageFiles(ImageFolderFiles):
-    """Image files evaluated as they are (no Resize/CenterCrop): each must be ``size × size``.
+    """Image files evaluated as they are: no Resize/CenterCrop, at whatever size each file has.
 
-    The original feeds LSUN-C and iSUN through ToTensor alone, so resizing them would change the
-    pixels the paper's numbers were measured on; an image of another size would silently enter the
-    batch at its own size, so it is refused instead. The size is checked as each image is loaded
-    (it is decoded then anyway), not by a scan of the whole set. A wrong size is not "unreadable":
-    ``skip_unreadable`` does not skip it, since dropping such images would quietly change the set.
+    The original feeds LSUN-C and iSUN through ToTensor alone and its networks pool globally, so an
+    image of another size is scored at that size. ``sizes`` holds each file's ``(width, height)``
+    from its header (``None`` where PIL cannot open it; loading it then raises as usual); stage 6
+    batches runs of consecutive same-size images.
 
     Args:
         paths, labels, skip_unreadable: as :class:`ImageFolderFiles`.
-        name: the OOD set (named in the error).
-        size: the side every image must have (``data.image_size``).
     """
 
-    def __init__(self, paths, labels, name: str, size: int, skip_unreadable: bool = False):
+    def __init__(self, paths, labels, skip_unreadable: bool = False):
         super().__init__(paths, labels, None, skip_unreadable)
-        self.name, self.size = name, int(size)
+        self.sizes = [_header_size(p) for p in self.paths]
 
-    def _load(self, index: int) -> np.ndarray:
-        image = super()._load(index)
-        height, width = image.shape[:2]
-        if (height, width) != (self.size, self.size):
-            raise DataError(
-                f"{self.paths[index]} is {width}×{height}, but OOD set {self.name!r} is in "
-                f"data.as_is_sets (evaluated without Resize/CenterCrop, as the original does) and "
-                f"needs {self.size}×{self.size} images; set --set data.as_is_sets=[] to resize and "
-                f"centre-crop every set instead")
-        return image
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.size
+    except Exception:  # PIL raises many kinds; the load reports it with the path
+        return None
+
+
+def _log_sizes(name: str, sizes: list, image_size: int) -> None:
+    """Say once which sizes an as-is set holds, and warn when some are not ``image_size`` square."""
+    counts = Counter(size for size in sizes if size is not None)
+    seen = ", ".join(f"{w}×{h} ({n})" for (w, h), n in counts.most_common())
+    log.info("OOD set %s, as is (no Resize/CenterCrop): image sizes %s", name, seen or "none")
+    if set(counts) - {(image_size, image_size)}:
+        log.warning("OOD set %s is in data.as_is_sets and holds images that are not %d×%d (%s): they are "
+                    "scored at their own size, as the original does (the network pools globally); "
+                    "--set data.as_is_sets=[] resizes and centre-crops them instead",
+                    name, image_size, image_size, seen)
 
 
 def image_folder(root: str | Path) -> ImageFolderFiles:
@@ -129,10 +137,12 @@ OOD_SETS: dict[str, OODSpec] = {
         "test split)"),
     "places365": OODSpec(
         image_folder,
-        "<root>/**/*.jpg: Places365 images at any depth, e.g. <root>/<category>/*.jpg",
-        "official Places365 images from http://places2.csail.mit.edu/download.html (e.g. "
-        "test_256.tar or val_256.tar from http://data.csail.mit.edu/places/places365/); OpenOOD "
-        "v1.5 also distributes a copy"),
+        "<root>/**/*.jpg: the Places365 test images at any depth, e.g. the extracted test_256.tar "
+        "(<root>/test_256/Places365_test_00000001.jpg …)",
+        "the official Places365-Standard test images, http://data.csail.mit.edu/places/places365/"
+        "test_256.tar (328 500 images, linked from http://places2.csail.mit.edu/download.html): the "
+        "copy the original evaluates (its places_test/ folder); the val images (val_256.tar) are "
+        "another set"),
     "lsun_crop": OODSpec(
         image_folder,
         "<root>/**/*.jpg: the extracted LSUN.tar.gz (images in <root>/test/)",
@@ -192,8 +202,9 @@ def ood_split(name: str, root: str | Path | None, *, resize: int, image_size: in
         subset_seed: seed of the subset (the same seed gives the same images on every machine).
         skip_unreadable: drop unreadable files of the subset (checked after drawing it, so a
             large set is not read in full; the set may then come out a few images short).
-        as_is: no Resize/CenterCrop (``name`` in ``data.as_is_sets``): every image must already be
-            ``image_size × image_size``, checked as it is loaded (a DataError naming the file).
+        as_is: no Resize/CenterCrop (``name`` in ``data.as_is_sets``): each image is scored at its
+            own size; the sizes seen are logged once, with a warning when some are not
+            ``image_size`` square.
 
     Raises:
         DataError: unknown name, or a missing, empty or unreadable root; the message gives the
@@ -219,14 +230,14 @@ def ood_split(name: str, root: str | Path | None, *, resize: int, image_size: in
         # Re-index the chosen files only, so skip mode checks just those.
         paths, labels = [full.paths[i] for i in indices], full.labels[indices]
         dataset: ImageDataset = (
-            AsIsImageFiles(paths, labels, name, image_size, skip_unreadable) if as_is
+            AsIsImageFiles(paths, labels, skip_unreadable) if as_is
             else ImageFolderFiles(paths, labels, transform, skip_unreadable))
+        if as_is:
+            _log_sizes(name, dataset.sizes, image_size)
     else:
-        images = getattr(full, "images", None)  # an in-memory set (SVHN): its size is known now
-        if as_is and images is not None and images.shape[1:3] != (image_size, image_size):
-            raise DataError(f"OOD set {name!r} holds {images.shape[2]}×{images.shape[1]} images, but it "
-                            f"is in data.as_is_sets and needs {image_size}×{image_size}; set --set "
-                            f"data.as_is_sets=[] to resize and centre-crop every set instead")
+        images = getattr(full, "images", None)  # an in-memory set (SVHN): one size for all
+        if as_is and images is not None:
+            _log_sizes(name, [(images.shape[2], images.shape[1])] * len(indices), image_size)
         full.transform = transform
         dataset = Subset(full, indices)
     log.info("OOD set %s: %d images from %s%s", name, len(dataset), root,

@@ -46,7 +46,7 @@ from ..runs import (RunDir, Stage, atomic_path, atomic_write_json, atomic_write_
 from ..scores import Score, build_score, score_arguments, score_class
 from .train_classifier import MEMORY_FORMAT, ClassifierBundle, load_classifier
 
-__all__ = ["score_split", "energy_sign", "build_scores", "evaluate", "format_table", "run", "NormalisedImages",
+__all__ = ["score_split", "energy_sign", "same_size_batches", "build_scores", "evaluate", "format_table", "run", "NormalisedImages",
            "normalised_splits"]
 
 log = logging.getLogger(__name__)
@@ -98,16 +98,41 @@ NORMALISED_CACHE_MAX_BYTES = 2 << 30
 def normalised_splits(splits: list[Split], cfg: ExperimentConfig) -> list[Split]:
     """``splits`` with their images normalised once (:class:`NormalisedImages`), for many
     evaluations with the same data config; ``splits`` unchanged when that would take more than
-    :data:`NORMALISED_CACHE_MAX_BYTES` (ImageNet-size sets are read image by image)."""
+    :data:`NORMALISED_CACHE_MAX_BYTES` (ImageNet-size sets are read image by image). A split whose
+    images differ in size (an as-is set) stays as it is."""
     pixels = sum(len(s.dataset) for s in splits) * 3 * cfg.data.image_size ** 2
     if pixels * 4 > NORMALISED_CACHE_MAX_BYTES:
         return splits
-    return [dataclasses.replace(s, dataset=NormalisedImages(s, cfg)) for s in splits]
+    return [s if _mixed_sizes(s) else dataclasses.replace(s, dataset=NormalisedImages(s, cfg)) for s in splits]
+
+
+def _mixed_sizes(split: Split) -> bool:
+    return len(set(getattr(split.dataset, "sizes", ()))) > 1
+
+
+def same_size_batches(sizes: list, batch_size: int) -> list[list[int]]:
+    """Indices ``0 … len(sizes) − 1`` in order, cut into batches of at most ``batch_size`` wherever
+    the size changes (images of different sizes cannot share a tensor; the order is kept).
+
+    Example:
+        >>> same_size_batches([(32, 32), (32, 32), (36, 36), (32, 32)], 3)
+        [[0, 1], [2], [3]]
+    """
+    batches: list[list[int]] = []
+    for i, size in enumerate(sizes):
+        if batches and len(batches[-1]) < batch_size and sizes[batches[-1][0]] == size:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 def _loader(split: Split, cfg: ExperimentConfig):
     if isinstance(split.dataset, NormalisedImages):
         return split.dataset.batches(cfg.evaluate.batch_size)
+    if _mixed_sizes(split):  # an as-is set (data.as_is_sets) with images of several sizes
+        return DataLoader(_Normalised(split, cfg), num_workers=cfg.classifier.num_workers,
+                          batch_sampler=same_size_batches(split.dataset.sizes, cfg.evaluate.batch_size))
     return DataLoader(_Normalised(split, cfg), batch_size=cfg.evaluate.batch_size, shuffle=False,
                       num_workers=cfg.classifier.num_workers)
 

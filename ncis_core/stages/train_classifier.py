@@ -57,6 +57,7 @@ from ..runs import (MissingArtefactError, RunDir, Stage, atomic_path, atomic_wri
 
 __all__ = [
     "train_transforms",
+    "head_slope",
     "training_loader",
     "outlier_dataset",
     "decoded_images",
@@ -533,6 +534,14 @@ def _quantiles(chunks: list[torch.Tensor]) -> list[float]:
     return torch.quantile(torch.cat(chunks).float(), torch.tensor(QUANTILES)).tolist()
 
 
+def head_slope(head: EnergyHead, quantiles_id: list[float]) -> float:
+    """The energy head's slope where the run's ID scores lie: over the 5–95 % range of an epoch's
+    ID training scores (``score_quantiles_id``). A linear head's slope is one number; an MLP
+    head's (ImageNet-100) depends on the score, and only its value where ID images fall decides
+    which way ``evaluate.energy_sign=auto`` ranks."""
+    return float(head.slope(torch.linspace(quantiles_id[0], quantiles_id[-1], 101)))
+
+
 def _cycle(loader: DataLoader, generator: torch.Generator, epoch: int, seed: int):
     """The outlier loader, restarted with a new seeded order each time it runs out (seeded by
     epoch and round, so a resumed run draws the outliers an uninterrupted one would)."""
@@ -656,13 +665,14 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
                     sums["energy"] += e_loss.item() * len(x_in)
                     scores_out.append(s[n_id:].cpu())
             bar.set_postfix(loss=f"{loss.item():.3f}")
-        slope = float(accelerator.unwrap_model(head).slope())
+        quantiles_id = _quantiles(scores_id)
+        slope = head_slope(accelerator.unwrap_model(head), quantiles_id)
         n = max(sums["seen"], 1)
         history.append({
             "epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "ce": sums["ce"] / n,
             "energy_loss": sums["energy"] / n if outliers is not None else None,
             "train_acc": sums["correct"] / n, "slope": slope,
-            "score_quantiles_id": _quantiles(scores_id),
+            "score_quantiles_id": quantiles_id,
             "score_quantiles_outlier": _quantiles(scores_out) if scores_out else None,
         })
         if outliers is not None and slope < 0:
@@ -678,7 +688,7 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     if last < c.epochs:
         return None
     model, head = accelerator.unwrap_model(model), accelerator.unwrap_model(head)
-    slope = float(head.slope())
+    slope = head_slope(head, history[-1]["score_quantiles_id"])
     result = {"epochs": history, "slope": slope, "slope_negative": slope < 0,
               "outliers": c.outliers, "num_outliers": len(outliers) if outliers is not None else 0,
               "id_generated": c.id_generated if id_generated is not None else "none",

@@ -680,13 +680,14 @@ def _train_pass(members: list[_Member], accelerator, device, progress: bool, sto
             bar.close()
             for g, m in enumerate(members):
                 _, head = engine.modules(g)
-                slope = float(head.slope())
+                quantiles_id = stage5._quantiles(scores_id[g])
+                slope = stage5.head_slope(head, quantiles_id)
                 n = max(sums[g]["seen"], 1)
                 m.history.append({
                     "epoch": epoch + 1, "lr": engine.lr(), "ce": sums[g]["ce"] / n,
                     "energy_loss": sums[g]["energy"] / n if with_outliers else None,
                     "train_acc": sums[g]["correct"] / n, "slope": slope,
-                    "score_quantiles_id": stage5._quantiles(scores_id[g]),
+                    "score_quantiles_id": quantiles_id,
                     "score_quantiles_outlier": stage5._quantiles(scores_out[g]) if scores_out[g] else None,
                 })
                 if with_outliers and slope < 0:
@@ -715,7 +716,7 @@ def _train_pass(members: list[_Member], accelerator, device, progress: bool, sto
     for g, m in enumerate(members):
         model, head = engine.modules(g)
         model, head = model.cpu(), head.cpu()
-        slope = float(head.slope())
+        slope = stage5.head_slope(head, m.history[-1]["score_quantiles_id"])
         mc = m.cfg.classifier
         result = {"epochs": m.history, "slope": slope, "slope_negative": slope < 0,
                   "outliers": mc.outliers, "num_outliers": len(m.outliers) if m.outliers is not None else 0,
