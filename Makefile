@@ -12,7 +12,7 @@ OUT    ?= outputs/$(PRESET)
 # pip with requirements.txt's pins as constraints: an extra installs exactly the pinned versions
 PIP    := $(BIN)/python -m pip install -c requirements.txt
 
-.PHONY: setup setup-test setup-lab browser demo run test lab strip clean-venv
+.PHONY: setup setup-test setup-lab browser demo run test check lab strip clean-venv
 
 setup: $(STAMP)
 setup-test: $(STAMP)-test
@@ -64,6 +64,11 @@ browser:
 
 test: setup-test browser
 	$(BIN)/python -m pytest -q
+
+# The fast tier, for every edit: unit and contract tests, no test marked heavy (notebooks through
+# papermill, the browser, subprocess and multi-process runs, anything over a few seconds).
+check: setup-test
+	$(BIN)/python -m pytest -q -m "not heavy"
 
 # JupyterLab on notebooks/ (as root, as in a container, Jupyter needs --allow-root)
 lab: setup-lab

@@ -1,20 +1,22 @@
-"""``compare``'s classifier trainings: one at a time (``train()``, as ``compare`` ran them) against
-vectorised passes (:func:`ncis_core.stages.train_many.train_many`). Prints one JSON line.
+"""``compare``'s classifier trainings: stage 5's ``train()`` one at a time against side by side in
+worker processes (:func:`ncis_core.compare.train_side_by_side`, what ``compare`` does). Prints one
+JSON line.
 
 Full (default): the demo run folder ``--run`` (stages 1-4 done; default ``outputs/demo``). The 12
-trainings of ``make demo``'s compare (``none, idgen, linear, ncis`` × seeds ``0, 1, 2``) one at a
-time, then the same 12 vectorised, then 50 (those methods and ``knn_boundary`` × seeds ``0-9``)
-vectorised. Missing renders of the methods' outlier images are made first (compare's
-``render_outliers``, not timed). Trainings write into a temporary folder; the run folder only gains
+trainings ``none, idgen, linear, ncis`` × seeds ``0, 1, 2`` one at a time, then the same 12 side by
+side, then (unless ``--skip-50``) the 50 of ``make demo``'s compare (those methods and
+``knn_boundary`` × seeds ``0-9``) side by side. ``--with-threads``: also the 12 on worker threads of
+one process (``train()`` draws from torch's global generator, which the threads share: timing
+only, not the same bytes). Missing renders of the methods' outlier images are made first
+(``render_outliers``, not timed). Trainings write into a temporary folder; the run folder only gains
 caches (decoded outliers, VAE reconstructions) and renders.
 
-Reported: wall seconds of each block (setup included: datasets, loaders, initialisation, files),
-``speedup_12`` (one at a time ÷ vectorised), ``ratio_50_vectorised_to_12_one_at_a_time``, per pass
-the models, steps, seconds and the share of the pass spent waiting for batches
-(``data_wait_share``), the torch threads each side used, how many of the 12 classifier files are
-byte-identical between the two (all of them when both sides run their kernels on the same number
-of intra-op threads: ``--sequential-threads 1``), and the 1-minute load average at start and end
-(the machine is shared: timings move with the load).
+Reported: wall seconds of each block (setup included: processes, datasets, loaders,
+initialisation, files), ``speedup_12`` (one at a time ÷ side by side), the workers and intra-op
+threads each side used, how many of the 12 classifier files are byte-identical between the two
+(all of them when both sides run their kernels on the same number of intra-op threads:
+``--sequential-threads 1``), and the 1-minute load average at start and end (the machine is
+shared: timings move with the load).
 
 The roofline (``roofline``): what the machine allows at best. ``peak_gflops_per_thread`` is a
 measured float32 matrix product (2048², one intra-op thread, best of 5: the fastest arithmetic this
@@ -25,9 +27,10 @@ step per image, :func:`ncis_core.flops.classifier_flops`, × images per step × 
 bound of the 12: no engine can beat it on this machine; ``share_of_peak`` = bound ÷ measured.
 
 ``--smoke``: the smoke preset and a folder of random PNGs as the outlier source (no run folder
-needed): ``none`` and ``folder`` × 2 seeds, one smoke epoch, both ways; seconds on 2 CPU cores.
+needed): ``none`` and ``folder`` × 2 seeds, one smoke epoch, one at a time and side by side (and on
+threads); seconds on 2 CPU cores.
 
-Usage: ``python benchmarks/bench_compare.py [--run outputs/demo] [--epochs N] [--skip-50]``.
+Usage: ``python benchmarks/bench_compare.py [--run outputs/demo] [--epochs N] [--skip-50] [--with-threads]``.
 """
 
 from __future__ import annotations
@@ -49,11 +52,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 import torch  # noqa: E402
 
 from ncis_core import outliers as registry  # noqa: E402
+from ncis_core.compare import train_side_by_side  # noqa: E402
 from ncis_core.config import load_config, load_run_config  # noqa: E402
 from ncis_core.device import intra_op_threads  # noqa: E402
 from ncis_core.runs import RunDir  # noqa: E402
 from ncis_core.stages import train_classifier as stage5  # noqa: E402
-from ncis_core.stages import train_many as many  # noqa: E402
 
 log = logging.getLogger("bench_compare")
 
@@ -68,39 +71,42 @@ def _jobs(make_cfg, run_root: Path, methods: list[str], seeds: list[int], out: P
 
 
 def one_at_a_time(jobs, threads: int) -> dict:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        seconds = []
+    seconds = []
+    with intra_op_threads(threads):
         for cfg, run_dir, folder in jobs:
             t0 = time.perf_counter()
             stage5.train(cfg, run_dir, folder=folder, progress=False)
             seconds.append(time.perf_counter() - t0)
             log.info("one at a time: %s seed %s in %.1f s", cfg.classifier.outliers, cfg.classifier.seed,
                      seconds[-1])
-    finally:
-        torch.set_num_threads(previous)
     return {"trainings": len(jobs), "seconds": round(sum(seconds), 2),
             "seconds_per_training": [round(s, 2) for s in seconds], "torch_threads": threads}
 
 
-def vectorised(jobs, threads: int) -> dict:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        size = many.models_per_pass(jobs[0][0], len(jobs))
-        t0 = time.perf_counter()
-        many.train_many(jobs, progress=False, max_parallel=size)
-        seconds = time.perf_counter() - t0
-    finally:
-        torch.set_num_threads(previous)
-    passes = [{**p, "wall_s": round(p["wall_s"], 2), "data_wait_s": round(p["data_wait_s"], 2),
-               "data_wait_share": round(p["data_wait_s"] / max(p["wall_s"], 1e-9), 4)} for p in many.PASS_STATS]
-    wall = sum(p["wall_s"] for p in many.PASS_STATS)
-    wait = sum(p["data_wait_s"] for p in many.PASS_STATS)
-    log.info("vectorised: %d trainings in %.1f s (%d passes)", len(jobs), seconds, len(passes))
-    return {"trainings": len(jobs), "seconds": round(seconds, 2), "max_parallel": size, "torch_threads": threads,
-            "passes": passes, "data_wait_share": round(wait / max(wall, 1e-9), 4)}
+def side_by_side(jobs, workers: int, threads: int) -> dict:
+    """``compare``'s way: ``workers`` processes of ``threads // workers`` intra-op threads."""
+    t0 = time.perf_counter()
+    with intra_op_threads(threads):
+        train_side_by_side(jobs, progress=False, workers=workers)
+    seconds = time.perf_counter() - t0
+    log.info("side by side: %d trainings in %.1f s", len(jobs), seconds)
+    return {"trainings": len(jobs), "seconds": round(seconds, 2), "workers": min(workers, len(jobs)),
+            "threads_per_worker": max(1, threads // min(workers, len(jobs)))}
+
+
+def on_threads(jobs, workers: int, threads: int) -> dict:
+    """The alternative to processes: ``train()`` on ``workers`` threads of one process, each kernel on
+    ``threads // workers`` intra-op threads (process-wide). Timing only: the threads share torch's
+    global generator, which ``train()`` seeds and draws from."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    with intra_op_threads(max(1, threads // workers)), ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda job: stage5.train(job[0], job[1], folder=job[2], progress=False), jobs))
+    seconds = time.perf_counter() - t0
+    log.info("on threads: %d trainings in %.1f s", len(jobs), seconds)
+    return {"trainings": len(jobs), "seconds": round(seconds, 2), "workers": workers,
+            "threads_per_worker": max(1, threads // workers)}
 
 
 def peak_gflops_per_thread(size: int = 2048, repeats: int = 5) -> float:
@@ -157,7 +163,7 @@ def identical_files(a_jobs, b_jobs) -> int:
 
 
 def _render(preset: str, run_root: Path, methods: list[str], overrides: list[str]) -> None:
-    from ncis_core.outliers.sources import render_outliers
+    from ncis_core.compare import render_outliers
 
     base = load_run_config(preset, overrides, out=str(run_root))
     run = RunDir.create(base)
@@ -177,13 +183,16 @@ def main(argv=None) -> None:
     parser.add_argument("--methods-50", default="none,idgen,linear,ncis,knn_boundary")
     parser.add_argument("--seeds-50", default="0,1,2,3,4,5,6,7,8,9")
     parser.add_argument("--epochs", type=int, help="classifier.epochs (default: the preset's)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads of the vectorised passes (default: torch's, %(default)s)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="trainings side by side (default: the CPUs, %(default)s)")
+    parser.add_argument("--threads", type=int, default=max(torch.get_num_threads(), os.cpu_count() or 1),
+                        help="torch threads shared by the side-by-side workers (default: %(default)s)")
     parser.add_argument("--sequential-threads", type=int, default=torch.get_num_threads(),
-                        help="torch threads of the one-at-a-time trainings (default: torch's, as compare "
-                             "ran them, %(default)s)")
+                        help="torch threads of the one-at-a-time trainings (default: torch's, %(default)s)")
     parser.add_argument("--skip-50", action="store_true", help="leave out the 50 trainings")
-    parser.add_argument("--skip-12", action="store_true", help="only the 50 trainings (vectorised)")
+    parser.add_argument("--skip-12", action="store_true", help="only the 50 trainings (side by side)")
+    parser.add_argument("--with-threads", action="store_true",
+                        help="also the 12 on worker threads of one process (timing only)")
     parser.add_argument("--smoke", action="store_true",
                         help="seconds: the smoke preset, random PNGs as outliers, none/folder × 2 seeds")
     args = parser.parse_args(argv)
@@ -217,33 +226,34 @@ def main(argv=None) -> None:
                 return load_run_config(args.preset, [*overrides, f"classifier.outliers={method}",
                                                      f"classifier.seed={seed}"], out=str(run_root))
 
+        twelve = "" if args.smoke else "_12"
         sequential_jobs = _jobs(make_cfg, run_root, methods, seeds, tmp / "one")
-        vectorised_jobs = _jobs(make_cfg, run_root, methods, seeds, tmp / "many")
+        together_jobs = _jobs(make_cfg, run_root, methods, seeds, tmp / "together")
         # caches (decoded outliers, VAE reconstructions) built before either side is timed
         stage5.train(*sequential_jobs[-1][:2], folder=tmp / "warm", progress=False, stop_after_steps=1)
         seq = None
         if args.smoke or not args.skip_12:
-            line["one_at_a_time_12" if not args.smoke else "one_at_a_time"] = seq = one_at_a_time(
-                sequential_jobs, args.sequential_threads)
-            line["vectorised_12" if not args.smoke else "vectorised"] = vec = vectorised(vectorised_jobs,
-                                                                                          args.threads)
-            line["speedup_12" if not args.smoke else "speedup"] = round(seq["seconds"] / max(vec["seconds"], 1e-9),
-                                                                        2)
-            line["identical_classifier_files"] = identical_files(sequential_jobs, vectorised_jobs)
+            line[f"one_at_a_time{twelve}"] = seq = one_at_a_time(sequential_jobs, args.sequential_threads)
+            line[f"side_by_side{twelve}"] = together = side_by_side(together_jobs, args.workers, args.threads)
+            line[f"speedup{twelve}"] = round(seq["seconds"] / max(together["seconds"], 1e-9), 2)
+            line["identical_classifier_files"] = identical_files(sequential_jobs, together_jobs)
+            if args.with_threads:
+                threaded_jobs = _jobs(make_cfg, run_root, methods, seeds, tmp / "threads")
+                line[f"on_threads{twelve}"] = on_threads(threaded_jobs, args.workers, args.threads)
         if not args.smoke and not args.skip_50:
             jobs50 = _jobs(make_cfg, run_root, args.methods_50.split(","),
-                           [int(s) for s in args.seeds_50.split(",")], tmp / "many50")
-            line["vectorised_50"] = v50 = vectorised(jobs50, args.threads)
-            if seq is not None:
-                line["ratio_50_vectorised_to_12_one_at_a_time"] = round(v50["seconds"] / seq["seconds"], 3)
+                           [int(s) for s in args.seeds_50.split(",")], tmp / "together50")
+            line["side_by_side_50"] = side_by_side(jobs50, args.workers, args.threads)
         line["epochs"] = sequential_jobs[0][0].classifier.epochs
-        blocks, twelve = {}, "" if args.smoke else "_12"
+        blocks = {}
         if seq is not None:
             gflop = training_gflop(sequential_jobs)
             blocks.update({f"one_at_a_time{twelve}": (gflop, seq["seconds"]),
-                           f"vectorised{twelve}": (gflop, vec["seconds"])})
-        if "vectorised_50" in line:
-            blocks["vectorised_50"] = (training_gflop(jobs50), line["vectorised_50"]["seconds"])
+                           f"side_by_side{twelve}": (gflop, together["seconds"])})
+            if args.with_threads:
+                blocks[f"on_threads{twelve}"] = (gflop, line[f"on_threads{twelve}"]["seconds"])
+        if "side_by_side_50" in line:
+            blocks["side_by_side_50"] = (training_gflop(jobs50), line["side_by_side_50"]["seconds"])
         line["roofline"] = roof = roofline(blocks, peak_gflops_per_thread(1024 if args.smoke else 2048))
         if seq is not None:
             line[f"best_possible_speedup{twelve}"] = round(

@@ -1,7 +1,7 @@
 """Benchmark of the ``knn_boundary`` outlier sampler (Dream-OOD's, METHOD.md §3b); prints one JSON line.
 
 Times the kit's own :func:`~ncis_core.outliers.knn_boundary.sample_class` (and through it
-:func:`~ncis_core.outliers.knn_boundary.kth_neighbour_distance`) on synthetic embeddings shaped like
+:func:`~ncis_core.neighbours.kth_nearest`) on synthetic embeddings shaped like
 a run's (:func:`~ncis_core.embeddings_io.synthetic_embeddings`: a class near a rank-8 affine subspace
 plus noise), on the CPU, float32 (the sampler's default).
 
@@ -23,7 +23,7 @@ plus noise), on the CPU, float32 (the sampler's default).
   peak resident memory during one round above what it held before (``/proc/self/clear_refs``; null
   where that is refused), next to the sizes that make it up (``candidate_tensor_bytes`` = select ×
   candidates × D × 4: ``eps``, ``b + σ ε`` and its normalisation are alive together;
-  ``distance_block_bytes``: one block of ``kth_neighbour_distance``, ~64 MB).
+  ``distance_block_bytes``: one block of ``kth_nearest``, ~64 MB).
   ``fp32_vs_fp64_same_selection``: for round 0, the fraction of float32-kept candidates (the
   sampler's own output, checked) that float64 scoring of the very same candidates keeps too
   (``boundary_same_fp32_fp64``: likewise for the boundary set). The candidates are the float32 draws
@@ -63,10 +63,11 @@ from ncis_core.data.classes import DEMO_ID_CLASSES  # noqa: E402
 from ncis_core.embeddings_io import synthetic_embeddings  # noqa: E402
 from ncis_core.outliers import get_method, method_params  # noqa: E402
 from ncis_core.outliers.inputs import SampleInputs  # noqa: E402
-from ncis_core.outliers.knn_boundary import (_BLOCK_BYTES, KnnBoundaryParams, _generator,  # noqa: E402
-                                             boundary_points, flops_per_class, kth_neighbour_distance,
+from ncis_core.neighbours import BLOCK_BYTES, kth_nearest  # noqa: E402
+from ncis_core.outliers.knn_boundary import (KnnBoundaryParams, _generator,  # noqa: E402
+                                             boundary_points, flops_per_class,
                                              sample_class, sample_knn_boundary)
-from ncis_core.stages.train_cvpn import holdout_split  # noqa: E402
+from ncis_core.embeddings_io import holdout_split  # noqa: E402
 
 H100_FP32_FLOPS = 66.9e12       # H100 SXM, FP32 (non-tensor), datasheet
 H100_BANDWIDTH = 3.35e12        # H100 SXM HBM3, bytes/s, datasheet
@@ -141,7 +142,7 @@ def _round_parts(x: torch.Tensor, p: KnnBoundaryParams, repeats: int) -> dict:
     size); where a round's time goes, for projecting it to other hardware."""
     u = x / x.norm(dim=1, keepdim=True)
     count = p.select * p.candidates
-    step = max(1, _BLOCK_BYTES // (len(u) * 4))
+    step = max(1, BLOCK_BYTES // (len(u) * 4))
     gen = torch.Generator().manual_seed(0)
     v = torch.randn(count, x.shape[1], generator=gen)
     blocks = [v[i:i + step] for i in range(0, count, step)]
@@ -173,13 +174,13 @@ def _fp32_vs_fp64(x: torch.Tensor, p: KnnBoundaryParams) -> dict:
     eps = torch.randn(p.select, p.candidates, x.shape[1], generator=gen)   # float32, as the sampler
     v32 = u32[b32][order][:, None, :] + p.sigma * eps
     v32 = v32 / v32.norm(dim=-1, keepdim=True)
-    top32 = torch.sort(kth_neighbour_distance(v32, u32, p.k), dim=1, descending=True, stable=True).indices[:, :p.keep]
+    top32 = torch.sort(kth_nearest(v32, u32, p.k), dim=1, descending=True, stable=True).indices[:, :p.keep]
     mine = torch.gather(v32, 1, top32[..., None].expand(-1, -1, x.shape[1])).reshape(-1, x.shape[1])
     if not torch.equal(mine, got):
         raise AssertionError("the reproduction of round 0 differs from sample_class's output")
     v64 = u64[b32][order][:, None, :] + p.sigma * eps.double()                # the same candidates
     v64 = v64 / v64.norm(dim=-1, keepdim=True)
-    score64 = kth_neighbour_distance(v64, u64, p.k)
+    score64 = kth_nearest(v64, u64, p.k)
     top64 = torch.sort(score64, dim=1, descending=True, stable=True).indices[:, :p.keep]
     same = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(top32, top64))
     # the float64 score gap between the last kept candidate and the best one left out, per boundary point
@@ -257,7 +258,7 @@ def main(argv=None) -> None:
     candidate_bytes = params.select * params.candidates * args.dim * 4
     distance_bytes = params.select * params.candidates * args.rows * 4
     traffic = PAPER_CLASSES * paper.rounds * (CANDIDATE_PASSES * candidate_bytes + DISTANCE_PASSES * distance_bytes)
-    step = max(1, _BLOCK_BYTES // (args.rows * 4))
+    step = max(1, BLOCK_BYTES // (args.rows * 4))
     _log("peak memory of one round, float32 vs float64 selection")
     peak = _peak_round_bytes(x, params)
     result["paper"] = {

@@ -3,7 +3,7 @@
 Data: synthetic embeddings shaped like a run's (``classes × per_class`` rows of width ``dim``,
 low-rank class manifolds plus noise, :func:`~ncis_core.embeddings_io.synthetic_embeddings`) in a
 temporary run folder, and the linear baseline's outliers of every class
-(:func:`~ncis_core.outliers.sources.method_outlier_embeddings` of `linear`, ``rounds × keep`` per class) to place
+(:func:`~ncis_core.stages.sample.method_outlier_embeddings` of `linear`, ``rounds × keep`` per class) to place
 on the map. Every measurement is its own process (``subprocess``), so imports and numba
 compilation count as they do in a new notebook kernel; all of them share one private numba cache
 folder, warmed first by a bare ``import umap`` (pynndescent compiles at import: a one-time cost per
@@ -89,7 +89,7 @@ def _setup(folder: Path, classes: int, per_class: int, dim: int, rounds: int, ke
     from ncis_core.config import load_config
     from ncis_core.embeddings_io import save_embeddings, synthetic_embeddings
     from ncis_core.runs import RunDir
-    from ncis_core.outliers.sources import method_outlier_embeddings
+    from ncis_core.stages.sample import method_outlier_embeddings
 
     cfg = load_config("smoke", [f"sample.rounds={rounds}", f"sample.keep_per_round={keep}",
                                 f"sample.draws_per_round={max(10 * keep, 200)}"], out=str(folder / "run"))

@@ -202,7 +202,7 @@ def _stage_child(preset: str, overrides: list[str], out: str, stage: str, queue)
     elif stage == "evaluate":
         from ncis_core.models.resnet import EnergyHead, build_classifier
         from ncis_core.stages import evaluate
-        from ncis_core.stages.train_classifier import save_classifier
+        from ncis_core.checkpoints import save_classifier
 
         # stage 5 stopped after 2 steps without a checkpoint: score a fresh network of its shape
         c = cfg.classifier

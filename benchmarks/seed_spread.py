@@ -13,8 +13,8 @@ results a finished study left there without running anything). Per training leng
   standard deviation of the paired AUROC differences, and the smallest difference a paired t-test
   at level 0.05 detects with 80 % power from ``--plan-seeds`` seeds with that spread
   (``detectable_at_plan_seeds``, :func:`ncis_core.compare.detectable_difference`);
-* ``seconds_per_training``: ``compare``'s wall time divided by its trainings (the trainings of one
-  pass run side by side; evaluation included, rendering excluded — the copies share it);
+* ``seconds_per_training``: ``compare``'s wall time divided by its trainings (the trainings run side by
+  side; evaluation included, rendering excluded — the copies share it);
 * ``efficiency``: ``std of the paired difference × √(seconds per training)``. At a fixed budget of
   training time the seeds one can afford go as 1/seconds, so the detectable difference goes as this
   product: the training length with the smallest one gives the best-powered comparison per second.

@@ -1,17 +1,8 @@
 """The command line: ``python -m ncis_core COMMAND``, one subcommand per job (``--help`` lists them).
 
-Commands: ``run``, ``presets``, ``datasets``, ``plan``, ``evaluate``, ``compare``, ``status``,
-``train-generator``, ``strip-notebooks``, ``compile-kernels``.
+Errors a researcher can fix print one message and exit with status 2 (:mod:`ncis_core.errors`).
 
-Errors a researcher can fix (an unknown preset or key, a missing dataset, a stale artefact, a
-failing notebook) print one clear message and exit with status 2; no traceback.
-
-Example:
-    python -m ncis_core presets
-    python -m ncis_core datasets --preset demo
-    python -m ncis_core plan --preset cifar100 --gpu h100 --gpus 8
     python -m ncis_core run --preset smoke --out outputs/smoke --set cvpn.epochs=1 --stages 0-2
-    python -m ncis_core train-generator --preset demo
 """
 
 from __future__ import annotations

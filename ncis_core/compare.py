@@ -9,14 +9,14 @@ run --stages 1-4`` would; its config is the folder's, see :func:`~ncis_core.conf
 and ``compare`` reuses them: stage
 3's method (``sample.method``, ``ncis`` by default) trains on stage 4's ``outliers/``; every other
 method with images on the tree ``outliers_<method>/``, which
-:func:`~ncis_core.outliers.sources.render_outliers` makes with the same generator settings and seeds
+:func:`render_outliers` makes with the same generator settings and seeds
 (so image ``n`` of a class starts from the same noise for every method); a method without outliers
 (``none``) is the plain cross-entropy baseline. Each (method, seed) trains into
 ``DIR/compare/<method>/seed<k>/`` with ``classifier.seed = k`` and is skipped when already complete
 for the same config; the one (method, seed) that is the run's own stage 5 (same classifier config and
-seed, still current) is copied from ``classifier/`` rather than trained again. The trainings of one
-architecture run together in vectorised passes (:mod:`ncis_core.stages.train_many`: each model
-trains exactly as it would alone; ``compare.max_parallel`` models per pass, 1 for one at a time).
+seed, still current) is copied from ``classifier/`` rather than trained again. Every training is
+stage 5's ``train()``; on the CPU they run side by side in worker processes
+(``compare.max_parallel``), each the same bytes as alone on as many intra-op threads.
 Writes ``DIR/compare/table.md`` and ``table.csv`` (and ``summary.json``; ``times.json``: where the
 time went).
 
@@ -39,18 +39,20 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .checkpoints import load_classifier
 from .config import ExperimentConfig, load_run_config, memo_by_content
 from .metrics import METRIC_KEYS
-from . import outliers as registry
-from .outliers.sources import outlier_image_folder, render_outliers
+from .outliers import base as registry
 from .progress import bar_options
 from .runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_write_json, atomic_write_text,
-                   cache_key, content_hash, write_lock)
+                   cache_key, content_hash, outlier_image_folder, write_lock)
 from .stages import evaluate as stage6
+from .stages import generate as stage4
+from .stages import sample as stage3
 from .stages import train_classifier as stage5
 
-__all__ = ["pixel_shift", "train_and_evaluate", "aggregate", "stage5_twin", "paired_differences",
-           "detectable_difference", "holm", "format_paired", "format_comparison", "compare"]
+__all__ = ["render_outliers", "pixel_shift", "train_and_evaluate", "side_by_side", "train_side_by_side", "aggregate", "stage5_twin",
+           "paired_differences", "detectable_difference", "holm", "format_paired", "format_comparison", "compare"]
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,18 @@ def _claim(folder: Path, fingerprint: str) -> None:
     atomic_write_json(config, {"fingerprint": fingerprint})
 
 
+def render_outliers(cfg: ExperimentConfig, run: RunDir, name: str, progress: bool = True) -> Path:
+    """Method ``name``'s images in ``outliers_<name>/`` (a method other than stage 3's): its outlier
+    embeddings by stage 3's sampler (:func:`~ncis_core.stages.sample.method_outlier_embeddings`), the
+    images by stage 4 (:func:`~ncis_core.stages.generate.render_method`: skipped when current,
+    damaged images redrawn). Returns the folder."""
+    embeddings = None
+    if registry.get_method(name).produces == registry.EMBEDDINGS:
+        def embeddings():
+            return stage3.method_outlier_embeddings(cfg, run, name, progress)["outliers"]
+    return stage4.render_method(cfg, run, name, embeddings, progress)
+
+
 def pixel_shift(cfg: ExperimentConfig, run: RunDir, method: str, plain_method: str) -> dict:
     """How far a method's outlier embeddings moved the images: mean squared pixel distance (images in
     [0, 1]) between each outlier image and the plain-prompt image with the same seed
@@ -135,20 +149,22 @@ def stage5_twin(base: ExperimentConfig, run: RunDir, method: str, seed: int) -> 
 
 
 def train_and_evaluate(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool = True,
-                       reuse: Path | None = None, trained: bool = False) -> dict:
+                       reuse: Path | None = None) -> dict:
     """Train the classifier of ``cfg`` into ``folder`` and evaluate it; skipped when ``folder``
     already holds the results of the same config (resumable: an interrupted training of the same
     config continues; one of another config is discarded).
-    ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained.
-    ``trained``: ``folder`` already holds this training (``compare``'s vectorised pass)."""
-    done = _train(cfg, run, folder, progress, reuse, trained, _fingerprint(cfg, run))
-    return done if done is not None else _evaluate(cfg, folder, progress)
+    ``reuse``: a folder holding this very training (:func:`stage5_twin`), copied instead of trained."""
+    done = _prepare(folder, _fingerprint(cfg, run), reuse)
+    if done is not None:
+        return done
+    if reuse is None:
+        stage5.train(cfg, run, folder=folder, progress=progress)
+    return _evaluate(cfg, folder, progress)
 
 
-def _train(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool, reuse: Path | None,
-           trained: bool, fingerprint: str) -> dict | None:
-    """The results when ``folder`` is complete; otherwise its classifier (copied, trained or left
-    by a vectorised pass) is made ready for :func:`_evaluate` and None returned."""
+def _prepare(folder: Path, fingerprint: str, reuse: Path | None) -> dict | None:
+    """The results when ``folder`` is complete; otherwise None, ``folder`` claimed for the training
+    with ``fingerprint`` and, with ``reuse``, that training's classifier copied into it."""
     if _complete(folder, fingerprint):
         return json.loads((folder / "results" / "metrics.json").read_text())
     _claim(folder, fingerprint)
@@ -156,15 +172,85 @@ def _train(cfg: ExperimentConfig, run: RunDir, folder: Path, progress: bool, reu
         log.info("compare: reusing the run's stage-5 classifier (%s): the same training", reuse)
         for name in ("best.safetensors", "history.json"):
             shutil.copy2(reuse / name, folder / name)
-    elif not trained:
-        stage5.train(cfg, run, folder=folder, progress=progress)
     return None
+
+
+def side_by_side(cfg: ExperimentConfig, count: int) -> int:
+    """How many of ``count`` trainings of ``cfg`` :func:`train_side_by_side` runs at once:
+    ``compare.max_parallel``, else torch's intra-op thread count on the CPU (by default the cores)
+    and 1 on CUDA or MPS; 1 under several ``accelerate`` processes (they train together)."""
+    import torch
+
+    from .device import process_state, resolve_device
+
+    state, device = process_state(cfg.run.device)
+    if state.num_processes > 1:
+        return 1
+    limit = cfg.compare.max_parallel
+    if limit is None:
+        limit = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(1, min(limit, count))
+
+
+def _start_worker(threads: int) -> None:
+    """A training process's setup: its intra-op threads; warnings logged (the parent logs progress)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def train_side_by_side(jobs: list[tuple[ExperimentConfig, RunDir, Path]], progress: bool = True,
+                       workers: int | None = None) -> None:
+    """Stage 5's :func:`~ncis_core.stages.train_classifier.train` for every ``(cfg, run_dir,
+    folder)`` of ``jobs``: one at a time in this process when ``workers`` (default
+    :func:`side_by_side`) is 1, else in that many worker processes (spawned) of
+    ``torch.get_num_threads() // workers`` intra-op threads each. A training is the same arithmetic
+    whichever process runs it, so its files are the bytes ``train()`` writes alone on that many
+    threads (``tests/test_compare.py``). Processes, not threads: ``train()`` seeds and draws from
+    torch's global generator, which threads would share (README, "The demo's results", has the
+    timings). A script that calls this guards its entry point (``if __name__ == "__main__":``), as
+    any script that spawns processes must."""
+    import torch
+
+    if not jobs:
+        return
+    workers = min(workers or side_by_side(jobs[0][0], len(jobs)), len(jobs))
+    if workers == 1:
+        for cfg, run_dir, folder in jobs:
+            stage5.train(cfg, run_dir, folder=folder, progress=progress)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, torch.get_num_threads() // workers)
+    # the caches the trainings read (decoded outliers, VAE reconstructions), built once here
+    sources = {outlier_image_folder(c, r): (c, r) for c, r, _ in jobs}
+    for c, r in (job for folder, job in sources.items() if folder is not None):
+        stage5.outlier_dataset(c, r)
+    if any(folder is not None for folder in sources):
+        stage5.id_generated_dataset(*jobs[0][:2], progress)
+    log.info("compare: %d trainings, %d side by side in worker processes of %d intra-op thread(s)", len(jobs),
+             workers, threads)
+    bar = tqdm(total=len(jobs), desc="training classifiers", **bar_options(progress))
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(threads,))
+    try:
+        futures = {pool.submit(stage5.train, c, r, folder=f, progress=False): f for c, r, f in jobs}
+        for done, future in enumerate(as_completed(futures), 1):
+            history = future.result()
+            log.info("compare: trained %s (%d of %d): ce %.4f, acc %.3f", futures[future], done, len(jobs),
+                     history["epochs"][-1]["ce"], history["epochs"][-1]["train_acc"])
+            bar.update()
+    finally:
+        pool.shutdown(cancel_futures=True)
+        bar.close()
 
 
 def _evaluate(cfg: ExperimentConfig, folder: Path, progress: bool, splits=None) -> dict:
     """Stage 6 on ``folder``'s classifier into ``folder/results`` (``splits``: the datasets, when
     the caller built them once for many classifiers)."""
-    bundle = stage5.load_classifier(folder / "best.safetensors")
+    bundle = load_classifier(folder / "best.safetensors")
     results, raw = stage6.evaluate(cfg, bundle, progress=progress, splits=splits)
     stage6.write_results(folder / "results", results, raw)
     return results
@@ -172,9 +258,9 @@ def _evaluate(cfg: ExperimentConfig, folder: Path, progress: bool, splits=None) 
 
 def _evaluate_many(jobs: list[tuple[ExperimentConfig, Path]], progress: bool) -> list[dict]:
     """:func:`_evaluate` for every ``(cfg, folder)`` (one data config), the datasets built once.
-    On the CPU the evaluations run side by side on worker threads of one intra-op thread each, as
-    ``train_many``'s threaded engine trains (a small network's kernels do not keep two cores busy;
-    each evaluation is the same arithmetic whatever thread runs it)."""
+    On the CPU the evaluations run side by side on worker threads of one intra-op thread each (a
+    small network's kernels do not keep two cores busy; each evaluation is the same arithmetic
+    whatever thread runs it; unlike training, evaluation draws no random numbers)."""
     if not jobs:
         return []
     import torch
@@ -200,37 +286,6 @@ def _evaluate_many(jobs: list[tuple[ExperimentConfig, Path]], progress: bool) ->
             return list(pool.map(one, jobs))
     finally:
         bar.close()
-
-
-def _train_together(jobs: list[tuple[ExperimentConfig, RunDir, Path, str]], progress: bool = True) -> set[Path]:
-    """Train the not yet complete ``(cfg, run_dir, folder, fingerprint)`` of ``jobs`` in vectorised passes
-    (:func:`~ncis_core.stages.train_many.train_many`), as many per pass as ``compare.max_parallel``
-    or :func:`~ncis_core.stages.train_many.models_per_pass` allow; the folders it trained. The rest
-    (one per pass would be all a pass holds, or the trainings cannot share one) train one at a time
-    in :func:`train_and_evaluate`, as before."""
-    from .stages import train_many as many
-
-    groups: dict[str, list[tuple]] = {}
-    for cfg, run_dir, folder, fingerprint in jobs:
-        if not _complete(folder, fingerprint):
-            groups.setdefault(many.shared_key(cfg), []).append((cfg, run_dir, folder, fingerprint))
-    done: set[Path] = set()
-    for group in groups.values():
-        size = many.models_per_pass(group[0][0], len(group))
-        if size <= 1:
-            continue
-        for _, _, folder, fingerprint in group:
-            _claim(folder, fingerprint)
-        log.info("compare: %d trainings of classifier.arch=%s in vectorised passes of up to %d", len(group),
-                 group[0][0].classifier.arch, size)
-        try:
-            many.train_many([(cfg, run_dir, folder) for cfg, run_dir, folder, _ in group], progress,
-                            max_parallel=size)
-        except many.NotPackable as exc:
-            log.info("compare: %s: training them one at a time", exc)
-            continue
-        done.update(folder for _, _, folder, _ in group)
-    return done
 
 
 def aggregate(per_run: dict[str, list[dict]], score: str) -> list[dict]:
@@ -289,17 +344,20 @@ def paired_differences(per_run: dict[str, list[dict]], score: str, reference: st
         pairs = list(zip(results, per_run[reference]))
         for name in sets:
             for key in metrics:
-                diffs = [value(a, name, key) - value(b, name, key) for a, b in pairs
-                         if value(a, name, key) is not None and value(b, name, key) is not None]
-                if not diffs:
+                both = [(value(a, name, key), value(b, name, key)) for a, b in pairs]
+                both = np.asarray([ab for ab in both if None not in ab], dtype=float).reshape(-1, 2)
+                if not len(both):
                     continue
-                d = np.asarray(diffs, dtype=float)
+                d = both[:, 0] - both[:, 1]
                 mean, n = float(d.mean()), len(d)
                 std = float(d.std(ddof=1)) if n > 1 else 0.0
-                half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else None
-                low, high = (mean - half, mean + half) if half is not None else (None, None)
+                low = high = p = None
+                if n > 1 and std > 0:
+                    test = stats.ttest_rel(both[:, 0], both[:, 1])
+                    p, (low, high) = float(test.pvalue), map(float, test.confidence_interval(0.95))
+                elif n > 1:  # no spread: the interval is the mean
+                    low = high = mean
                 better = int(np.sum(d < 0) if key == "fpr95" else np.sum(d > 0))
-                p = float(2 * stats.t.sf(abs(mean) / (std / np.sqrt(n)), n - 1)) if n > 1 and std > 0 else None
                 out.append({"method": method, "reference": reference, "set": name, "metric": key,
                             "mean": mean, "std": std, "low": low, "high": high, "better": better,
                             "seeds": n, "separated": bool(low is not None and (low > 0 or high < 0)),
@@ -483,18 +541,18 @@ def _compare(base: ExperimentConfig, preset: str, out, methods: list[str], seeds
     # what each result is computed from, once per job (it hashes the config and the outlier images)
     fingerprint_of = {job_folder: _fingerprint(cfg, run_dir) for _, _, cfg, run_dir, job_folder, _ in jobs}
     started = time.perf_counter()
-    trained = _train_together([(cfg, run_dir, f, fingerprint_of[f]) for _, _, cfg, run_dir, f, reuse in jobs
-                               if reuse is None], progress)
-    # the trainings left (none when every one shared a vectorised pass), then the evaluations
     results_of: dict[Path, dict] = {}
+    to_train = []
     for method, seed, cfg, run_dir, job_folder, reuse in jobs:
-        done = _train(cfg, run_dir, job_folder, progress, reuse, job_folder in trained, fingerprint_of[job_folder])
+        done = _prepare(job_folder, fingerprint_of[job_folder], reuse)
         if done is not None:
             results_of[job_folder] = done
+        elif reuse is None:
+            to_train.append((cfg, run_dir, job_folder))
+    train_side_by_side(to_train, progress)
     pending = [(cfg, job_folder) for _, _, cfg, _, job_folder, _ in jobs if job_folder not in results_of]
     seconds["train"] = time.perf_counter() - started
-    waiting = {f for _, f in pending}
-    trained_now = sum(1 for *_, job_folder, reuse in jobs if job_folder in waiting and reuse is None)
+    trained_now = len(to_train)
     started = time.perf_counter()
     results_of.update(zip([f for _, f in pending], _evaluate_many(pending, progress)))
     seconds["evaluate"] = time.perf_counter() - started

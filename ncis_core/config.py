@@ -1,11 +1,8 @@
 """Configuration: one frozen dataclass per stage, presets in YAML, ``stage.key=value`` overrides.
 
-The dataclass defaults are the paper's CIFAR-100 values (METHOD.md); a preset
-(``ncis_core/presets/<name>.yaml``) lists only what differs. :func:`load_config` merges
-schema ← preset ← overrides through ``omegaconf`` structured configs, so every value is
-type-checked and an unknown key is an error that lists the valid ones.
+Defaults are the paper's CIFAR-100 values; a preset (``ncis_core/presets/<name>.yaml``) lists what
+differs. :func:`load_config` merges schema ← preset ← overrides, type-checked by ``omegaconf``.
 
-Example:
     >>> cfg = load_config("smoke", ["cvpn.epochs=3"])
     >>> cfg.cvpn.epochs, cfg.data.dataset
     (3, 'demo')
@@ -64,8 +61,7 @@ class RunConfig:
     Args:
         seed: the global seed; every stage derives its generators from it.
         device: ``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda`` or ``mps``.
-        out: the run folder.
-        preset: the preset this config came from (informational; written by :func:`load_config`).
+        preset: the preset this config came from (written by :func:`load_config`).
     """
 
     seed: int = 0
@@ -76,26 +72,19 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Datasets and their roots (see ``data/README.md`` for the layouts).
+    """Datasets and their roots (layouts: ``data/README.md``).
 
     Args:
-        dataset: the ID dataset: ``demo`` (the embedded animal-silhouette world), ``cifar100``
-            or ``imagenet100``.
-        root: the ID dataset's root: for ``cifar100`` the folder holding ``cifar-100-python/``,
-            for ``imagenet100`` the ImageNet folder holding ``train/`` and ``val/``; unused by ``demo``.
-        ood_sets: names of the OOD test sets (``svhn``, ``places365``, ``lsun_crop``, ``lsun_resize``,
-            ``isun``, ``textures``, ``inaturalist``, ``sun``, ``places``; demo: ``demo_near``,
-            ``digits``, ``texture_crops``, ``faces``).
-        ood_roots: set name → its root (file or folder); sets of the demo world need none.
+        dataset: ``demo`` (the embedded animal-silhouette world), ``cifar100`` or ``imagenet100``.
+        root: the ID root (cifar100: holds ``cifar-100-python/``; imagenet100: ``train/``, ``val/``).
+        ood_sets: OOD test sets (``ncis_core.data.ood.OOD_SETS``; demo: ``demo_near``, ``digits``, ...).
+        ood_roots: set name → its root (file or folder); the demo world's sets need none.
         ood_subset_size: images per OOD set (a seeded random subset); ``null`` keeps all.
-        subset_seed: seed of the OOD subsets (METHOD.md defect 3: the original's were unseeded).
-        resize: shorter side after ``Resize`` for evaluation images (32 for CIFAR, 256 for ImageNet).
-        image_size: side after ``CenterCrop`` (32 for CIFAR, 224 for ImageNet).
-        as_is_sets: OOD sets evaluated without Resize/CenterCrop (ToTensor + Normalize only), as the
-            original does for LSUN-C and iSUN: each image at its own size (a warning names the sizes
-            that are not ``image_size`` square). Empty: every set is resized and centre-cropped.
+        subset_seed: seed of the OOD subsets (METHOD.md defect 3).
+        resize, image_size: ``Resize`` then ``CenterCrop`` sides (CIFAR 32, 32; ImageNet 256, 224).
+        as_is_sets: OOD sets scored at their own size, without Resize/CenterCrop (LSUN-C, iSUN).
         skip_unreadable: skip and count unreadable image files instead of failing on the first.
-        max_per_class: keep at most this many ID images per class and split (``smoke``); ``null``: all.
+        max_per_class: at most this many ID images per class and split (``smoke``); ``null``: all.
     """
 
     dataset: str = "cifar100"
@@ -116,18 +105,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """The Stable Diffusion pipeline shared by stages 1 and 4 (one place, so they cannot disagree).
+    """The Stable Diffusion pipeline shared by stages 1 and 4.
 
     Args:
         pipeline: a hub id, a local diffusers folder, or an original single-file checkpoint.
-        dtype: ``auto`` (fp16 on CUDA, fp32 elsewhere), ``float32``, ``float16`` or ``bfloat16``:
-            the pipeline's dtype where nothing is backpropagated (VAE reconstructions). Stage 1
-            has its own ``embed.precision``, stage 4 its own ``generate.precision``.
-        class_token: ``first_piece`` (paper: the first BPE piece of the short name) or
-            ``placeholder`` (one new token per class; METHOD.md defect 1).
-        single_file_config: for an original single-file checkpoint (``.ckpt``/``.safetensors``), a
-            diffusers folder (or hub id) with the matching component configs and tokenizer; empty:
-            diffusers infers one, which needs the hub or its cache.
+        dtype: ``auto`` (fp16 on CUDA, else fp32), ``float32``, ``float16`` or ``bfloat16``.
+        class_token: ``first_piece`` (paper) or ``placeholder`` (one new token per class; defect 1).
+        single_file_config: a diffusers folder or hub id with a single-file checkpoint's configs.
     """
 
     pipeline: str = "CompVis/stable-diffusion-v1-4"
@@ -141,12 +125,10 @@ class EmbedConfig:
     """Stage 1: per-image textual inversion (METHOD.md §1).
 
     Args (beyond the paper's values):
-        precision: the frozen UNet's and text encoder's dtype while the rows are optimised:
-            ``fp32`` (the original), ``bf16``, or ``fp16`` with a dynamic loss scale. The rows,
-            their Adam state and the loss are float32 in every case. The gradient reaching the
-            UNet output is ~1e-6 at SD-1.4 shapes: unscaled fp16 flushes part of it to zero.
-        loss_scale: the starting loss scale of ``precision=fp16`` (halved and the step redone
-            on an overflow; doubled after ``loss_scale_window`` clean steps); ignored otherwise.
+        micro_batch: images per UNet call inside a step (0: all ``images_per_step``).
+        max_per_class, max_images: embed only the first N per class / in all (null: every image).
+        precision: the frozen UNet's dtype: ``fp32`` (original), ``bf16``, ``fp16`` (loss-scaled).
+        loss_scale: the starting loss scale of ``precision=fp16``.
     """
 
     prompt: str = "An image of a {}"
@@ -158,14 +140,8 @@ class EmbedConfig:
     timestep_stride: int = 20
     images_per_step: int = 8
     shard_size: int = 512
-    # Images per UNet call inside one step (0: all ``images_per_step``); the gradients of the chunks
-    # add up to the same step, so this only bounds accelerator memory.
-    micro_batch: int = 0
-    # Embed only the first N images of each class of the ID training split (null: all); image ids
-    # stay the split's. The demo preset uses it to fit a CPU; the paper embeds every image.
+    micro_batch: int = 0  # bounds memory only: the chunks' gradients add up to the same step
     max_per_class: Optional[int] = None
-    # Embed only the first N of those images (null: all): quick checks at the paper's shapes
-    # (benchmarks/rehearse_paper.py embeds 2); a real run leaves it null.
     max_images: Optional[int] = None
     precision: str = "fp32"
     loss_scale: float = 65536.0
@@ -177,19 +153,12 @@ class CVPNConfig:
     """Stage 2: the conditional volume-preserving network (METHOD.md §2).
 
     Args (beyond the paper's values):
-        packed_orthogonal: store only the strict upper triangle of each orthogonal layer's matrix
-            (≈34.7 M instead of ≈36.2 M parameters at D=768, C=100; the same function).
-        expm: how the orthogonal layers' exponentials are computed: ``auto`` (``eigh`` on the CPU,
-            ``matrix_exp`` on accelerators), ``eigh`` or ``matrix_exp`` (see ``models/cvpn.py``).
-        mixed_precision: bfloat16 autocast for the coupling MLPs on CUDA; the orthogonal factors
-            always stay float32 (computed in float64).
-        holdout_fraction: per-class fraction of the embeddings kept out of training (and out of
-            stage 3's class Gaussians) for the held-out pictures; 0 (paper) trains on all.
-        selection_subset: the model-selection points: ``class_balanced`` (the original: strided
-            over the embeddings grouped by class) or ``dataset_order`` (strided over stage 1's order).
-        selection_reduce: the selection score's scale: ``sum`` (the original, ignite's
-            MeanSquaredError on the k invariants: summed over them, averaged over points;
-            ≈ 0.0195 at paper scale) or ``mean`` (element mean, k× smaller). Same best epoch.
+        packed_orthogonal: store only the strict upper triangle of each orthogonal matrix.
+        expm: ``auto`` (``eigh`` on the CPU, ``matrix_exp`` elsewhere), ``eigh`` or ``matrix_exp``.
+        mixed_precision: bfloat16 autocast for the coupling MLPs on CUDA.
+        holdout_fraction: per-class fraction of the embeddings kept out of training (paper: 0).
+        selection_subset: ``class_balanced`` (original) or ``dataset_order`` selection points.
+        selection_reduce: ``sum`` (original: summed over the k invariants) or ``mean``.
     """
 
     num_layers: int = 4
@@ -214,12 +183,9 @@ class SampleConfig:
     """Stage 3: outlier embeddings (METHOD.md §3, §3b).
 
     Args:
-        method: the outlier method stages 3 and 4 run (a registered method that produces
-            embeddings: ``ncis``, ``linear``, ``knn_boundary``; see :mod:`ncis_core.outliers`).
-        reg_weight, rounds, draws_per_round, keep_per_round: the tail sampler of ``ncis`` and
-            ``linear`` (λ of ``Σ + λI``; M = rounds × keep_per_round outliers per class).
-        method_args: per-method parameters, ``method_args.<method>.<key>`` (e.g.
-            ``sample.method_args.knn_boundary.k=54``); unset keys keep the method's paper values.
+        method: a registered method that produces embeddings (``ncis``, ``linear``, ``knn_boundary``).
+        reg_weight, rounds, draws_per_round, keep_per_round: the tail sampler (λ of ``Σ + λI``, ...).
+        method_args: ``method_args.<method>.<key>``, e.g. ``sample.method_args.knn_boundary.k=54``.
     """
 
     method: str = "ncis"
@@ -235,21 +201,12 @@ class GenerateConfig:
     """Stage 4: outlier images (METHOD.md §4).
 
     Args (beyond the paper's values):
-        embedding_per: ``batch`` (the original: one outlier embedding per batch) or ``image``
-            (METHOD.md defect 2: a different embedding per image).
-        batch_embedding: with ``embedding_per=batch``, which embedding a batch gets: ``random``
-            (the original: one of the class's M uniformly at random, with replacement; seeded by
-            ``generate.seed``) or ``cyclic`` (batch k of a class takes embedding ``k mod M``).
-        antialias: antialias the 512 → ``output_size`` bilinear resize; the original does not
-            (``F.interpolate(mode="bilinear")``: a 2 × 2 box average at 512 → 256).
-        quantize: float → uint8 by ``truncate`` (the original: ``(255 * x).astype(uint8)``) or
-            ``round``.
-        precision: ``autocast`` (the original: fp32 weights, on CUDA under ``torch.autocast`` in
-            fp16, the injected row fp32; plain fp32 elsewhere), or ``fp16`` / ``bf16`` / ``fp32``
-            weights without autocast.
-        nail_prompt: ImageNet-100's class ``nail``: ``concatenated`` (the original's prompt, "A
-            high-quality image of the nailA high-quality image of the wire nail") or ``wire_nail``
-            ("A high-quality image of the wire nail"); see :mod:`ncis_core.data.classes`.
+        embedding_per: ``batch`` (original: one outlier embedding per batch) or ``image`` (defect 2).
+        batch_embedding: ``random`` (original; seeded by ``generate.seed``) or ``cyclic`` (k mod M).
+        antialias: antialias the 512 → ``output_size`` resize (the original does not).
+        quantize: float → uint8 by ``truncate`` (original) or ``round``.
+        precision: ``autocast`` (original: fp16 autocast on CUDA), or ``fp16``/``bf16``/``fp32`` weights.
+        nail_prompt: ImageNet-100's ``nail``: ``concatenated`` (original) or ``wire_nail``.
     """
 
     prompt: str = "A high-quality image of the {}"
@@ -276,11 +233,9 @@ class ClassifierConfig:
     """Stage 5: classifier training with synthetic outliers (METHOD.md §5).
 
     Args (beyond the paper's values):
-        precision: ``fp32`` (the original) or ``bf16`` (autocast on CUDA; fp32 elsewhere).
-        drop_last: drop the last partial ID batch of each epoch; the original keeps it
-            (196 steps per CIFAR-100 epoch at batch 256, not 195).
-        outliers_with_replacement: draw ``num_outliers`` with replacement when stage 4 made fewer;
-            otherwise :func:`load_config` refuses such a configuration before any stage starts.
+        precision: ``fp32`` (original) or ``bf16`` (autocast on CUDA).
+        drop_last: drop the last partial ID batch of each epoch (the original keeps it).
+        outliers_with_replacement: draw ``num_outliers`` with replacement when stage 4 made fewer.
     """
 
     arch: str = "resnet34"
@@ -315,26 +270,15 @@ class EvaluateConfig:
     """Stage 6: OOD scores and metrics (METHOD.md §6).
 
     Args:
-        score: the main score (the tables' first; the paper's is ``energy``), and
-        extra_scores: the others; both registered names of :mod:`ncis_core.scores`.
-        score_args: per-score constructor arguments, ``score_args.<score>.<argument>`` (e.g.
-            ``evaluate.score_args.odin.temperature=1000``); an argument left out keeps the score's
-            own default. A score may be configured here without being evaluated.
-
-    Args (beyond the paper's values):
-        energy_sign: the sign the energy score is multiplied by: ``positive`` (+logsumexp always,
-            the original), ``auto`` (the sign of the saved energy head's slope, measured over the
-            5–95 % range of the last epoch's ID training scores; +1 when the checkpoint has no head,
-            as the original's never do; a warning whenever it flips) or ``negative``.
-        fpr95_rule: the FPR95 threshold: ``closest`` (the original: the ROC point whose recall is
-            closest to 95 %) or ``first_above`` (the first point with recall ≥ 95 %); see
-            :func:`ncis_core.metrics.ood_metrics`.
+        score, extra_scores: the main score (the tables' first) and the others, registered names.
+        score_args: ``score_args.<score>.<argument>``, e.g. ``evaluate.score_args.odin.temperature=1000``.
+        energy_sign: ``positive`` (original), ``auto`` (the energy head's slope sign) or ``negative``.
+        fpr95_rule: ``closest`` (original) or ``first_above``; see :func:`ncis_core.metrics.ood_metrics`.
     """
 
     score: str = "energy"
     extra_scores: List[str] = field(default_factory=lambda: ["msp", "maxlogit"])
     positive: str = "id"
-    # empty: every score at its own defaults (ODIN's T = 1000, ε = 0.0014; each in its module)
     score_args: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     batch_size: int = 256
     energy_sign: str = "positive"
@@ -343,13 +287,10 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """``compare``: how its trainings run (not what they compute: left out of its results' fingerprint).
+    """``compare``: how its trainings run (not what they compute).
 
     Args:
-        max_parallel: classifiers trained together in one vectorised pass
-            (:mod:`ncis_core.stages.train_many`); 1: one at a time; null: where it pays (the
-            ``small`` network, up to 64 per pass, on CUDA as many as fit in half the free memory;
-            ResNets one at a time). A number ≥ 2 packs any architecture.
+        max_parallel: stage-5 trainings side by side (1: one at a time; null: the cores, 1 on CUDA).
     """
 
     max_parallel: Optional[int] = None
@@ -357,27 +298,18 @@ class CompareConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """The demo world's small SD-architecture generator (``ncis_core/demo_generator.py``).
+    """The demo world's small SD-architecture generator (:mod:`ncis_core.demo_generator`).
 
     Args:
         out: where ``train-generator`` saves the pipeline (``save_pretrained`` layout).
-        work_dir: checkpoints of an unfinished training (resumed on rerun; git-ignored).
-        image_size: training image side (32: the demo world's images).
+        work_dir: checkpoints of an unfinished training (resumed on rerun).
         vae_channels: VAE width per level; ``n`` levels shrink 32 px to 32 / 2^(n-1) latents.
-        vae_layers_per_block, latent_channels, norm_groups: VAE / UNet shape details.
-        unet_channels, unet_layers_per_block, attention_head_dim: the UNet (cross-attention on
-            every level; ``attention_head_dim`` is diffusers' name for the number of heads).
-        text_width, text_layers, text_heads: the CLIP text encoder (``text_width`` is also the
-            UNet's cross-attention width).
-        vae_steps, vae_batch_size, vae_lr, kl_weight: VAE phase (L1 + ``kl_weight`` · KL).
-        unet_steps, unet_batch_size, unet_lr, text_lr: UNet + text encoder phase.
+        attention_head_dim: diffusers' name for the number of heads.
+        text_width: the CLIP text encoder's width, also the UNet's cross-attention width.
+        kl_weight: VAE loss = L1 + ``kl_weight`` · KL.
         warmup_steps: linear warm-up of both phases before a cosine decay to 10 %.
         ema_decay: EMA of the UNet and text encoder weights (the EMA is what gets saved).
         empty_prompt_prob: fraction of "" prompts (classifier-free guidance needs them).
-        prompts: training prompt templates, one drawn per image.
-        hflip: mirror training images at random.
-        checkpoint_every: steps between checkpoints.
-        save_dtype: ``float32`` or ``float16`` storage of the saved pipeline.
         guidance_scale, eval_steps, eval_per_class: the quality check's generation settings.
         threads: torch intra-op threads while training (0: torch's default).
     """
@@ -457,9 +389,7 @@ _CHOICES = {
     ("generator", "save_dtype"): ("float32", "float16"),
 }
 
-# Every integer of the config is a count (epochs, steps, batch sizes, rounds, draws, sizes, ...) that
-# must be ≥ 1 (checked after the merge; an Optional one may also be null), except the seeds (any
-# integer) and these, where 0 means something (see their docstrings and comments):
+# Every integer is a count ≥ 1 (or null where Optional), except the seeds and these, where 0 means:
 _ZERO_ALLOWED = {
     ("embed", "micro_batch"): "all images_per_step in one UNet call",
     ("embed", "timestep_first"): "timestep 0 is a timestep",
@@ -533,9 +463,7 @@ def _check_choices(cfg: ExperimentConfig) -> None:
 
 
 def _check_positive(cfg: ExperimentConfig) -> None:
-    """Counts that make no sense (``cvpn.epochs=-5``, ``classifier.batch_size=0``) are refused here,
-    not hours later inside a loop: every integer of every section is ≥ 1, except the seeds and the
-    few where 0 has a meaning (``_ZERO_ALLOWED``); integer lists (``generator.vae_channels``) too."""
+    """Refuse counts below 1 (``cvpn.epochs=0``) now, not hours later; see ``_ZERO_ALLOWED``."""
     for section in dataclasses.fields(cfg):
         part = getattr(cfg, section.name)
         for f in dataclasses.fields(part):
@@ -561,10 +489,8 @@ def _check_positive(cfg: ExperimentConfig) -> None:
 
 
 def _check_outlier_methods(cfg: ExperimentConfig) -> None:
-    """``sample.method``, ``classifier.outliers`` and ``sample.method_args`` against the registry of
-    outlier methods (:mod:`ncis_core.outliers`: a method registered before the config is loaded
-    counts)."""
-    from .outliers import base as outliers  # the package's __init__ registers the built-in methods
+    """Check the outlier-method keys against the registry of :mod:`ncis_core.outliers`."""
+    from .outliers import base as outliers  # the registry (it registers the built-in methods)
 
     samplers = outliers.method_names(outliers.EMBEDDINGS)
     if cfg.sample.method not in samplers:
@@ -596,9 +522,8 @@ def _check_counts(cfg: ExperimentConfig) -> None:
 
 
 def _check_scores(cfg: ExperimentConfig) -> None:
-    """``evaluate.score``, ``evaluate.extra_scores`` and ``evaluate.score_args`` against the score
-    registry (:mod:`ncis_core.scores`; a score registered before the config is loaded counts)."""
-    from . import scores  # imported here: the registry's modules need torch, the config does not
+    """Check the ``evaluate`` score keys against the registry of :mod:`ncis_core.scores`."""
+    from .scores import base as scores  # imported here: the registry's modules need torch, the config does not
 
     e = cfg.evaluate
     named = [("evaluate.score", e.score)] + [(f"evaluate.extra_scores[{i}]", n)
@@ -622,17 +547,12 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
     """Resolve a preset plus ``stage.key=value`` overrides into a frozen :class:`ExperimentConfig`.
 
     Args:
-        preset: a name from :func:`available_presets`.
         overrides: dot-list overrides, e.g. ``["cvpn.epochs=3", "run.device=cpu"]``.
         out: the run folder (sets ``run.out``; an override of ``run.out`` wins).
-        start: resolve the overrides on top of this config instead of the preset's file (an
-            existing run folder's, see :func:`load_run_config`).
+        start: resolve the overrides on this config instead of the preset's file.
 
     Raises:
-        ConfigError: unknown preset or key, a value of the wrong type (a scalar for a list), a value
-            outside its choices, a count below 1 (``cvpn.epochs=0``), or stage counts that cannot
-            work together (fewer stage-4 images than stage 5 draws), an unregistered score or a
-            score argument the score does not take.
+        ConfigError: an unknown preset or key, a bad value or choice, or counts that cannot work.
     """
     presets = available_presets()
     if preset not in presets:
@@ -665,13 +585,9 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: s
 
 def load_run_config(preset: str, overrides: list[str] | tuple[str, ...] = (), out: str | None = None
                     ) -> ExperimentConfig:
-    """The config of a command on the run folder ``out``: when the folder already has a
-    ``config.yaml``, its resolved config is the default and ``overrides`` change it explicitly (a
-    later command without the same ``--set`` does not silently undo an earlier one); otherwise the
-    preset's, as :func:`load_config`.
+    """The config of a command on run folder ``out``: its ``config.yaml`` plus ``overrides`` if any.
 
-    Raises:
-        ConfigError: as :func:`load_config`; or the folder was made with another preset.
+    Without one, as :func:`load_config`. Raises ConfigError also when the folder has another preset.
     """
     existing = Path(out) / "config.yaml" if out is not None else None
     if existing is None or not existing.is_file():
@@ -689,21 +605,14 @@ _T = TypeVar("_T")
 
 @functools.lru_cache(maxsize=1)
 def _schema():
-    """The schema as an OmegaConf node, built once: ``OmegaConf.merge`` copies its first argument,
-    so merging into it never changes it."""
+    """The schema as an OmegaConf node, built once (``OmegaConf.merge`` copies it)."""
     return OmegaConf.structured(ExperimentConfig)
 
 
 def memo_by_content(maxsize: int = 1024) -> Callable[[Callable[..., _T]], Callable[..., _T]]:
-    """Memoise ``f(cfg, *args)`` of a config by the config's content, the ``maxsize`` most recent.
+    """Memoise ``f(cfg, *args)`` by the config's ``repr`` (its content), the ``maxsize`` most recent.
 
-    Why: the kit derives the same YAML and hashes from equal configs many times per command
-    (``compare`` builds ~50 configs and checks every stage's config sections for each), and each
-    derivation goes through ``OmegaConf.structured`` (~50 ms on a 2-core CPU): half a minute of one
-    core per ``make demo``. A config is a tree of frozen dataclasses whose values are scalars,
-    strings, paths, lists and dicts, so its ``repr`` (every field, recursively, floats exactly)
-    names its content: equal reprs, equal configs. ``f`` must return an immutable value (text, a
-    hash) and depend on nothing but its arguments.
+    ``f`` must return an immutable value and depend on nothing but its arguments.
     """
     def wrap(f: Callable[..., _T]) -> Callable[..., _T]:
         memo: OrderedDict[tuple, _T] = OrderedDict()

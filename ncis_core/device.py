@@ -1,9 +1,5 @@
-"""Devices and seeds: ``device: auto | cpu | cuda | mps`` resolved in one place.
+"""Devices and seeds: ``device: auto | cpu | cuda | mps`` resolved in one place; process sharding.
 
-Nothing in the kit calls ``.cuda()``; stages ask :func:`resolve_device` for a ``torch.device``, and
-stages that shard across processes (``accelerate launch``) ask :func:`process_state`.
-
-Example:
     >>> resolve_device("cpu")
     device(type='cpu')
 """
@@ -23,8 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an explicit device that is not
-    available fails with a message instead of a deep CUDA traceback."""
+    """``auto`` picks CUDA, then Apple's MPS, then the CPU; an unavailable device fails with a message."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -41,8 +36,7 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a CPU ``torch.Generator`` seeded with ``seed`` for
-    code that prefers explicit generators (the kit's own stages do)."""
+    """Seed Python, NumPy and torch; return a CPU ``torch.Generator`` seeded with ``seed``."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -50,12 +44,7 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def process_state(device_name: str = "auto"):
-    """``(accelerate PartialState, torch.device)`` for a stage that shards across processes.
-
-    Launched by ``accelerate launch`` each process gets its own GPU (``state.device``); on CPUs
-    the processes run accelerate's ``MULTI_CPU`` (gloo) mode. In a plain single process the state
-    is accelerate's no-op and the device is ``run.device`` resolved as everywhere else.
-    """
+    """``(accelerate PartialState, torch.device)`` for a stage that shards across processes."""
     from accelerate import PartialState
 
     device = resolve_device(device_name)
@@ -76,9 +65,7 @@ def broadcast(state, values: list) -> list:
 
 @contextlib.contextmanager
 def intra_op_threads(count: int):
-    """Run torch's CPU kernels on ``count`` intra-op threads inside the block, then restore the
-    previous count. Process-wide (torch has one setting), so it is how the kit runs W small jobs side
-    by side on W worker threads: each kernel on one thread, the W jobs on the W cores."""
+    """Run torch's CPU kernels on ``count`` intra-op threads inside the block (process-wide), then restore."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

@@ -1,35 +1,8 @@
 """Stable Diffusion for stages 1 and 4: loading, class tokens, and per-sample prompt embeddings.
 
-NCIS works in the **input token-embedding table** of SD's CLIP text encoder (METHOD.md §1): stage 1
-optimises one row per training image, stage 4 puts an outlier embedding where the class token's row
-was while the prompt is encoded. This module holds what both stages share:
-
-* :func:`load_pipeline` — a ``StableDiffusionPipeline`` from a hub id, a local diffusers folder
-  (``from_pretrained``: SD 1.4 and the demo generator alike) or an original single-file checkpoint
-  (``from_single_file``), on the configured device and dtype, safety checker off; or, for
-  ``diffusion.pipeline: tiny-random`` (the ``smoke`` preset and the tests), tiny random components
-  built from configs (:func:`build_tiny_pipeline`). Pipelines are cached in-process.
-* :func:`generation_precision` — ``generate.precision`` as the weights dtype and the autocast
-  context that stage 4's renders run in.
-* :func:`class_tokens` — which row stands for each class, by ``diffusion.class_token``:
-  ``first_piece`` (the paper: the first BPE piece of the short name) or ``placeholder`` (one new
-  token per class, initialised from the mean of its name's pieces; METHOD.md defect 1).
-* :func:`swap_rows` — swap rows of the input-embedding table for the duration of a ``with`` block
-  (restored also on exceptions): the paper's injection mechanism.
-* :func:`encode_prompts` — encode a batch of prompts where **each sample has its own vector** for
-  its class token, so one batch can carry different embeddings (stage 1's per-image rows, stage 4's
-  ``embedding_per: image``). It replaces the token-embedding lookup's output at the class token's
-  positions, which is exactly what a swapped row would give, but per sample and differentiable.
-
-Example:
-    >>> from ncis_core.config import DiffusionConfig
-    >>> pipe = load_pipeline(DiffusionConfig(pipeline="tiny-random", dtype="float32"),
-    ...                      words=["bear", "cat"])
-    >>> tokens = class_tokens(pipe, ["bear", "cat"], "placeholder")
-    >>> ctx = encode_prompts(pipe, ["An image of a <bear>"], [tokens.token_ids[0]],
-    ...                      torch.zeros(1, pipe.text_encoder.config.hidden_size))
-    >>> tuple(ctx.shape)
-    (1, 77, 32)
+:func:`load_pipeline` (hub id, diffusers folder, single-file checkpoint or ``tiny-random``; cached),
+:func:`class_tokens`, :func:`swap_rows` (the paper's injection) and :func:`encode_prompts` (one
+class-token vector per sample, differentiable) over the CLIP text encoder's token-embedding table.
 """
 
 from __future__ import annotations
@@ -97,8 +70,7 @@ _SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth", ".bin")
 
 @user_error
 class PipelineLoadError(RuntimeError):
-    """The pipeline named by ``diffusion.pipeline`` could not be loaded; the message says how to
-    point the config at a local folder or checkpoint."""
+    """``diffusion.pipeline`` could not be loaded; the message says how to point at a local copy."""
 
 
 # ----------------------------------------------------------------------------- loading
@@ -122,10 +94,7 @@ def generation_precision(precision: str, device: torch.device | str, autocast_de
                          ) -> tuple[torch.dtype, Callable[[], contextlib.AbstractContextManager]]:
     """``generate.precision`` on ``device`` → ``(weights dtype, context factory)`` for rendering.
 
-    ``autocast`` (the original): fp32 weights and, on CUDA, ``torch.autocast("cuda", float16)``
-    around the whole generation; elsewhere plain fp32. ``fp16`` / ``bf16`` / ``fp32``: weights in
-    that dtype, no autocast. ``autocast_device`` forces the autocast onto that device type (tests:
-    ``"cpu"`` with ``autocast_dtype=torch.bfloat16``).
+    ``autocast``: fp32 weights under fp16 autocast on CUDA (``autocast_device`` forces a device type).
     """
     try:
         dtype = GENERATION_PRECISIONS[precision]
@@ -139,8 +108,7 @@ def generation_precision(precision: str, device: torch.device | str, autocast_de
 
 
 def _local_path(source: str) -> Path | None:
-    """``source`` as an existing local path (relative to the working directory, then among the
-    files the package ships, e.g. ``data/demo/generator``: :func:`ncis_core.assets.resolve`), or None."""
+    """``source`` as an existing local path (:func:`ncis_core.assets.resolve`), or None."""
     return assets.resolve(source)
 
 
@@ -158,15 +126,12 @@ def _hint(source: str) -> str:
 
 
 def local_source(source: str) -> Path | None:
-    """``diffusion.pipeline`` (or ``single_file_config``) as an existing local path, resolved as the
-    loader resolves it (the working directory, then the package's shipped files), or None."""
+    """``diffusion.pipeline`` (or ``single_file_config``) as the loader's local path, or None."""
     return _local_path(source) if source else None
 
 
 def pipeline_problem(dcfg) -> str | None:
-    """Why ``dcfg.pipeline`` could not be loaded without a download, or None when it can (local
-    folder, single-file checkpoint with a local ``single_file_config``, or a hub id in the Hugging
-    Face cache). The messages are the loader's own (:func:`load_pipeline`). Nothing is loaded."""
+    """Why ``dcfg.pipeline`` could not be loaded without a download, or None; nothing is loaded."""
     dcfg = getattr(dcfg, "diffusion", dcfg)
     source = dcfg.pipeline
     if source == TINY_RANDOM:
@@ -226,16 +191,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 def build_tokenizer(words: Sequence[str] = (), max_length: int = 77):
     """A ``CLIPTokenizer`` built offline whose vocabulary holds every byte and every word in ``words``.
 
-    CLIP's BPE only produces a multi-letter token through a chain of merges, so a vocabulary with
-    the words but no merges splits every word into letters. Each word ``w`` gets the left-to-right
-    chain ``w[0] w[1] → w[:2]``, ``w[:2] w[2] → w[:3]`` … ending in ``w</w>`` (CLIP marks a word's
-    end with ``</w>``). The chains are checked: every word must come out as one token.
-
-    Args:
-        words: lower-case words to keep whole.
-        max_length: ``model_max_length`` (77 like SD 1.4: the pipeline pads prompts to it).
-
-    Example:
         >>> tok = build_tokenizer(["giraffe"])
         >>> tok.tokenize("An image of a giraffe")[-1]
         'giraffe</w>'
@@ -279,8 +234,7 @@ def build_scheduler(kind: str = "pndm"):
 
 
 def build_pipeline(vae, text_encoder, tokenizer, unet):
-    """A ``StableDiffusionPipeline`` from the parts, with SD's PNDM scheduler and no safety checker
-    (the demo generator, the tiny pipeline and the SD-1.4-shaped benchmarks are assembled here)."""
+    """A ``StableDiffusionPipeline`` from the parts, with SD's PNDM scheduler and no safety checker."""
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -289,18 +243,14 @@ def build_pipeline(vae, text_encoder, tokenizer, unet):
 
 
 def offline_tokenizer(words: Sequence[str] = ()):
-    """A ``CLIPTokenizer`` built without a download whose vocabulary keeps :data:`PROMPT_WORDS` and
-    ``words`` whole where its merge rules allow (the tiny pipeline's, and the paper-shape
-    rehearsal's stand-in for CLIP's 49 408-token vocabulary)."""
+    """An offline ``CLIPTokenizer`` keeping :data:`PROMPT_WORDS` and ``words`` whole where it can."""
     vocab_words = tuple(dict.fromkeys([*PROMPT_WORDS, *(w.lower() for w in words if w.strip())]))
     # Multi-word names ("aquarium fish") are kept whole word by word.
     vocab_words = tuple(dict.fromkeys(p for w in vocab_words for p in re.findall(r"[a-z]+", w)))
     try:
         return build_tokenizer(vocab_words)
     except ValueError:
-        # The builder's left-to-right merge chains can collide ("quality" takes the "q u" that
-        # "aquarium" needs): keep the words greedily, in order, while the chains stay intact. The
-        # dropped words split into pieces, which the class-token strategies handle anyway.
+        # merge chains collide ("quality" takes aquarium's "q u"): keep words greedily, split the rest
         kept: list[str] = []
         for word in vocab_words:
             try:
@@ -328,18 +278,9 @@ def tiny_configs(width: int = 32) -> dict[str, dict]:
 
 
 def build_tiny_pipeline(words: Sequence[str] = (), seed: int = 0, width: int = 32):
-    """A ``StableDiffusionPipeline`` of tiny random components, built from configs (no download).
+    """A ``StableDiffusionPipeline`` of tiny random components from configs, seeded, no download.
 
-    The diffusers test pattern: a 2-level ``UNet2DConditionModel`` with cross-attention width =
-    the text encoder's width, a 3-level ``AutoencoderKL`` (32 px → 8 × 8 latents), a 2-layer
-    ``CLIPTextModel``, an offline ``CLIPTokenizer`` whose vocabulary keeps :data:`PROMPT_WORDS` and
-    ``words`` whole, and SD's PNDM scheduler. Weights are drawn from ``seed`` without touching the
-    global random state.
-
-    Args:
-        words: extra words to keep as single tokens (class names).
-        seed: weight initialisation seed.
-        width: text-encoder width ``D`` (= the UNet's cross-attention width).
+    ``words`` are kept as single tokens; ``width`` is ``D``, the UNet's cross-attention width too.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -423,34 +364,21 @@ def _load(source: str, dtype: torch.dtype, single_file_config: str):
 
 
 def set_progress(pipe, progress: bool) -> None:
-    """The pipeline's own progress bar: off when ``progress`` is false; otherwise tqdm's defaults,
-    so ``TQDM_DISABLE=1`` still silences it (an explicit ``disable=False`` would override that)."""
+    """The pipeline's own progress bar: off when ``progress`` is false, else tqdm's defaults."""
     pipe.set_progress_bar_config(**bar_options(progress))
 
 
 def load_pipeline(dcfg, device: torch.device | str = "cpu", words: Sequence[str] = (),
                   progress: bool = False, seed: int = 0, dtype: torch.dtype | None = None):
-    """The Stable Diffusion pipeline named by ``dcfg.pipeline``, on ``device`` in ``dcfg.dtype``
-    (or ``dtype``).
+    """The cached, frozen pipeline named by ``dcfg.pipeline``, on ``device`` in ``dcfg.dtype``.
 
     Args:
         dcfg: a :class:`~ncis_core.config.DiffusionConfig` (or an ``ExperimentConfig``).
-        device: where the components go.
-        words: for ``tiny-random`` only: words its tokenizer keeps whole (the class names).
-        progress: the pipeline's denoising progress bar.
-        seed: for ``tiny-random`` only: the weight seed.
-        dtype: overrides ``dcfg.dtype`` (stage 1 passes its ``embed.precision``: it backpropagates
-            through the UNet, which ``diffusion.dtype``'s fp16 default on CUDA does badly; stage 4
-            the weights dtype of ``generate.precision``: :func:`generation_precision`). Pipelines
-            of different dtypes are cached apart.
-
-    Returns:
-        A cached ``StableDiffusionPipeline`` (safety checker off). Callers must not change its
-        weights; the class-token helpers here only add placeholder tokens and restore swapped rows.
+        words, seed: for ``tiny-random`` only: words its tokenizer keeps whole, the weight seed.
+        dtype: overrides ``dcfg.dtype`` (stage 1's ``embed.precision``, stage 4's weights dtype).
 
     Raises:
-        PipelineLoadError: an unreachable hub id, a missing folder or an unreadable checkpoint; the
-            message says how to point the config at a local folder or checkpoint.
+        PipelineLoadError: an unreachable hub id, a missing folder or an unreadable checkpoint.
     """
     dcfg = getattr(dcfg, "diffusion", dcfg)
     device = torch.device(device)
@@ -494,12 +422,7 @@ def embedding_width(pipe_or_text_encoder) -> int:
 
 
 def token_pieces(tokenizer, name: str) -> list[str]:
-    """The BPE pieces of ``name``, checked to be encodable.
-
-    Raises:
-        ValueError: ``name`` yields no token, or a piece the vocabulary does not know (the unknown
-            token).
-    """
+    """The BPE pieces of ``name``; ValueError when it yields no token or an unknown one."""
     pieces = tokenizer.tokenize(name)
     if not name.strip() or not pieces:
         raise ValueError(f"class name {name!r} cannot be encoded by the tokenizer: it yields no token")
@@ -514,19 +437,14 @@ def token_pieces(tokenizer, name: str) -> list[str]:
 
 @dataclass(frozen=True)
 class ClassTokens:
-    """Which row of the input-embedding table stands for each class.
+    """Which row of the input-embedding table stands for each class (all lists are per class).
 
     Attributes:
-        strategy: ``first_piece`` or ``placeholder``.
-        names: the classes' short names.
-        token_ids: per class, the row that stage 1 optimises and stage 4 replaces.
-        tokens: per class, that row's token string.
-        pieces: per class, the BPE pieces of the short name.
-        prompt_words: per class, what fills ``{}`` of the embedding prompt (the short name for
-            ``first_piece``, the placeholder for ``placeholder``).
-        generation_words: per class, what fills ``{}`` of the generation prompt (the long name; for
-            ``placeholder`` with the short name replaced by the placeholder).
-        long_names: per class, the long name itself (the ordinary, un-injected class prompt).
+        token_ids: the row that stage 1 optimises and stage 4 replaces; ``tokens``: its string.
+        pieces: the BPE pieces of the short name.
+        prompt_words: what fills ``{}`` of the embedding prompt (short name or placeholder).
+        generation_words: what fills ``{}`` of the generation prompt (the long name, injected).
+        long_names: the long name itself (the ordinary, un-injected class prompt).
     """
 
     strategy: str
@@ -554,10 +472,7 @@ def _placeholder(name: str) -> str:
 
 
 def generation_names(dataset: str, names: Sequence[str], nail_prompt: str = "concatenated") -> list[str]:
-    """The long names of the generation prompt for the short ``names`` of ``dataset``
-    (CLASSES.md: CIFAR-100's six exceptions, ImageNet-100's suffixes; the demo's are the same).
-    ``nail_prompt``: ImageNet-100's ``nail`` as the original spells it (``concatenated``) or as
-    ``wire nail`` (``generate.nail_prompt``)."""
+    """The long names of the generation prompt for the short ``names`` of ``dataset`` (CLASSES.md)."""
     from .data.classes import (CIFAR100_LONG, CIFAR100_SHORT, IMAGENET100_NAIL_ORIGINAL, IMAGENET100_NAMES,
                                IMAGENET100_PROMPT_NAMES)
 
@@ -574,15 +489,8 @@ def class_tokens(pipe, names: Sequence[str], strategy: str,
                  long_names: Sequence[str] | None = None) -> ClassTokens:
     """Pick (and for ``placeholder`` create) the class-token rows.
 
-    ``first_piece``: the row of the first BPE piece of each short name (the paper; a multi-piece
-    name optimises a fragment, e.g. cockroach → "co"). ``placeholder``: a new token ``<name>`` per
-    class, added to the tokenizer (the text encoder's table grows by C rows), whose row is set to
-    the mean of the name's pieces' rows; it replaces the short name in both prompts.
-
-    Classes whose names split into several pieces are logged.
-
-    Raises:
-        ValueError: an unknown strategy, or a name the tokenizer cannot encode.
+    ``first_piece``: the first BPE piece of each short name (the paper). ``placeholder``: a new token
+    ``<name>`` per class, its row the mean of the name's pieces' rows.
     """
     names = [str(n) for n in names]
     long_names = list(long_names) if long_names is not None else list(names)
@@ -628,13 +536,7 @@ def class_tokens(pipe, names: Sequence[str], strategy: str,
 
 def pipeline_with_class_tokens(cfg, class_names: Sequence[str], device: torch.device | str = "cpu",
                                progress: bool = False, dtype: torch.dtype | None = None):
-    """The run's pipeline (``cfg.diffusion``; its tokenizer knows every word of both prompts) and the
-    :class:`ClassTokens` of ``class_names`` — what stages 1 and 4 and the samplers that read the class
-    tokens' rows share.
-
-    Returns:
-        ``(pipe, tokens)``.
-    """
+    """``(pipe, tokens)``: the run's pipeline and the :class:`ClassTokens` of ``class_names``."""
     long_names = generation_names(cfg.data.dataset, class_names, cfg.generate.nail_prompt)
     words = [*class_names, *long_names, *cfg.embed.prompt.replace("{}", " ").split(),
              *cfg.generate.prompt.replace("{}", " ").split()]
@@ -649,8 +551,7 @@ def class_token_rows(pipe, tokens: "ClassTokens") -> torch.Tensor:
 
 
 def tokens_missing_from_prompt(pipe, tokens: ClassTokens, template: str) -> list[int]:
-    """Classes whose token does not occur in their generation prompt, so nothing would be injected
-    (the paper's CIFAR class 21: the piece "chimp" is not a piece of "chimpanzee")."""
+    """Classes whose token is not in their generation prompt (nothing would be injected)."""
     ids = tokenize(pipe.tokenizer, [template.format(w) for w in tokens.generation_words])
     return [c for c, t in enumerate(tokens.token_ids) if not bool((ids[c] == t).any())]
 
@@ -658,23 +559,7 @@ def tokens_missing_from_prompt(pipe, tokens: ClassTokens, template: str) -> list
 # ----------------------------------------------------------------------------- injection
 @contextlib.contextmanager
 def swap_rows(text_encoder, token_ids: Sequence[int], rows: torch.Tensor) -> Iterator[None]:
-    """Replace rows ``token_ids`` of the input-embedding table by ``rows`` inside the block.
-
-    The original rows are restored when the block ends, also when it raises.
-
-    Example:
-        >>> from ncis_core.config import DiffusionConfig
-        >>> pipe = load_pipeline(DiffusionConfig(pipeline="tiny-random", dtype="float32"),
-        ...                      words=["bear", "cat"])
-        >>> tokens = class_tokens(pipe, ["bear", "cat"], "placeholder")
-        >>> ids = tokenize(pipe.tokenizer, ["An image of a <bear>"])
-        >>> plain = pipe.text_encoder(ids)[0]
-        >>> outlier = torch.ones(pipe.text_encoder.config.hidden_size)  # e.g. a stage-3 outlier
-        >>> with swap_rows(pipe.text_encoder, [tokens.token_ids[0]], outlier[None]):
-        ...     ctx = pipe.text_encoder(ids)[0]
-        >>> torch.equal(ctx, plain), torch.equal(pipe.text_encoder(ids)[0], plain)  # then restored
-        (False, True)
-    """
+    """Replace rows ``token_ids`` of the input-embedding table by ``rows`` inside the block, then restore."""
     weight = embedding_table(text_encoder).weight
     index = torch.as_tensor(list(token_ids), dtype=torch.long, device=weight.device)
     rows = torch.as_tensor(rows).to(weight.device, weight.dtype).reshape(len(index), weight.shape[1])
@@ -698,21 +583,10 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
 
 def encode_prompts(pipe, prompts: Sequence[str] | torch.Tensor, token_ids: Sequence[int] | None = None,
                    vectors: torch.Tensor | None = None) -> torch.Tensor:
-    """The text encoder's ``last_hidden_state`` (``B × L × D``, the UNet's context) for ``prompts``,
-    with sample ``b``'s class token (every occurrence of ``token_ids[b]``) given the vector
-    ``vectors[b]`` instead of its table row.
+    """The text encoder's ``B × L × D`` context for ``prompts``, sample ``b``'s token ``token_ids[b]``
+    given ``vectors[b]`` instead of its table row (differentiable; the table is never written).
 
-    Without ``vectors`` this is the pipeline's own prompt encoding. Gradients flow to ``vectors``
-    (stage 1 trains them); the table itself is never written.
-
-    Args:
-        pipe: the pipeline (its tokenizer and text encoder are used).
-        prompts: ``B`` strings, or token ids ``B × L`` from :func:`tokenize`.
-        token_ids: ``B`` token ids, one per sample (required with ``vectors``).
-        vectors: ``B × D`` vectors (any float dtype; cast to the encoder's).
-
-    Raises:
-        ValueError: ``vectors`` whose width differs from the text encoder's, or counts that differ.
+    ``prompts``: ``B`` strings or token ids from :func:`tokenize`. Without ``vectors``: the plain encoding.
     """
     text_encoder = pipe.text_encoder
     table = embedding_table(text_encoder)
@@ -748,10 +622,7 @@ def encode_prompts(pipe, prompts: Sequence[str] | torch.Tensor, token_ids: Seque
 
 @torch.no_grad()
 def vae_reconstruct(vae, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """The VAE round trip: decode the posterior modes of ``x`` (``N × 3 × H × W`` in [-1, 1]) and
-    return the same range (the demo generator's montages and stage 5's ``id_generated=vae_recon``).
-    Without gradients: its outputs are data, never trained through (with them, the quality check's
-    classifier later backpropagated into the VAE's graph a second time)."""
+    """The VAE round trip of ``x`` (``N × 3 × H × W`` in [-1, 1]) through the posterior modes, no grad."""
     out = []
     for i in range(0, len(x), batch):
         out.append(vae.decode(vae.encode(x[i:i + batch]).latent_dist.mode()).sample.clamp(-1, 1))

@@ -1,26 +1,11 @@
-"""The embeddings file of stage 1 (``embeddings.safetensors``): writer, reader, and a synthetic twin.
+"""Stage 1's embeddings file (``embeddings.safetensors``: ``N × D`` rows, labels, image ids, class
+names): writer, reader, checks, the holdout split, a synthetic twin; and stage 3's outliers file.
 
-The file holds three tensors and a little metadata:
-
-* ``embeddings``: ``N × D`` float32, one optimised token-embedding row per training image;
-* ``labels``: ``N`` int64, the class index of each row (``0 … C-1``);
-* ``image_ids``: ``N`` int64, the image's index in the ID training split;
-* metadata: ``format`` (``ncis-embeddings/1``), ``dim``, ``num_classes``, ``class_names`` (JSON list)
-  and any extra string entries the writer adds.
-
-:func:`synthetic_embeddings` makes a file-shaped dict with low-rank class manifolds plus small
-noise, so that each class has a known number of invariant directions. Tests use it, and so does the
-``smoke`` preset while stage 1 is absent (see ``ncis_core.stages.train_cvpn.ensure_smoke_embeddings``).
-
-Example:
     >>> import tempfile
     >>> data = synthetic_embeddings(num_classes=3, per_class=20, dim=16, seed=0, rank=2)
-    >>> path = save_embeddings(Path(tempfile.mkdtemp()) / "embeddings.safetensors", **data)
-    >>> back = load_embeddings(path)
-    >>> back["embeddings"].shape, back["num_classes"], back["class_names"]
-    (torch.Size([60, 16]), 3, ['class_0', 'class_1', 'class_2'])
-    >>> torch.equal(back["embeddings"], data["embeddings"]), back["labels"][::20].tolist()
-    (True, [0, 1, 2])
+    >>> back = load_embeddings(save_embeddings(Path(tempfile.mkdtemp()) / "e.safetensors", **data))
+    >>> back["embeddings"].shape, back["class_names"]
+    (torch.Size([60, 16]), ['class_0', 'class_1', 'class_2'])
 """
 
 from __future__ import annotations
@@ -30,12 +15,15 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
+from .errors import TooLittleData
 from .runs import atomic_write_safetensors
 
-__all__ = ["EMBEDDINGS_FORMAT", "save_embeddings", "load_embeddings", "synthetic_embeddings"]
+__all__ = ["EMBEDDINGS_FORMAT", "save_embeddings", "load_embeddings", "synthetic_embeddings",
+           "validate_embeddings", "holdout_split", "OUTLIERS_FORMAT", "save_outliers", "load_outliers"]
 
 EMBEDDINGS_FORMAT = "ncis-embeddings/1"
 
@@ -50,15 +38,7 @@ def _as_tensor(value, dtype: torch.dtype, name: str) -> torch.Tensor:
 
 def save_embeddings(path: str | os.PathLike, embeddings, labels, image_ids,
                     class_names: Sequence[str], extra: dict[str, str] | None = None) -> Path:
-    """Write an embeddings file atomically.
-
-    Args:
-        path: the target file (``run.path("embeddings")`` in a run).
-        embeddings: ``N × D`` floats (stored as float32).
-        labels: ``N`` class indices in ``[0, len(class_names))``.
-        image_ids: ``N`` image indices.
-        class_names: the ``C`` class names.
-        extra: further metadata (string → string), e.g. ``{"source": "synthetic"}``.
+    """Write an embeddings file atomically (``extra``: further string metadata).
 
     Raises:
         ValueError: shapes that do not agree, a label outside ``[0, C)`` or a non-finite value.
@@ -83,15 +63,7 @@ def save_embeddings(path: str | os.PathLike, embeddings, labels, image_ids,
 
 
 def load_embeddings(path: str | os.PathLike) -> dict:
-    """Read an embeddings file.
-
-    Returns:
-        ``{"embeddings": N×D float32, "labels": N int64, "image_ids": N int64,
-        "class_names": [str], "num_classes": C, "metadata": {str: str}}``.
-
-    Raises:
-        ValueError: the file lacks one of the three tensors.
-    """
+    """Read an embeddings file: its three tensors, ``class_names``, ``num_classes`` and ``metadata``."""
     tensors = {}
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata() or {})
@@ -111,13 +83,7 @@ def synthetic_embeddings(num_classes: int, per_class: int, dim: int, seed: int =
                          noise: float = 1e-2, class_names: Sequence[str] | None = None) -> dict:
     """Embeddings with a known structure: class ``c`` lies near a ``rank``-dimensional affine subspace.
 
-    ``x = m_c + B_c (s ⊙ w) + noise · ε`` with a random mean ``m_c`` (scale 1), an orthonormal random
-    basis ``B_c`` (``D × rank``), per-direction scales ``s`` decaying from 1 to 0.5, and
-    ``w, ε ~ N(0, I)``. Each class therefore has about ``D − rank`` invariant directions.
-
-    Returns:
-        A dict with the arguments of :func:`save_embeddings` (``embeddings``, ``labels``,
-        ``image_ids``, ``class_names``).
+    Returns the arguments of :func:`save_embeddings`; ``x = m_c + B_c (s ⊙ w) + noise · ε``.
     """
     if rank > dim:
         raise ValueError(f"rank {rank} exceeds dim {dim}")
@@ -134,3 +100,71 @@ def synthetic_embeddings(num_classes: int, per_class: int, dim: int, seed: int =
         raise ValueError(f"{len(names)} class names for {num_classes} classes")
     return {"embeddings": x.reshape(-1, dim).float(), "labels": labels,
             "image_ids": torch.arange(num_classes * per_class), "class_names": names}
+
+
+# ----------------------------------------------------------------------------- checks and splits
+def validate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        dim: int | None = None, min_per_class: int = 2) -> None:
+    """Refuse input the cVPN cannot use (non-finite, bad labels or width; TooLittleData: few rows)."""
+    if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
+        raise ValueError(f"embeddings must be N × D with N labels; got {tuple(embeddings.shape)} "
+                         f"and {tuple(labels.shape)}")
+    if dim is not None and embeddings.shape[1] != dim:
+        raise ValueError(f"the embeddings are {embeddings.shape[1]}-dimensional but the cVPN checkpoint "
+                         f"expects {dim}; retrain stage 2 (cvpn) on these embeddings")
+    bad = ~torch.isfinite(embeddings).all(dim=1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} embedding rows contain NaN or Inf (first: row "
+                         f"{int(bad.nonzero()[0])}); rerun stage 1 (embed)")
+    outside = (labels < 0) | (labels >= num_classes)
+    if outside.any():
+        raise ValueError(f"label {int(labels[outside][0])} (row {int(outside.nonzero()[0])}) is outside "
+                         f"[0, {num_classes}) for {num_classes} classes")
+    counts = torch.bincount(labels, minlength=num_classes)
+    few = (counts < min_per_class).nonzero().flatten()
+    if len(few):
+        raise TooLittleData(f"class {int(few[0])} has {int(counts[few[0]])} embeddings (need at least "
+                            f"{min_per_class} for a class covariance); {len(few)} class(es) affected: embed "
+                            f"at least {min_per_class} images per class (embed.max_per_class, capped by "
+                            f"data.max_per_class)")
+
+
+def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded per-class ``(train_index, holdout_index)``: ``floor(fraction × n_c)`` held out, ≥ 2 kept."""
+    n = len(labels)
+    if fraction <= 0 or n == 0:
+        return torch.arange(n), torch.zeros(0, dtype=torch.long)
+    counts = torch.bincount(labels)
+    hold = torch.clamp(torch.floor(counts.double() * fraction).long(), max=(counts - 2).clamp_min(0))
+    keys = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    order = torch.from_numpy(np.lexsort((keys.numpy(), labels.numpy())))
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n) - starts[labels[order]]
+    held = rank < hold[labels]
+    return (~held).nonzero().flatten(), held.nonzero().flatten()
+
+
+# ----------------------------------------------------------------------------- stage 3's outlier embeddings
+OUTLIERS_FORMAT = "ncis-outliers/1"
+
+
+def save_outliers(path: str | os.PathLike, result: dict, metadata: dict) -> Path:
+    """Write an outlier-embeddings file atomically: ``result``'s tensors, ``labels`` and ``metadata``."""
+    outliers = result["outliers"].contiguous()
+    tensors = {key: value.contiguous() for key, value in result.items()
+               if isinstance(value, torch.Tensor)}  # outliers, log_density, a method's own tensors
+    tensors["labels"] = torch.arange(outliers.shape[0])
+    meta = {"format": OUTLIERS_FORMAT, "method": result["method"]}
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    return atomic_write_safetensors(path, tensors, meta)
+
+
+def load_outliers(path: str | os.PathLike) -> dict:
+    """Read ``outlier_embeddings.safetensors``: the tensors plus ``method`` and ``metadata``."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        result = {k: f.get_tensor(k) for k in f.keys()}
+    result["method"] = meta.get("method")
+    result["metadata"] = meta
+    return result

@@ -1,9 +1,5 @@
 """The faults a user can fix, and how every command line reports them: one line, exit status 2.
 
-A fault of this kind (a bad config value, a missing dataset or artefact, a stale input, a failed
-notebook) says what is wrong and how to fix it in its message; a traceback would only bury that.
-So does a fault of the machine (:func:`environment_fault`: a full disk, no permission, a read-only
-file system), reported as the path, the reason and the fix (:func:`os_fault_message`).
 Anything else is a bug of the kit and keeps its traceback.
 """
 
@@ -16,32 +12,25 @@ __all__ = ["TooLittleData", "user_error", "user_errors", "report", "environment_
 
 
 class TooLittleData(ValueError):
-    """Too few rows for a computation (e.g. a class with fewer embeddings than a covariance, a k-NN
-    sampler or a UMAP map needs); the message says how many there are, how many are needed and
-    which config key gives more. A stage that raises it stops the series; a view (a picture) that
-    raises it is replaced by a note (:func:`ncis_core.viz.common.too_little_data_note`)."""
+    """Too few rows for a computation; the message says how many are needed and which key gives more."""
 
 
 _USER_ERRORS: list[type[BaseException]] = []
 
 
 def user_error(cls: type[BaseException]) -> type[BaseException]:
-    """Class decorator: mark an exception type as a fault the user can fix from its message alone
-    (the kit's modules mark theirs; this module imports none of them, so anything may import it)."""
+    """Class decorator: mark an exception type as a fault the user can fix from its message alone."""
     _USER_ERRORS.append(cls)
     return cls
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The exception types whose message is the whole story: every type marked :func:`user_error`
-    (a module that can raise one has been imported by then), and the OS's missing-file and value
-    errors."""
+    """The exception types whose message is the whole story (:func:`user_error` ones and a few OS ones)."""
     return (*_USER_ERRORS, FileNotFoundError, ValueError)
 
 
 def report(exc: BaseException) -> int:
-    """Print ``error: <first line of the message>`` (plus any further lines it has) to stderr; 2.
-    A fault of the machine (:func:`environment_fault`) is said as :func:`os_fault_message`."""
+    """Print ``error: <message>`` to stderr and return 2."""
     message = os_fault_message(exc) if environment_fault(exc) else exc
     print(f"error: {message}", file=sys.stderr)
     return 2
@@ -63,10 +52,8 @@ _OS_FAULTS = {
 
 
 def environment_fault(exc: BaseException) -> bool:
-    """Whether ``exc`` is an ``OSError`` of the machine the user can fix (a full disk, no
-    permission, a read-only file system, a file where a folder should be), not a bug of the kit.
+    """Whether ``exc`` is an ``OSError`` of the machine the user can fix (a full disk, no permission …).
 
-    Example:
         >>> environment_fault(OSError(errno.ENOSPC, "No space left on device")), environment_fault(OSError(errno.EBADF, "x"))
         (True, False)
     """
@@ -76,7 +63,6 @@ def environment_fault(exc: BaseException) -> bool:
 def os_fault_message(exc: OSError, what: str | None = None) -> str:
     """One line for an ``OSError`` of the machine: ``cannot write <what or the file>: <reason>; <fix>``.
 
-    Example:
         >>> os_fault_message(OSError(errno.ENOSPC, "No space left on device", "run/notebooks/00_data.ipynb"))
         'cannot write run/notebooks/00_data.ipynb: no space left on the device; free some space (or choose --out on another disk) and rerun the same command: finished work is kept'
     """

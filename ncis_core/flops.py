@@ -1,25 +1,7 @@
-"""FLOP counts of the models the stages run, for ``plan``'s cost projection (nothing is computed).
+"""FLOP counts of the models the stages run, for ``plan`` (one multiply-add = 2 FLOP).
 
-Two ways to the same numbers:
-
-* :func:`count_flops` builds a model **on the meta device** (shapes only: no memory, no arithmetic)
-  and runs it under ``torch.utils.flop_counter.FlopCounterMode``: exact for any config the stages
-  can load, forward and backward alike, in about a second for SD 1.4's UNet. ``plan`` uses these.
-* :func:`unet_forward_flops` is the same count for a ``UNet2DConditionModel`` forward written out as
-  a formula over its config (convolutions, linear layers and the two attention matmuls; norms and
-  activations are not matmuls and are not counted, as ``FlopCounterMode`` does not count them).
-  It says where the work is and checks the counter (``tests/test_flops.py``).
-
-Convention: one multiply-add = 2 FLOP. Per-unit numbers at SD-1.4 shapes (64 × 64 latents, 77
-tokens, batch 1), counted here: UNet forward 0.803 TFLOP; forward + backward with frozen weights
-(gradients for the inputs only, as stage 1 needs) 1.669 TFLOP, against 2.41 with weight gradients.
-
-Example:
-    >>> unet = {"block_out_channels": [32, 64], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-    ...         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1,
-    ...         "in_channels": 4, "out_channels": 4, "cross_attention_dim": 32}
-    >>> unet_forward_flops(unet, latent=8, tokens=77) > 0
-    True
+:func:`count_flops` counts a model on the meta device (``FlopCounterMode``); :func:`unet_forward_flops`
+is the UNet forward's count as a formula over its config, which checks it.
 """
 
 from __future__ import annotations
@@ -38,17 +20,13 @@ def count_flops(build: Callable[[], torch.nn.Module], inputs: Callable[[], tuple
     """FLOPs of one call of a model built on the meta device.
 
     Args:
-        build: makes the module (called under ``torch.device("meta")``).
-        inputs: makes the positional inputs (under the meta device too).
-        backward: also count a backward pass from the output's sum (frozen weights: only inputs
-            that require grad get gradients).
+        build, inputs: make the module and its positional inputs (called on the meta device).
+        backward: also count a backward pass from the output's sum.
         call: ``call(module, *inputs) -> tensor`` when the output needs unpacking.
-        trainable: picks the parameter(s) that get a gradient (e.g. the token-embedding table that
-            carries stage 1's rows, or all of a classifier's); every other weight is frozen.
+        trainable: picks the parameter(s) that get a gradient; every other weight is frozen.
 
     Returns:
-        ``{"forward", "backward", "conv", "matmul"}``: forward and backward FLOPs (backward 0
-        unless asked for), and the total of both split into convolutions and matrix products.
+        ``{"forward", "backward", "conv", "matmul"}`` (the last two split the total).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -72,8 +50,7 @@ def count_flops(build: Callable[[], torch.nn.Module], inputs: Callable[[], tuple
 
 
 def _by_kind(counter) -> dict[str, int]:
-    """Counted FLOPs split into convolutions and matrix products: on a GPU in fp32 they run at
-    different rates (cuDNN convolutions in TF32 by default, matmuls in full fp32)."""
+    """Counted FLOPs split into convolutions and matrix products (fp32 GPU rates differ)."""
     kinds = {"conv": 0, "matmul": 0}
     for op, flops in counter.get_flop_counts().get("Global", {}).items():
         kinds["conv" if "convolution" in str(op) else "matmul"] += int(flops)
@@ -87,8 +64,7 @@ def _unet(config: Mapping):
 
 
 def unet_flops(config: Mapping, latent: int, tokens: int = 77, backward: bool = False) -> dict[str, int]:
-    """One UNet call at ``latent × latent``, batch 1, counted on the meta device; with ``backward``
-    the input-only backward of stage 1 (gradients reach the prompt context, not the weights)."""
+    """One UNet call at ``latent × latent``, batch 1; ``backward``: stage 1's input-only backward."""
     width = config.get("cross_attention_dim", 768)
 
     def inputs():
@@ -115,8 +91,7 @@ def vae_flops(config: Mapping, image: int) -> dict[str, int]:
 
 
 def text_encoder_flops(config: Mapping, tokens: int = 77, backward: bool = False) -> dict[str, int]:
-    """The CLIP text encoder on one prompt of ``tokens`` tokens (meta device); with ``backward``
-    the gradient reaching the input embeddings (stage 1's rows)."""
+    """The CLIP text encoder on one prompt; ``backward``: down to the input embeddings (stage 1)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
@@ -127,8 +102,7 @@ def text_encoder_flops(config: Mapping, tokens: int = 77, backward: bool = False
 
 def classifier_flops(arch: str, num_classes: int, image: int, width: int = 32,
                      training: bool = False) -> dict[str, int]:
-    """One stage-5 network call on one ``image × image`` picture (meta device); ``training``:
-    forward + backward with weight gradients (a training step's share per image)."""
+    """One stage-5 network call on one picture; ``training``: forward + backward with weight gradients."""
     from .models.resnet import build_classifier
 
     return count_flops(lambda: build_classifier(arch, num_classes, width),
@@ -146,15 +120,13 @@ def _linear(n: int, din: int, dout: int) -> int:
 
 
 def _resnet(hw: int, cin: int, cout: int, temb: int) -> int:
-    """diffusers' ``ResnetBlock2D``: two 3 × 3 convs, the time-embedding projection, a 1 × 1
-    shortcut when the width changes."""
+    """diffusers' ``ResnetBlock2D``: two 3 × 3 convs, time projection, a 1 × 1 shortcut if needed."""
     flops = _conv(hw, cin, cout) + _conv(hw, cout, cout) + _linear(1, temb, cout)
     return flops + (_conv(hw, cin, cout, 1) if cin != cout else 0)
 
 
 def _transformer(hw: int, c: int, tokens: int, ctx: int) -> int:
-    """``Transformer2DModel`` with one ``BasicTransformerBlock``: proj in/out, self-attention,
-    cross-attention over the prompt, GEGLU feed-forward (inner width 4c)."""
+    """``Transformer2DModel``, one block: proj in/out, self-, cross-attention, GEGLU feed-forward (4c)."""
     self_attn = 4 * _linear(hw, c, c) + 2 * (2 * hw * hw * c)           # q k v out, QKᵀ and PV
     cross = 2 * _linear(hw, c, c) + 2 * _linear(tokens, ctx, c) + 2 * (2 * hw * tokens * c)
     ff = _linear(hw, c, 8 * c) + _linear(hw, 4 * c, c)
@@ -162,9 +134,7 @@ def _transformer(hw: int, c: int, tokens: int, ctx: int) -> int:
 
 
 def unet_forward_flops(config: Mapping, latent: int, tokens: int = 77) -> int:
-    """The FLOPs of one ``UNet2DConditionModel`` forward at ``latent × latent``, batch 1, from its
-    config (the block bookkeeping of diffusers' ``get_down_block`` / ``get_up_block``; SD-1.x
-    blocks: ``(CrossAttn)DownBlock2D``, ``(CrossAttn)UpBlock2D``, one transformer layer each)."""
+    """FLOPs of one SD-1.x ``UNet2DConditionModel`` forward at ``latent × latent``, batch 1, by formula."""
     channels = list(config["block_out_channels"])
     layers = config.get("layers_per_block", 2)
     ctx = config.get("cross_attention_dim", 768)

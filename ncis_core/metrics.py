@@ -1,20 +1,8 @@
 """OOD detection metrics with an explicit positive class: FPR95, AUROC, AUPR-In, AUPR-Out.
 
-Scores follow one rule throughout: **higher score = more in-distribution** (e.g. the energy score
-``logsumexp`` of the logits). Two conventions differ in which class is "positive" for FPR95:
+Higher score = more in-distribution; only ``fpr95`` depends on the positive class (``"id"``: keep
+95 % of ID, report the OOD accepted; ``"ood"``: OpenOOD's). Values are fractions in [0, 1].
 
-* ``positive="id"`` — the convention of this paper line (Dream-OOD, NCIS, BOOD): keep 95 % of the
-  ID test set, report the fraction of OOD still accepted.
-* ``positive="ood"`` — OpenOOD's: catch 95 % of the OOD set, report the fraction of ID wrongly
-  flagged.
-
-AUROC, AUPR-In and AUPR-Out do not depend on the convention: AUROC is symmetric under swapping the
-positive class *and* negating the scores (AUROC(ID+, s) = AUROC(OOD+, −s), ties counted as ½ both
-ways), AUPR-In always takes ID as positive on ``s`` and AUPR-Out always takes OOD as positive on
-``−s``. Only ``fpr95`` changes with ``positive``. Every table states its convention
-(:data:`CONVENTIONS`). All values are fractions in [0, 1].
-
-Example:
     >>> m = ood_metrics([0.9, 0.8, 0.7, 0.6], [0.1, 0.2, 0.65])
     >>> m["auroc"], m["fpr95"]
     (0.9166666666666667, 0.3333333333333333)
@@ -40,55 +28,24 @@ CONVENTIONS = {
            "flags 95% of OOD (higher score = more ID)",
 }
 
-# 95 % as an exact ratio, so "at least 95 % kept" is decided in integer arithmetic (19·n ≤ 20·k)
-# and never by a float comparison that could round 0.95·n the wrong way.
+# 95 % decided in integers (19·n ≤ 20·k), never by a float comparison that could round wrongly
 _RECALL_NUM, _RECALL_DEN = 19, 20
 
 
 def ood_metrics(id_scores: Any, ood_scores: Any, positive: str = "id",
                 fpr95_rule: str = "first_above") -> dict[str, float]:
-    """FPR95, AUROC, AUPR-In and AUPR-Out of one ID/OOD pair of score arrays.
-
-    Threshold rule of ``fpr95`` with ``fpr95_rule="first_above"`` (exact, including ties):
-
-    * ``positive="id"``: τ = the largest score value t such that the fraction of ID scores
-      ``≥ t`` is at least 95 %; FPR95 = fraction of OOD scores ``≥ τ``. Scores equal to τ are all
-      accepted as ID, on both sides. This is the first point of sklearn's
-      ``roc_curve(is_id, s, drop_intermediate=False)`` with TPR ≥ 0.95, and FPR95 is its FPR.
-    * ``positive="ood"``: the same rule with OOD as the positive class on ``−s``: τ = the smallest
-      score value t such that the fraction of OOD scores ``≤ t`` is at least 95 %; FPR95 = fraction
-      of ID scores ``≤ τ``. Scores equal to τ are all flagged as OOD, on both sides.
-
-    Hence all-equal scores give FPR95 = 1 under either convention, and perfectly separated
-    scores give 0.
-
-    ``fpr95_rule="closest"`` is the rule of the original code (Outlier Exposure's
-    ``fpr_and_fdr_at_recall``, used by Energy-OOD, Dream-OOD and NCIS): over the distinct score
-    thresholds, from the first one that reaches full recall down to the highest, the point whose
-    recall is closest to 0.95 (in float64, ``|k/n − 0.95|``), taking the first minimum on that
-    walk: on a tie the higher recall, and among thresholds of equal recall the lowest (the one
-    accepting the most negatives). Its recall may fall short of 95 %, so its FPR95 can be lower
-    than ``first_above``'s, or higher where a run of negatives shares the 95 % recall (measured on
-    300 seeds of 2 000 + 2 000 normal scores: 0.14 points apart on average, 1.1 at most; more with
-    many ties).
+    """FPR95, AUROC, AUPR-In and AUPR-Out of one ID/OOD pair of score arrays, as floats.
 
     Args:
-        id_scores: 1-D scores of the ID test set (numpy array, list, or a torch tensor, which is
-            detached and moved to the CPU; bfloat16 tensors must be cast first).
-        ood_scores: 1-D scores of one OOD set, of the same dtype as ``id_scores``.
-        positive: ``"id"`` or ``"ood"``: which class is positive for FPR95 (see above).
-        fpr95_rule: ``"first_above"`` (the kit's) or ``"closest"`` (the original's; see above).
-
-    Returns:
-        ``{"fpr95", "auroc", "aupr_in", "aupr_out"}`` as Python floats in [0, 1]. ``auroc`` is
-        ``roc_auc_score(is_id, s)``; ``aupr_in`` is ``average_precision_score(is_id, s)``;
-        ``aupr_out`` is ``average_precision_score(is_ood, −s)``.
+        id_scores, ood_scores: 1-D scores of the same dtype (arrays, lists or tensors; not bfloat16).
+        positive: ``"id"`` or ``"ood"``: which class is positive for FPR95.
+        fpr95_rule: ``"first_above"`` (the first ROC point with recall ≥ 95 %) or ``"closest"``
+            (the original's: the point with recall closest to 95 %).
 
     Raises:
         ValueError: an empty, non-1-D, non-numeric or non-finite array, different dtypes, or an
             unknown ``positive``.
 
-    Example:
         >>> ood_metrics([3.0, 2.0, 1.0], [0.0, 2.5], positive="ood")["fpr95"]
         0.6666666666666666
     """
@@ -135,8 +92,7 @@ def _fpr_at_closest_recall(is_positive: np.ndarray, scores: np.ndarray) -> float
     tps = np.rint(tpr * n_pos).astype(np.int64)[1:]  # [1:]: roc_curve's extra (0, 0) point
     fpr = fpr[1:]
     full = int(np.searchsorted(tps, n_pos))  # the first point that reaches full recall
-    # the original walks from that point towards the highest threshold and takes the first
-    # minimum of |recall − 0.95| in that order, so a tie goes to the higher recall
+    # the first minimum of |recall − 0.95| towards the highest threshold: ties take the higher recall
     recall = tps[full::-1] / n_pos
     return float(fpr[full::-1][int(np.argmin(np.abs(recall - 0.95)))])
 
@@ -170,16 +126,8 @@ def _as_scores(values: Any, name: str) -> np.ndarray:
 
 
 def mean_row(rows: list[dict]) -> dict[str, float]:
-    """The unweighted mean over OOD sets of every numeric entry of the first row.
+    """The unweighted mean over OOD sets (``rows``) of every numeric entry of the first row.
 
-    Each set counts once whatever its size (the convention of the published tables). Entries that
-    are not numbers (e.g. a set name) are left out; a numeric entry missing from a later row is
-    an error rather than a silently shorter mean.
-
-    Args:
-        rows: one metrics dict per OOD set (e.g. :func:`ood_metrics` results).
-
-    Example:
         >>> mean_row([{"set": "a", "fpr95": 0.2, "auroc": 0.9}, {"set": "b", "fpr95": 0.4, "auroc": 0.7}])
         {'fpr95': 0.30000000000000004, 'auroc': 0.8}
     """

@@ -1,22 +1,10 @@
-"""Notebook plumbing: :func:`start`, what every notebook's first code cell calls (resolve the
-config, open the run folder, set up logging), and :func:`write_notebook`, which the team uses to
-create a new numbered notebook output-free.
+"""Notebook plumbing: :func:`start`, every notebook's first call (config, run folder, logging), and
+helpers that write and strip output-free notebooks.
 
-Notebooks carry a ``parameters`` cell (``preset``, ``run_dir``, ``overrides``) and then call
-:func:`start`. Relative paths in the config (dataset roots, the run folder) are relative to the
-project folder (:func:`ncis_core.assets.project_dir`): the repository checkout when the package runs
-from one, so :func:`start` makes it the working directory and a notebook opened from
-``notebooks/`` in JupyterLab and one executed by papermill see the same files; for an installed
-copy, the working directory (the runner's, or the folder a notebook was opened from).
-
-Example (a notebook's first cell would say ``start(preset, run_dir, overrides)`` with the values
-of its parameters cell, e.g. ``"smoke", "outputs/smoke", []``):
     >>> import tempfile
     >>> cfg, run = start("smoke", tempfile.mkdtemp(), ["cvpn.epochs=3"])
-    >>> cfg.run.preset, cfg.cvpn.epochs, str(run.root) == cfg.run.out
-    ('smoke', 3, True)
-    >>> sorted(p.name for p in run.root.iterdir())
-    ['config.yaml', 'manifest.json']
+    >>> cfg.cvpn.epochs, sorted(p.name for p in run.root.iterdir())
+    (3, ['config.yaml', 'manifest.json'])
 """
 
 from __future__ import annotations
@@ -34,8 +22,7 @@ __all__ = ["start", "notebook_folder", "write_notebook", "notebook_has_outputs",
 
 log = logging.getLogger("ncis_core")
 
-# Set by the runner for the kernels it starts: the executed copy's path, and "this run is headless"
-# (HEADLESS_ENV: no one watches the kernel, so bars are off and the log goes into RUN/logs/).
+# set by the runner for its kernels: the executed copy's path, and "headless" (bars off, log to RUN/logs/)
 NOTEBOOK_ENV = "NCIS_NOTEBOOK"
 # An executed copy's run_dir: the folder above its own folder RUN/notebooks/, i.e. RUN.
 RUN_DIR_OF_A_COPY = ".."
@@ -54,10 +41,7 @@ def _is_run_notebooks(folder: Path | None) -> bool:
 def notebook_folder() -> Path | None:
     """The folder of the notebook this kernel runs when that is a run folder's ``notebooks/``, else None.
 
-    Looked for in turn: ``$NCIS_NOTEBOOK`` (the runner sets it to the executed copy's path),
-    ``$JPY_SESSION_NAME`` (Jupyter Server sets it to the notebook's path), and the folder the kernel
-    started in (JupyterLab, ``jupyter nbconvert --execute`` and ``papermill --cwd`` start it in the
-    notebook's folder).
+    From ``$NCIS_NOTEBOOK``, ``$JPY_SESSION_NAME``, or the folder the kernel started in.
     """
     candidates = [Path(os.environ[name]).parent for name in (NOTEBOOK_ENV, "JPY_SESSION_NAME")
                   if os.environ.get(name) and Path(os.environ[name]).is_absolute()]
@@ -69,31 +53,10 @@ def notebook_folder() -> Path | None:
 
 def start(preset: str, run_dir: str, overrides: list[str] | tuple[str, ...] = ()
           ) -> tuple[ExperimentConfig, RunDir]:
-    """Resolve ``preset`` + ``overrides`` into the config of the run folder ``run_dir`` and open it.
-
-    ``run_dir = ".."`` names the run folder the notebook sits in (``RUN/notebooks/NN.ipynb`` → ``RUN``,
-    :func:`notebook_folder`); the runner gives every executed copy that value, so a run folder that
-    was moved or copied keeps working: re-running ``COPY/notebooks/04_….ipynb`` (JupyterLab,
-    ``jupyter nbconvert --execute``, ``papermill --cwd COPY/notebooks``) reads and writes ``COPY``,
-    never the original. Where the notebook's folder is unknown (papermill started from another
-    folder without ``--cwd``) ``".."`` is refused rather than guessed. Any other relative
-    ``run_dir`` is taken from the project folder, as before.
-
-    In a headless run (``$NCIS_HEADLESS``, set by the runner) the log goes to
-    ``RUN/logs/<notebook>.log`` and the notebook shows one line naming it, plus the kit's warnings.
+    """``(cfg, run)``: ``preset`` + ``overrides`` resolved for the run folder ``run_dir``, opened.
 
     Args:
-        preset: preset name.
-        run_dir: the run folder; ``".."``: the one the notebook sits in (above); another relative
-            path is taken from the project folder (the repository checkout, or the working directory
-            for an installed copy).
-        overrides: ``stage.key=value`` strings.
-
-    Returns:
-        ``(cfg, run)``: the frozen config and the :class:`~ncis_core.runs.RunDir`.
-
-    Raises:
-        ValueError: ``run_dir=".."`` outside a run folder's ``notebooks/``.
+        run_dir: the run folder; ``".."``: the one the notebook sits in (ValueError where unknown).
     """
     root = project_dir()
     here = notebook_folder()
@@ -127,8 +90,7 @@ _HANDLERS: list[logging.Handler] = []  # what _log_to_run_folder installed (a se
 
 
 def _log_to_run_folder(run: RunDir) -> Path:
-    """Headless logging: every record at INFO and above into ``RUN/logs/<notebook>.log``; the kit's
-    warnings also to stderr, where the notebook shows them."""
+    """Headless logging: INFO and above into ``RUN/logs/<notebook>.log``, warnings also to stderr."""
     name = Path(os.environ.get(NOTEBOOK_ENV) or "notebook").stem
     folder = run.path("logs")
     folder.mkdir(parents=True, exist_ok=True)
@@ -152,11 +114,7 @@ def _log_to_run_folder(run: RunDir) -> Path:
 
 
 def write_notebook(path: str | os.PathLike, cells: list[tuple]) -> None:
-    """Write an output-free notebook from ``(kind, source[, tags])`` cells (``kind``: md | code).
-
-    For creating a new stage notebook from a script; afterwards edit it in JupyterLab and keep it
-    output-free (``make strip``).
-    """
+    """Write an output-free notebook from ``(kind, source[, tags])`` cells (``kind``: md | code)."""
     import nbformat
 
     nb = nbformat.v4.new_notebook()

@@ -1,32 +1,8 @@
 """``python -m ncis_core plan``: what a run will cost, and whether it could start, before it starts.
 
-Nothing is computed. :func:`plan` reads the resolved config and the disk and returns, per stage
-(the manifest's names: data, embed, cvpn, sample, generate, classifier, evaluate):
-
-* the **work** (images embedded and UNet forward+backward passes, cVPN steps, draws, images
-  generated and guided UNet evaluations, classifier steps and images seen, images scored);
-* its **FLOPs**, counted for the config's own models on the meta device (:mod:`ncis_core.flops`),
-  split into convolutions and matrix products;
-* the projected **hours** on a card (:data:`CARDS`, or ``NAME:TFLOPS``) at a stated fraction of its
-  datasheet rate (default 40 %, an assumption until ``benchmarks/gpu_check.sh`` measures it). The
-  rate depends on the stage's precision: bf16/fp16 (and stage 4's fp16 autocast) run at the dense
-  bf16 rate; fp32 runs convolutions at the TF32 rate (cuDNN's default) and matrix products at the
-  plain fp32 rate (PyTorch's default: ``torch.backends.cuda.matmul.allow_tf32`` is off); per process under
-  ``accelerate`` with ``gpus`` processes for the sharded stages (1, 4, 5);
-* **disk** per artefact and a **peak memory** estimate per stage (weights + what the backward pass
-  keeps, counted on the meta device; for generation weights + a guided batch's largest activations);
-* **preflight**: every dataset root, the SD pipeline, the classifier initialisation, the output
-  folder (writable, enough free disk) and the config checks, each with the message the stage would
-  give. ``ok`` only when the run could start.
-
-Example (the ``smoke`` preset; its FLOPs are counted on its tiny models, a few seconds on a CPU):
-    >>> import tempfile
-    >>> from ncis_core.config import load_config
-    >>> report = plan(load_config("smoke", out=tempfile.mkdtemp()))
-    >>> report["preflight"]["ok"], report["card"], list(report["stages"])
-    (True, 'NVIDIA H100 SXM', ['data', 'embed', 'cvpn', 'sample', 'generate', 'classifier', 'evaluate'])
-    >>> report["total"]["flops"] > 0, report["total"]["gpu_hours"] < 1e-3
-    (True, True)
+:func:`plan` reads the resolved config and the disk (nothing is computed) and returns per stage the
+work, its FLOPs (:mod:`ncis_core.flops`), projected hours on a card (:data:`CARDS`), disk, peak
+memory, and a preflight; :func:`format_plan` prints it.
 """
 
 from __future__ import annotations
@@ -55,12 +31,8 @@ class Card:
     """A device's datasheet rates in TFLOP/s (dense, no sparsity) and its memory.
 
     Args:
-        name: what the tables print.
-        bf16: dense bf16/fp16 tensor-core rate.
-        tf32: dense TF32 rate (fp32 convolutions under cuDNN's default).
-        fp32: plain fp32 rate (fp32 matrix products under PyTorch's default).
-        memory_gib: device memory.
-        measured: whether the rates were measured (``cpu``) or are the vendor's (GPUs).
+        tf32: the rate of fp32 convolutions (cuDNN's default); ``fp32``: of fp32 matrix products.
+        measured: the rates were measured (``cpu``), not the vendor's.
     """
 
     name: str
@@ -69,14 +41,11 @@ class Card:
     fp32: float
     memory_gib: float
     measured: bool = False
-    #: measured cards only: TFLOP/s per stage, for models of SD-1.4 size (``sd14``) and for the
-    #: small ones of the demo world (``small``); small kernels run far below a CPU's peak
+    #: measured cards only: TFLOP/s per stage, for ``sd14``- and ``small``-sized models
     stage_tflops: dict | None = None
 
 
-#: ``cpu``, per stage. ``sd14``: ``benchmarks/rehearse_paper.py`` (cifar100 and imagenet100, the mean
-#: of their ``cpu_tflops``) on this project's 2-core machine, 2026-12-01; ``small``: ``make demo``'s
-#: stage times on the same machine (``manifest.json``) over ``plan``'s FLOPs for the demo preset.
+#: ``cpu``'s measured TFLOP/s per stage (docs/measurements.md)
 CPU_STAGE_TFLOPS = {
     "sd14": {"embed": 0.122, "cvpn": 0.094, "sample": 0.076, "generate": 0.121, "classifier": 0.107,
              "evaluate": 0.061},
@@ -85,9 +54,7 @@ CPU_STAGE_TFLOPS = {
 }
 
 
-#: The cards ``--gpu`` knows (NVIDIA datasheets, SXM parts). ``cpu``: this project's 2-core CPU
-#: machine, with the per-stage rates the real code reached there (:data:`CPU_STAGE_TFLOPS`; its
-#: fraction is then 1).
+#: The cards ``--gpu`` knows (NVIDIA datasheets); ``cpu``: the project's 2-core machine, measured
 CARDS: dict[str, Card] = {
     "h100": Card("NVIDIA H100 SXM", 989.4, 494.7, 66.9, 80),
     "h200": Card("NVIDIA H200 SXM", 989.4, 494.7, 66.9, 141),
@@ -106,16 +73,13 @@ _NOMINAL_OOD = {"svhn": 26_032, "places365": 328_500, "lsun_crop": 10_000, "lsun
                 "demo_near": 800, "digits": 1_797, "texture_crops": 600, "faces": 200}
 _PNG_RATIO = 0.6   # PNG bytes / raw RGB bytes for generated photographs (assumed)
 _SHARDED = {"embed", "generate", "classifier"}
-# The memory formula (weights + what the forward keeps) against the peak RSS the rehearsal measured
-# at the paper's shapes: RSS / formula = 1.20 (stage 1), 1.39 (stage 4), 1.16 (stage 5), with the
-# interpreter's ~0.5 GiB and transient buffers; preflight keeps this margin before calling a card big enough.
+# measured peak RSS / the memory formula is at most 1.39 (docs/measurements.md)
 MEMORY_MARGIN = 1.4
 
 
 def parse_card(spec: str) -> tuple[str, Card]:
     """``h100`` / ``h200`` / ``a100`` / ``cpu``, or ``NAME:TFLOPS`` (one dense rate for every precision).
 
-    Example:
         >>> parse_card("l40s:362")[1].bf16
         362.0
     """
@@ -134,9 +98,7 @@ def parse_card(spec: str) -> tuple[str, Card]:
 
 # ----------------------------------------------------------------------------- model configs
 def pipeline_configs(cfg: ExperimentConfig) -> tuple[dict, str]:
-    """The UNet, VAE and text-encoder configs of ``diffusion.pipeline`` without loading weights,
-    and where they came from. A hub id or a single-file checkpoint without a local
-    ``single_file_config`` is costed as SD 1.4 (``data/sd14_configs``)."""
+    """The UNet, VAE and text-encoder configs of ``diffusion.pipeline`` (else SD 1.4's) and their source."""
     from . import diffusion
 
     d = cfg.diffusion
@@ -168,8 +130,7 @@ def _count(kind: str, config: dict, size: int = 0, backward: bool = False) -> di
 
 
 class _FusedAttention:
-    """``F.scaled_dot_product_attention`` as the fused GPU kernels keep it for the backward (q, k, v
-    and the output, not the n × n probabilities of the math path the meta device would take)."""
+    """Attention as the fused GPU kernels keep it for the backward (q, k, v, output; no n × n)."""
 
     def __enter__(self):
         import torch
@@ -198,10 +159,7 @@ class _FusedAttention:
 
 
 def saved_activation_bytes(build, inputs, bytes_per_element: int = 4, largest: bool = False) -> int:
-    """Bytes a forward keeps for its backward (activations, not weights), counted on the meta device
-    with fused attention: the activation part of a training step's peak memory, per call.
-    ``largest``: the biggest single activation instead (what a no-grad forward holds at a time,
-    give or take its neighbours)."""
+    """Bytes a forward keeps for its backward, on the meta device (``largest``: its biggest one)."""
     import torch
 
     kept: dict[int, int] = {}
@@ -272,9 +230,7 @@ def _params_cached(config_json: str, kind: str) -> int:
 
 # ----------------------------------------------------------------------------- counts
 def dataset_counts(cfg: ExperimentConfig) -> tuple[dict[str, int], list[str], list[str]]:
-    """Images per split, the ID class names, and the problems: each split is read once, counted
-    when it is on disk, else given its nominal size (:data:`NOMINAL_COUNTS`) and the message its
-    loader gives (the preflight's dataset check)."""
+    """Images per split (else :data:`NOMINAL_COUNTS`), the ID class names, and the loaders' problems."""
     from .data import build_splits, get_split
     from .data.base import DataError
     from .data.classes import CIFAR100_SHORT, DEMO_ID_CLASSES, IMAGENET100_WNIDS
@@ -465,8 +421,7 @@ def _classifier_params(arch: str, num_classes: int, width: int) -> int:
 @lru_cache(maxsize=8)
 def _classifier_activation_bytes(arch: str, num_classes: int, image: int, width: int,
                                  largest: bool = False) -> int:
-    """Bytes a training forward keeps for the backward, per image (fp32); ``largest``: its biggest
-    single activation."""
+    """Bytes a training forward keeps for the backward, per image (fp32); ``largest``: its biggest."""
     import torch
 
     from .models.resnet import build_classifier
@@ -508,9 +463,7 @@ def _preflight(cfg: ExperimentConfig, disk_needed: int, data_ok_problems: list[s
 
 
 def sampler_matmul_flops(cfg: ExperimentConfig, method: str, stages: dict, num_classes: int) -> float:
-    """FLOPs of a sampler's own computation (its ``OutlierMethod.flops`` hook, e.g. the exact
-    nearest-neighbour distances of ``knn_boundary``); 0 for a method without one (the tail samplers'
-    Gaussians are negligible beside the renders)."""
+    """FLOPs of a sampler's own computation (its ``OutlierMethod.flops`` hook; 0 without one)."""
     from . import outliers
 
     m = outliers.get_method(method)
@@ -524,9 +477,7 @@ def sampler_matmul_flops(cfg: ExperimentConfig, method: str, stages: dict, num_c
 # ----------------------------------------------------------------------------- the plan
 def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], methods: list[str],
                   seeds: list[int]) -> dict:
-    """``compare``'s own work on top of the run: the renders of every method with images but stage
-    3's (stage 4's work each), the other samplers' embeddings (:func:`sampler_matmul_flops`), one
-    training per (method, seed) but the run's own stage 5, one evaluation each."""
+    """``compare``'s work on top of the run: other methods' samples and renders, trainings, evaluations."""
     from dataclasses import replace
 
     from . import outliers
@@ -565,16 +516,13 @@ def _compare_work(cfg: ExperimentConfig, counts: dict, classes: list[str], metho
 
 def plan(cfg: ExperimentConfig, card: str = "h100", fraction: float = 0.4, gpus: int = 1,
          compare: tuple[list[str], list[int]] | None = None) -> dict:
-    """The cost projection and preflight of ``cfg`` (see the module docstring).
+    """The cost projection and preflight of ``cfg``.
 
     Args:
-        cfg: a resolved config (``load_config`` already ran the config checks).
         card: a :data:`CARDS` key or ``NAME:TFLOPS``.
-        fraction: the assumed fraction of the card's rate reached (``cpu``: its rates are measured,
-            so 1.0 is used whatever is given).
+        fraction: the assumed fraction of the card's rate reached (1.0 for the measured ``cpu``).
         gpus: processes under ``accelerate``; the sharded stages (1, 4, 5) divide their hours by it.
-        compare: ``(methods, seeds)`` of a ``compare`` run on the same folder, planned as one more
-            row (``make demo`` runs one).
+        compare: ``(methods, seeds)`` of a ``compare`` run on the same folder, planned as one more row.
 
     Returns:
         ``{"stages": {...}, "total": {...}, "preflight": {"ok", "problems"}, "assumptions": {...}}``.

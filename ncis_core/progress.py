@@ -1,14 +1,5 @@
-"""Progress bars: one rule for every loop of the kit.
+"""Progress bars: ``tqdm.auto`` everywhere, set up by :func:`bar_options` (quiet under ``TQDM_DISABLE=1``).
 
-``tqdm.auto`` bars everywhere (a widget in JupyterLab, text in a terminal), quiet under
-``TQDM_DISABLE=1``. tqdm reads that variable only for arguments the caller leaves unset, so a
-bar must never be given ``disable=False`` (it would override the variable) nor ``disable=None``
-(it would hide the bar wherever stderr is not a terminal, JupyterLab included):
-:func:`bar_options` gives ``disable=True`` only when the caller turned progress off, or in a
-headless run (``$NCIS_HEADLESS``, set by the runner for its kernels: no one watches those bars,
-and papermill would save each one frozen at its first frame, "0%| 0/5").
-
-Example:
     >>> from tqdm.auto import tqdm
     >>> for _ in tqdm(range(3), **bar_options(progress=False)): pass
 """
@@ -28,6 +19,5 @@ def headless() -> bool:
 
 
 def bar_options(progress: bool) -> dict:
-    """``{}`` when ``progress`` (tqdm's defaults, which honour ``TQDM_DISABLE``), else ``{"disable": True}``;
-    ``{"disable": True}`` in a headless run too (:func:`headless`)."""
+    """``{}`` when ``progress`` and not :func:`headless` (tqdm's defaults), else ``{"disable": True}``."""
     return {} if progress and not headless() else {"disable": True}

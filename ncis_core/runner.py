@@ -1,38 +1,8 @@
-"""Run the numbered notebook series headlessly with papermill.
+"""Run the numbered notebook series (``notebooks/NN_*.ipynb``, shipped in the package) headlessly
+with papermill into ``<run>/notebooks/``; the first failing notebook stops it (:class:`NotebookFailed`).
 
-The series is whatever ``notebooks/NN_*.ipynb`` holds, in numeric order; notebook ``NN`` is stage
-``NN``. A stage added later appears in batch runs by adding its notebook: nothing here changes.
-The notebooks ship inside the package (:data:`NOTEBOOK_DIR`, ``ncis_core/assets/notebooks``, in the
-repository a link to its ``notebooks/``), so an installed copy runs them too; they execute in the
-project folder (:func:`ncis_core.assets.project_dir`: the checkout, else the working directory).
-A notebook whose input artefact comes from a stage that has no notebook yet (e.g. stage 2 before
-stage 1 is built) is skipped with a warning and recorded as ``skipped`` in the manifest. Notebooks
-numbered after the stages are views (e.g. ``07_explore``: they read artefacts and draw, they make
-none); :data:`VIEW_INPUTS` says what they read, so the same rule applies to them.
-Each executed copy lands in ``<run>/notebooks/``, written atomically: papermill executes into a
-hidden ``.<name>.<token>.tmp.ipynb`` next to it, renamed onto ``<name>.ipynb`` when the notebook
-ends (also when a cell failed: that copy shows the error), so a full disk or a kill mid-run never
-leaves a truncated notebook. The first failing notebook stops the series with a
-:class:`NotebookFailed` that names the notebook, the cell and the error.
-
-A run folder travels: every executed copy gets ``run_dir = ".."`` — the run folder it sits in, as
-:func:`ncis_core.notebook.start` resolves it (``RUN/notebooks/NN.ipynb`` → ``RUN``) — never an
-absolute path, so re-running a copy inside a moved or copied run folder reads and writes that
-folder, not the original. (A notebook of the series resolves ``run_dir`` through ``start``.)
-
-Headless: the kernels run with ``$NCIS_HEADLESS`` (progress bars off, :mod:`ncis_core.progress`;
-the log in ``RUN/logs/<notebook>.log`` with one line naming it in the notebook, ``start``) and
-``$NCIS_NOTEBOOK`` (the executed copy's path); transformers' and diffusers' own stderr chatter is
-limited to errors (``TRANSFORMERS_VERBOSITY`` / ``DIFFUSERS_VERBOSITY``, unless set already). So an
-executed notebook holds its tables, figures and the kit's warnings, not frozen bars and log boxes.
-
-Example (the series, a ``--stages`` choice, and a run of two notebooks, skipped here: each
-notebook starts a Jupyter kernel, about a minute for these two on the ``smoke`` preset):
-    >>> [path.name for number, path in notebook_series()][:3]
-    ['00_data.ipynb', '01_embed.ipynb', '02_train_cvpn.ipynb']
     >>> sorted(parse_stages("0,2-3")), parse_stages("all")
     ([0, 2, 3], None)
-    >>> run_series("smoke", "outputs/smoke", stages="0-1")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -110,22 +80,11 @@ def _describe_failure(exc: Exception, notebook: str, executed: Path) -> str:
 def run_series(preset: str, out: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (),
                stages: str | None = None, notebooks: str | os.PathLike = NOTEBOOK_DIR,
                kernel_name: str | None = None, progress: bool = True) -> list[Path]:
-    """Execute the notebook series on ``preset`` into the run folder ``out``.
-
-    The config is resolved (and validated) before any notebook starts, so a bad preset or key fails
-    in a second, not in the middle of a run.
+    """Execute the notebook series on ``preset`` into the run folder ``out``; the executed paths.
 
     Args:
-        preset: preset name.
-        out: the run folder.
-        overrides: ``stage.key=value`` strings, passed to every notebook.
         stages: which stages to run (``"1-6"``, ``"0,2"``); None runs every notebook present.
-        notebooks: the folder of numbered notebooks.
         kernel_name: Jupyter kernel; None uses the notebook's own (``python3``).
-        progress: papermill's per-cell progress bar.
-
-    Returns:
-        The executed notebooks' paths (skipped ones are not listed).
 
     Raises:
         NotebookFailed: a notebook raised; the series stops there.
@@ -208,10 +167,7 @@ def _kernel_environment(notebook: Path) -> Iterator[None]:
 
 
 def _unbuilt_input(run: RunDir, number: int, available: set[int]) -> str | None:
-    """Why stage ``number`` cannot run yet: an input is missing AND the stage that makes it has no
-    notebook in the kit (or was itself skipped for that reason). A missing input whose notebook
-    exists is left to fail in the notebook with its clear "run stage N first" message: the user
-    chose not to run that stage."""
+    """Why stage ``number`` cannot run: an input is missing and its stage has no notebook; else None."""
     stage = next((s for s in STAGES.values() if s.number == number), None)
     for artefact in stage_inputs(run.cfg, stage.name) if stage else VIEW_INPUTS.get(number, ()):
         producer = next(s for s in STAGES.values() if artefact in s.outputs)

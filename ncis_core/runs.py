@@ -1,37 +1,8 @@
 """The run folder: artefact paths, atomic writes, the manifest, and the stale-input check.
 
-A run folder (``outputs/<run>/``) holds the resolved ``config.yaml``, a ``manifest.json`` and every
-stage's artefacts (DESIGN.md, "Stage contracts"). The manifest records package versions, the git
-commit, the seed and, per stage, start/end times and the content hashes of what the stage read
-(artefacts of earlier stages and its config sections) and wrote.
-
-Stages go through :meth:`RunDir.stage`, which
-
-* refuses to start when an input artefact is missing, naming the stage that makes it;
-* refuses an input artefact that was built from different inputs than the ones in the folder now
-  (or edited after it was written), naming the stage to rerun;
-* tells the stage whether its own outputs are already complete and current (``rec.done``), so a
-  rerun skips finished work, and whether partial work may be resumed (``rec.resumable``);
-* records hashes and times when the stage finishes.
-
-Example (a ``smoke`` run folder; stage 0, ``data``, reads no artefact and writes one):
-    >>> import tempfile
-    >>> from ncis_core.config import load_config
-    >>> run = RunDir.create(load_config("smoke", out=tempfile.mkdtemp()))
-    >>> with run.stage("data") as rec:
-    ...     if not rec.done:
-    ...         _ = atomic_write_json(run.path("data_summary"), [{"name": "id-train", "count": 48}])
-    >>> rec.done, run.manifest()["stages"]["data"]["status"]
-    (False, 'complete')
-    >>> with run.stage("data") as rec:  # again: complete and current, so the work is skipped
-    ...     pass
-    >>> rec.done
-    True
-    >>> with run.stage("cvpn") as rec:  # stage 2 reads stage 1's embeddings
-    ...     pass
-    Traceback (most recent call last):
-    ...
-    ncis_core.runs.MissingArtefactError: embeddings.safetensors is missing from ...; run stage 1 (embed) first ...
+:class:`RunDir` holds ``config.yaml``, ``manifest.json`` (versions, git commit, seed; per stage its times
+and the hashes of what it read and wrote) and the artefacts of the stage table :data:`STAGES`;
+:meth:`RunDir.stage` refuses missing or stale inputs, naming the stage to rerun, and skips finished work.
 """
 
 from __future__ import annotations
@@ -40,7 +11,6 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -49,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Iterator, Mapping
 
 from omegaconf import OmegaConf
@@ -60,7 +31,10 @@ __all__ = [
     "ARTEFACTS",
     "STAGES",
     "Stage",
-    "register_stage",
+    "producer",
+    "method_inputs",
+    "sampled_by_stage3",
+    "outlier_image_folder",
     "StaleArtefactError",
     "MissingArtefactError",
     "RunFolderUnwritable",
@@ -98,7 +72,7 @@ ARTEFACTS: dict[str, str] = {
     "outlier_embeddings": "outlier_embeddings.safetensors",
     "outliers_dir": "outliers",
     "outliers_index": "outliers/index.json",
-    # the images of an outlier method other than stage 3's (rendered by compare; {method} = its name)
+    # another outlier method's images (rendered by compare)
     "method_outliers_dir": "outliers_{method}",
     "classifier_dir": "classifier",
     "classifier_best": "classifier/best.safetensors",
@@ -108,33 +82,21 @@ ARTEFACTS: dict[str, str] = {
     "metrics_csv": "results/metrics.csv",
     "table_md": "results/table.md",
     "scores_npz": "results/scores.npz",
-    # compare: one folder per (method, seed), the tables and their summary
     "compare_dir": "compare",
     "figures": "figures",
     "notebooks": "notebooks",
-    # a headless run's log, one file per notebook (the runner's kernels; ncis_core.notebook.start)
+    # a headless run's log, one file per notebook
     "logs": "logs",
-    # derived results kept between commands (UMAP maps, other methods' outlier embeddings, ...):
-    # never an input of a stage, always keyed by everything they were computed from (cache_key)
+    # derived results kept between commands, keyed by cache_key; never a stage's input
     "cache_dir": "cache",
 }
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage: its number (= notebook number), what it reads and what it writes.
-
-    Each stage module declares its own, next to its ``run()`` (``STAGE = register_stage(Stage(...))``).
-
-    Args:
-        number: the stage number; notebook ``NN_<name>.ipynb`` runs it.
-        name: the stage's name (also its manifest key).
-        config_sections: config sections (or ``section.key``) whose values the outputs depend on.
-        inputs: artefact names (keys of :data:`ARTEFACTS`) produced by earlier stages.
-        outputs: artefact names this stage writes; the first is the one whose presence means "done".
-        inputs_for: ``cfg -> inputs`` where the config changes what the stage reads (default: ``inputs``).
-        sections_for: ``cfg -> extra config sections`` the config adds (default: none).
-    """
+    """One pipeline stage, a row of :data:`STAGES`: its number (= notebook), the config sections (or
+    ``section.key``) and :data:`ARTEFACTS` its outputs depend on, what it writes (first = "done"), and
+    ``inputs_for`` / ``sections_for`` (``cfg -> ...``) where the config decides."""
 
     number: int
     name: str
@@ -143,57 +105,61 @@ class Stage:
     outputs: tuple[str, ...]
     inputs_for: Callable[[ExperimentConfig], tuple[str, ...]] | None = None
     sections_for: Callable[[ExperimentConfig], tuple[str, ...]] | None = None
+    module: str = ""
 
 
-class _StageTable(Mapping):
-    """Stage name → :class:`Stage`, in stage order. The stage modules declare their stages; the
-    table imports ``ncis_core.stages`` (whose ``__init__`` imports every stage module) on first use,
-    so a run folder opened anywhere knows every stage."""
+def method_inputs(cfg: ExperimentConfig, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(artefacts, config sections)`` that outlier method ``name``'s outlier embeddings depend on."""
+    from .outliers.base import get_method
 
-    def __init__(self):
-        self._stages: dict[str, Stage] = {}
-        self._loading = False
-
-    def _load(self) -> dict[str, Stage]:
-        if not self._loading and len(self._stages) < _STAGE_COUNT:
-            self._loading = True  # the stage modules register themselves while being imported
-            try:
-                importlib.import_module("ncis_core.stages")
-            finally:
-                self._loading = False
-        return self._stages
-
-    def register(self, stage: Stage) -> Stage:
-        known = self._stages.get(stage.name)
-        if known is not None:
-            # `python -m ncis_core.stages.<stage>` imports the module twice (as __main__ and by its
-            # package): the same declaration again is fine, a different one is a bug
-            same = [getattr(known, f) for f in ("number", "config_sections", "inputs", "outputs")] == \
-                [getattr(stage, f) for f in ("number", "config_sections", "inputs", "outputs")]
-            if not same:
-                raise ValueError(f"stage {stage.name!r} is declared twice, differently")
-            return known
-        self._stages[stage.name] = stage
-        self._stages = dict(sorted(self._stages.items(), key=lambda item: item[1].number))
-        return stage
-
-    def __getitem__(self, name: str) -> Stage:
-        return self._load()[name]
-
-    def __iter__(self):
-        return iter(self._load())
-
-    def __len__(self) -> int:
-        return len(self._load())
+    method = get_method(name)
+    artefacts = tuple(a for need, a in (("embeddings", "embeddings"), ("cvpn", "cvpn_best"))
+                      if need in method.needs)
+    sections = ("sample", "cvpn.holdout_fraction") + (
+        ("diffusion", "embed.resolution") if "class_token_rows" in method.needs else ())
+    return artefacts, sections
 
 
-_STAGE_COUNT = 7  # stages 0-6; stage 7 (the explorer) is a view, not a stage
-STAGES: Mapping[str, Stage] = _StageTable()
+def _sample_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return method_inputs(cfg, cfg.sample.method)[0]  # the cVPN only for a method that needs it
 
 
-def register_stage(stage: Stage) -> Stage:
-    """Add a stage module's declaration to :data:`STAGES` (returns it, for ``STAGE = register_stage(...)``)."""
-    return STAGES.register(stage)
+def _sample_sections(cfg: ExperimentConfig) -> tuple[str, ...]:
+    return method_inputs(cfg, cfg.sample.method)[1]  # e.g. the generator for the class tokens' rows
+
+
+def _classifier_inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
+    # stage 4's tree only for stage 3's method's outliers (others: outside paths, train_classifier.run)
+    return ("outliers_dir",) if cfg.classifier.outliers == cfg.sample.method else ()
+
+
+def _classifier_sections(cfg: ExperimentConfig) -> tuple[str, ...]:
+    # the generated-looking ID images come from the generator at stage 1's resolution
+    return ("diffusion", "embed.resolution") if cfg.classifier.id_generated != "none" else ()
+
+
+# The stage contracts (DESIGN.md's table), in stage order; stage 7 (the explorer) is a view, not a stage.
+STAGES: Mapping[str, Stage] = MappingProxyType({stage.name: stage for stage in (
+    Stage(0, "data", ("data",), (), ("data_summary",), module="data_summary"),
+    Stage(1, "embed", ("data", "diffusion", "embed"), (), ("embeddings",), module="embed"),
+    Stage(2, "cvpn", ("cvpn",), ("embeddings",), ("cvpn_best", "cvpn_history"), module="train_cvpn"),
+    Stage(3, "sample", ("sample",), ("embeddings", "cvpn_best"), ("outlier_embeddings",),
+          inputs_for=_sample_inputs, sections_for=_sample_sections, module="sample"),
+    Stage(4, "generate", ("diffusion", "generate"), ("outlier_embeddings",), ("outliers_dir",),
+          module="generate"),
+    Stage(5, "classifier", ("data", "classifier"), ("outliers_dir",), ("classifier_best", "classifier_history"),
+          inputs_for=_classifier_inputs, sections_for=_classifier_sections, module="train_classifier"),
+    Stage(6, "evaluate", ("data", "evaluate"), ("classifier_best",), ("metrics_json", "metrics_csv", "table_md"),
+          module="evaluate"),
+)})
+
+
+def producer(artefact: str) -> Stage:
+    """The stage that writes ``artefact``."""
+    for stage in STAGES.values():
+        if artefact in stage.outputs:
+            return stage
+    raise KeyError(artefact)
 
 
 def stage_inputs(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
@@ -203,11 +169,48 @@ def stage_inputs(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
 
 
 def stage_sections(cfg: ExperimentConfig, name: str) -> tuple[str, ...]:
-    """The config sections stage ``name``'s outputs depend on under ``cfg``: its own plus what its
-    ``sections_for`` adds."""
+    """The config sections stage ``name``'s outputs depend on under ``cfg`` (own and ``sections_for``'s)."""
     stage = STAGES[name]
     extra = tuple(stage.sections_for(cfg)) if stage.sections_for is not None else ()
     return tuple(dict.fromkeys((*stage.config_sections, *extra)))
+
+
+# ----------------------------------------------------------------------------- each method's outliers
+def sampled_by_stage3(cfg: ExperimentConfig, name: str) -> bool:
+    """True when ``name`` is the method whose outliers stages 3 and 4 make (``sample.method``)."""
+    return name == cfg.sample.method
+
+
+def outlier_image_folder(cfg: ExperimentConfig, run: "RunDir", name: str | None = None,
+                         require: bool = True) -> Path | None:
+    """Method ``name``'s image folder (default ``classifier.outliers``); None for a method without images.
+
+    Raises:
+        MissingArtefactError / StaleArtefactError: stage 4's tree is missing or stale (``require``).
+        FileNotFoundError: another method's images were not rendered yet (the message says how).
+    """
+    from .outliers.base import EMBEDDINGS, NOTHING, get_method
+
+    name = name or cfg.classifier.outliers
+    folder = cfg.classifier.outlier_folder
+    if name == "folder":
+        if not folder:
+            raise FileNotFoundError("classifier.outliers=folder needs classifier.outlier_folder "
+                                    "(a folder of images)")
+        return Path(folder)
+    method = get_method(name)
+    if method.produces == NOTHING:
+        return None
+    if folder and name == cfg.classifier.outliers and not sampled_by_stage3(cfg, name):
+        return Path(folder)  # another method's images, made elsewhere
+    if method.produces == EMBEDDINGS and sampled_by_stage3(cfg, name):
+        return run.require("outliers_dir") if require else run.path("outliers_dir")
+    path = run.path("method_outliers_dir", method=name)
+    if require and not (path / "index.json").exists():
+        raise FileNotFoundError(
+            f"classifier.outliers={name} needs the images in {path}; render them with "
+            f"`python -m ncis_core compare --methods {name} ...` or point classifier.outlier_folder at them")
+    return path
 
 
 # Config sections every stage depends on (the seed changes every random draw).
@@ -221,8 +224,7 @@ class MissingArtefactError(FileNotFoundError):
 
 @user_error
 class StaleArtefactError(RuntimeError):
-    """An artefact was built from different inputs than the ones in the run folder now;
-    the message names the stage to rerun."""
+    """An artefact was built from other inputs than the folder's now; the message names the stage to rerun."""
 
 
 def _now() -> str:
@@ -232,14 +234,8 @@ def _now() -> str:
 # ----------------------------------------------------------------------------- atomic writes
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success rename it onto ``path`` (atomic on POSIX).
-
-    For libraries that write to a path themselves (``safetensors.torch.save_file``, ``PIL``). On an
-    exception the temporary file is removed and ``path`` is left untouched, so a killed run never
-    leaves a half-written artefact that a rerun would mistake for a finished one. The file gets the
-    permissions of any new file (``0666`` less the umask: ``0644`` under the usual ``022``), not
-    ``mkstemp``'s private ``0600``, so a shared run folder is readable by the colleagues it is shared with.
-    """
+    """Yield a temporary path next to ``path`` (for libraries that write to a path themselves); rename it
+    onto ``path`` on success, remove it on an exception. It gets a new file's permissions, not ``0600``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -257,8 +253,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _umask() -> int:
-    """The process's umask, read from ``/proc/self/status`` where Linux gives it (setting the umask
-    to read it back would change it for every thread meanwhile), else set and restored."""
+    """The process's umask, from ``/proc/self/status`` where Linux gives it, else set and restored."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -292,23 +287,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def atomic_write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
-    """Write ``tensors`` (name → torch tensor) and ``metadata`` (str → str) as safetensors, atomically,
-    with the same bytes for the same tensors and metadata.
-
-    ``safetensors.torch.save_file`` keeps the metadata in a Rust ``HashMap``, so its header lists the
-    keys in a different order from one call to the next: equal checkpoints, different file hashes,
-    and manifests of two identical runs that never match. Here the header is rewritten with the
-    metadata keys sorted and the tensors in the order of their data (the tensor bytes are the
-    library's, unchanged); the file reads back through ``safetensors`` as before.
-
-    Example:
-        >>> import torch, tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> a = atomic_write_safetensors(folder / "a.safetensors", {"x": torch.ones(2)}, {"b": "1", "a": "2"})
-        >>> b = atomic_write_safetensors(folder / "b.safetensors", {"x": torch.ones(2)}, {"a": "2", "b": "1"})
-        >>> a.read_bytes() == b.read_bytes()
-        True
-    """
+    """Write ``tensors`` (name → tensor) and ``metadata`` (str → str) as safetensors, atomically, with the
+    same bytes for the same tensors and metadata (the header's keys sorted)."""
     from safetensors.torch import save
 
     data = save(tensors, metadata=metadata)
@@ -325,10 +305,7 @@ def atomic_write_safetensors(path: str | os.PathLike, tensors: dict, metadata: d
 
 # ----------------------------------------------------------------------------- hashes, provenance
 def content_hash(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, or of a folder tree (relative paths and file bytes, sorted).
-
-    Hidden temporary files (``.*.tmp``) are ignored, so work in flight does not change a folder's hash.
-    """
+    """SHA-256 of a file's bytes or of a folder (relative paths and bytes, sorted; ``.*.tmp`` ignored)."""
     path = Path(path)
     h = hashlib.sha256()
     if path.is_file():
@@ -352,8 +329,7 @@ _VERSIONED = ("torch", "diffusers", "transformers", "accelerate", "numpy", "scip
 
 
 def package_versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str | None]:
-    """Installed versions of ``names`` (default: the packages that shape a run's numbers; None when
-    absent)."""
+    """Installed versions of ``names`` (default: packages that shape a run's numbers); None when absent."""
     versions = {}
     for name in names:
         try:
@@ -364,8 +340,7 @@ def package_versions(names: tuple[str, ...] = _VERSIONED) -> dict[str, str | Non
 
 
 def git_commit(repo: str | os.PathLike | None = None) -> dict[str, Any] | None:
-    """``{"commit": sha, "dirty": bool}`` of the kit's checkout (or of ``repo``), or None: for an
-    installed copy (no checkout: :func:`ncis_core.assets.checkout_root`) and outside a git checkout."""
+    """``{"commit": sha, "dirty": bool}`` of the kit's checkout (or ``repo``); None without a git checkout."""
     if not repo:
         from .assets import checkout_root
 
@@ -389,16 +364,11 @@ def cache_key(inputs: dict[str, str], config: Any = None, versions: tuple[str, .
     """The key of a cached result: a short SHA-256 over what it was computed from.
 
     Args:
-        inputs: name → content hash (:func:`content_hash`) of every file the result was read from.
-        config: everything else it depends on, JSON-serialisable (dataclasses are converted; other
-            objects by ``str``).
-        versions: package names whose installed versions change the result (e.g. ``umap-learn``).
+        inputs: name → :func:`content_hash` of every file the result was read from.
+        config: everything else, JSON-serialisable (dataclasses converted, other objects by ``str``).
 
-    Example:
-        >>> cache_key({"embeddings": "ab12"}, {"k": 3}) == cache_key({"embeddings": "ab12"}, {"k": 3})
-        True
-        >>> cache_key({"embeddings": "ab12"}, {"k": 3}) == cache_key({"embeddings": "ab12"}, {"k": 4})
-        False
+    >>> cache_key({"e": "a"}, {"k": 3}) == cache_key({"e": "a"}, {"k": 3}) != cache_key({"e": "a"}, {"k": 4})
+    True
     """
     def plain(value):
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -410,8 +380,7 @@ def cache_key(inputs: dict[str, str], config: Any = None, versions: tuple[str, .
 
 
 def cache_path(root: str | os.PathLike, kind: str, key: str, suffix: str = "") -> Path:
-    """``<run>/cache/<kind>/<key><suffix>``: where a cached result of ``kind`` lives (the folder is
-    created). Every cache of the kit goes through here and :func:`cache_key`."""
+    """``<run>/cache/<kind>/<key><suffix>`` (folder created): where every cache of the kit lives."""
     folder = Path(root) / ARTEFACTS["cache_dir"] / kind
     folder.mkdir(parents=True, exist_ok=True)
     return folder / f"{key}{suffix}"
@@ -434,15 +403,8 @@ def _structured(cfg: ExperimentConfig):
 # ----------------------------------------------------------------------------- the run folder
 @dataclass
 class StageRecord:
-    """What :meth:`RunDir.stage` hands to a stage.
-
-    Attributes:
-        stage: the :class:`Stage`.
-        done: outputs exist and were built from exactly the current inputs: skip the work.
-        resumable: partial work of an interrupted run from the same inputs may be reused. False when
-            the inputs changed since the partial work was done: the stage must start afresh.
-        info: free-form values the stage wants in the manifest (e.g. ``{"k": 269}``).
-    """
+    """What :meth:`RunDir.stage` hands to a stage: ``done`` (outputs current: skip the work),
+    ``resumable`` (partial work from the same inputs may be reused) and ``info`` (values for the manifest)."""
 
     stage: Stage
     done: bool
@@ -452,14 +414,8 @@ class StageRecord:
 
 @dataclass(frozen=True)
 class StageState:
-    """What :meth:`RunDir.stage_state` says about a stage.
-
-    Attributes:
-        stage: the stage's name.
-        state: ``current``, ``stale`` or ``missing``.
-        reason: why it is not current ("" when it is).
-        earliest: the earliest stage whose rerun would make it current (None when current).
-    """
+    """What :meth:`RunDir.stage_state` says: ``state`` (``current``, ``stale`` or ``missing``), the ``reason``
+    ("" when current) and the ``earliest`` stage whose rerun would make it current (None when current)."""
 
     stage: str
     state: str
@@ -468,12 +424,7 @@ class StageState:
 
 
 class RunDir:
-    """A run folder. Use :meth:`create` (writes config and manifest) or :meth:`open` (reads them).
-
-    Args:
-        root: the folder.
-        cfg: the resolved config of this run.
-    """
+    """The run folder ``root`` and its config; :meth:`create` writes them, :meth:`open` reads them."""
 
     def __init__(self, root: str | os.PathLike, cfg: ExperimentConfig):
         self.root = Path(root)
@@ -482,11 +433,7 @@ class RunDir:
     # -- construction
     @classmethod
     def create(cls, cfg: ExperimentConfig, root: str | os.PathLike | None = None) -> "RunDir":
-        """Make (or reuse) the run folder ``cfg.run.out``, write ``config.yaml`` and the manifest header.
-
-        Reusing a folder with a different config is allowed: stages whose config sections changed are
-        then recomputed (their recorded config hashes no longer match).
-        """
+        """Make (or reuse, even with another config) the folder ``cfg.run.out``; write config and manifest."""
         run = cls(root or cfg.run.out, cfg)
         make_run_folder(run.root)
         if run.path("config").is_file():
@@ -528,8 +475,7 @@ class RunDir:
 
     # -- paths and manifest
     def path(self, artefact: str, **fields: str) -> Path:
-        """Absolute path of an artefact by name (see :data:`ARTEFACTS`); ``fields`` fill a pattern
-        (``run.path("method_outliers_dir", method="linear")``)."""
+        """Absolute path of an artefact (:data:`ARTEFACTS`); ``fields`` fill a pattern (``method=...``)."""
         try:
             relative = ARTEFACTS[artefact]
         except KeyError:
@@ -556,15 +502,12 @@ class RunDir:
         manifest.setdefault(section, {})[key] = entry
         self._write_manifest(manifest)
 
-    def _producer(self, artefact: str) -> Stage:
-        for stage in STAGES.values():
-            if artefact in stage.outputs:
-                return stage
-        raise KeyError(artefact)
+    def producer(self, artefact: str) -> Stage:
+        """The stage that writes ``artefact`` (:func:`producer`)."""
+        return producer(artefact)
 
     def _hash_of(self, key: str) -> str:
-        """The current hash of one recorded input key: ``config:<section>``, an artefact name, or
-        ``path:<absolute path>`` (an outside file or folder, e.g. a folder of outlier images)."""
+        """The current hash of a recorded input: ``config:<section>``, an artefact or ``path:<outside>``."""
         if key.startswith("config:"):
             return _section_hash(self.cfg, key[len("config:"):])
         path = Path(key[len("path:"):]) if key.startswith("path:") else self.path(key)
@@ -578,8 +521,7 @@ class RunDir:
         return keys
 
     def _sections_used(self, name: str) -> dict[str, Any]:
-        """The values of the config sections stage ``name`` runs with (the manifest keeps them per
-        stage: what each artefact was made with, whatever ``config.yaml`` says later)."""
+        """The values of the config sections stage ``name`` runs with (kept per stage in the manifest)."""
         node = _structured(self.cfg)
         out = {}
         for section in (*_COMMON_SECTIONS, *stage_sections(self.cfg, name)):
@@ -600,9 +542,8 @@ class RunDir:
                 f"--stages {stages}")
 
     def stage_state(self, name: str, _memo: dict | None = None) -> StageState:
-        """Whether stage ``name``'s outputs are current: complete, unchanged since it wrote them,
-        built from the inputs and config in the folder now, **and** every stage upstream of it
-        current too. A stale or missing upstream stage makes it stale, naming the earliest one."""
+        """Whether stage ``name``'s outputs are current: complete, unchanged, made from the folder's inputs
+        and config now, and every stage upstream current (else stale, naming the earliest)."""
         memo = {} if _memo is None else _memo
         if name in memo:
             return memo[name]
@@ -625,7 +566,7 @@ class RunDir:
             recorded = record.get("inputs", {})
             for key in recorded:  # upstream first: the earliest stale stage is the one to rerun
                 if key in ARTEFACTS:
-                    up = self.stage_state(self._producer(key).name, memo)
+                    up = self.stage_state(self.producer(key).name, memo)
                     if up.state != "current":
                         state = StageState(name, "stale", f"stage {STAGES[up.earliest].number} "
                                            f"({up.earliest}) upstream is {up.state}", up.earliest)
@@ -646,13 +587,10 @@ class RunDir:
         """Path of an input artefact after checking it is present and current, all the way up.
 
         Raises:
-            MissingArtefactError: the artefact is absent (or its stage never finished), or a stage
-                upstream of it never ran.
-            StaleArtefactError: it was edited after its stage wrote it, or its stage's inputs
-                (earlier artefacts, config sections) changed since, or a stage upstream is stale; the
-                message names the **earliest** stage to rerun and the command that reruns the chain.
+            MissingArtefactError: it is absent, its stage never finished, or a stage upstream never ran.
+            StaleArtefactError: it or its inputs changed since; the message names the earliest stage to rerun.
         """
-        producer = self._producer(artefact)
+        producer = self.producer(artefact)
         where = f"stage {producer.number} ({producer.name})"
         file = self.path(artefact)
         record = self.manifest().get("stages", {}).get(producer.name, {})
@@ -680,14 +618,10 @@ class RunDir:
     @contextlib.contextmanager
     def stage(self, name: str, inputs: tuple[str, ...] | None = None,
               extra: tuple[str | os.PathLike, ...] = ()) -> Iterator[StageRecord]:
-        """Run a stage: check its inputs, say whether it is done, record hashes and times.
-
-        Only a stage that leaves the ``with`` block without an exception is recorded as complete.
+        """Run a stage: check its inputs, say whether it is done, record hashes and times on a clean exit.
 
         Args:
-            name: a key of :data:`STAGES`.
-            inputs: the artefacts this run of the stage reads, when they depend on the config
-                (stage 5 reads ``outliers_dir`` only for NCIS outliers); default: the stage's own.
+            inputs: the artefacts this run reads, where the config decides (default: the stage's own).
             extra: files or folders outside the run folder that the stage reads (hashed too).
         """
         try:
@@ -744,15 +678,13 @@ class RunDir:
         self.note_status()
 
     def note_status(self) -> None:
-        """Write every stage's :meth:`stage_state` into the manifest (``"status"``), so that the
-        manifest says which stages are current, stale (because of what) or missing."""
+        """Write every stage's :meth:`stage_state` into the manifest's ``"status"``."""
         manifest = self.manifest()
         manifest["status"] = {st.stage: {"state": st.state, "reason": st.reason} for st in self.status()}
         self._write_manifest(manifest)
 
     def format_status(self) -> str:
-        """The status table (Markdown): each stage current / stale (because of what) / missing, and
-        the command that brings the folder up to date."""
+        """The status table (Markdown) of every stage and the command that brings the folder up to date."""
         rows = self.status()
         out = [f"Run folder {self.root} (preset {self.cfg.run.preset})", "",
                "| stage | state | why |", "|---|---|---|"]
@@ -777,18 +709,12 @@ class RunFolderBusy(RuntimeError):
 
 @user_error
 class RunFolderUnwritable(RuntimeError):
-    """The run folder cannot be created or written (it is a file, a read-only or full file system,
-    no permission); the message names the path, the reason and the fix."""
+    """The run folder cannot be created or written; the message names the path, the reason and the fix."""
 
 
 def make_run_folder(root: str | os.PathLike) -> Path:
-    """Create the run folder ``root`` when missing and check that a file can be written in it (by
-    writing one: permission bits say nothing for root, ACLs or a read-only mount), before any work
-    starts, so that an unusable ``--out`` is one clear message rather than a traceback mid-run.
-
-    Raises:
-        RunFolderUnwritable: ``root`` is a file, cannot be created, or cannot be written.
-    """
+    """Create the run folder ``root`` when missing and check, by writing a file, that it is writable
+    (else :class:`RunFolderUnwritable`)."""
     from .errors import os_fault_message
 
     root = Path(root)
@@ -819,13 +745,8 @@ def _lock_info(root: Path) -> dict:
 
 @contextlib.contextmanager
 def write_lock(root: str | os.PathLike, command: str) -> Iterator[None]:
-    """Hold the run folder's writer lock while the block runs (re-entrant within a process).
-
-    A second writer fails at once with :class:`RunFolderBusy` naming the holder (PID, command, since
-    when). The lock is an OS file lock (``filelock``): it dies with its process, so the lock of a
-    killed run is simply taken over. Processes started by the holder (the notebooks' kernels of
-    ``run``) inherit a token through the environment and write under their parent's lock.
-    """
+    """Hold the run folder's writer lock while the block runs (re-entrant; child processes inherit it);
+    a second writer fails at once with :class:`RunFolderBusy`."""
     from filelock import FileLock, Timeout
 
     root = Path(root).resolve()

@@ -29,6 +29,31 @@ def smoke_run_1_to_4(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session")
+def smoke_run_0_to_6(smoke_run_1_to_4, tmp_path_factory):
+    """A finished smoke run folder: stages 0-6 of the smoke preset (stages 1-4 are
+    `smoke_run_1_to_4`'s, copied), built once per session and shared by the end-to-end tests that
+    only read a finished run. Treat it as read-only: a test that writes works on a `copy_run` of it."""
+    from diffusion_fixtures import copy_run
+
+    from ncis_core.config import load_config
+    from ncis_core.runs import RunDir
+    from ncis_core.stages import data_summary, evaluate, train_classifier
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        root = copy_run(smoke_run_1_to_4, tmp_path_factory.mktemp("smoke-0-6") / "run")
+        cfg = load_config("smoke", out=str(root))
+        run = RunDir.create(cfg)
+        data_summary.run(cfg, run)
+        for stage in (train_classifier, evaluate):
+            stage.run(cfg, run, progress=False)
+        return root
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def restore_scores():
     """The score registry as before the test (a test's toy score must not leak into others)."""

@@ -29,7 +29,7 @@ def write_outliers(run, outliers: torch.Tensor, class_names) -> Path:
     (stand-in embeddings and cVPN files), with stage 3's own writer."""
     from ncis_core.embeddings_io import save_embeddings, synthetic_embeddings
     from ncis_core.runs import atomic_write_json, atomic_write_text
-    from ncis_core.outliers.files import save_outliers
+    from ncis_core.embeddings_io import save_outliers
 
     c, _, d = outliers.shape
     with run.stage("embed") as rec:

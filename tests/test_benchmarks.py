@@ -22,6 +22,7 @@ def _run(script, *args, tmp_path):
     return json.loads(lines[0])
 
 
+@pytest.mark.heavy
 def test_rehearse_paper_smoke_runs_every_stage(tmp_path):
     out = _run("rehearse_paper.py", "--preset", "cifar100", "--smoke", tmp_path=tmp_path)
     assert out["shapes_ok"], out["problems"]
@@ -32,6 +33,7 @@ def test_rehearse_paper_smoke_runs_every_stage(tmp_path):
     assert out["stages"]["evaluate"]["artefacts"]["sets"]["svhn"] == 8
 
 
+@pytest.mark.heavy
 def test_gpu_check_quick_runs_every_section_on_a_cpu(tmp_path):
     out = _run("gpu_check.py", "--quick", "--json-out", str(tmp_path / "gpu_check.json"), tmp_path=tmp_path)
     assert out["errors"] == {}, out["errors"]
@@ -42,6 +44,7 @@ def test_gpu_check_quick_runs_every_section_on_a_cpu(tmp_path):
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == out
 
 
+@pytest.mark.heavy
 def test_knn_boundary_smoke_times_the_sampler_and_the_demo_setting(tmp_path):
     out = _run("bench_knn_boundary.py", "--smoke", tmp_path=tmp_path)
     assert out["benchmark"] == "knn_boundary" and out["threads"] == 1 and out["machine"]
@@ -63,15 +66,16 @@ def test_knn_boundary_smoke_times_the_sampler_and_the_demo_setting(tmp_path):
         demo["params"]["rounds"] * demo["params"]["select"] * demo["params"]["keep"])
 
 
-def test_compare_smoke_times_one_at_a_time_and_vectorised(tmp_path):
-    out = _run("bench_compare.py", "--smoke", tmp_path=tmp_path)
+@pytest.mark.heavy
+def test_compare_smoke_times_one_at_a_time_and_side_by_side(tmp_path):
+    out = _run("bench_compare.py", "--smoke", "--with-threads", tmp_path=tmp_path)
     assert out["benchmark"] == "compare" and out["smoke"]
-    assert out["one_at_a_time"]["trainings"] == out["vectorised"]["trainings"] == 4
-    assert out["one_at_a_time"]["seconds"] > 0 and out["vectorised"]["seconds"] > 0 and out["speedup"] > 0
-    # none × 2 seeds | folder × 2 seeds: two passes of two
-    assert [p["models"] for p in out["vectorised"]["passes"]] == [2, 2]
-    assert all(0 <= p["data_wait_share"] <= 1 for p in out["vectorised"]["passes"])
-    # one thread each side (OMP_NUM_THREADS=1): the same classifier files, byte for byte
+    assert out["one_at_a_time"]["trainings"] == out["side_by_side"]["trainings"] == 4
+    assert out["one_at_a_time"]["seconds"] > 0 and out["side_by_side"]["seconds"] > 0 and out["speedup"] > 0
+    assert out["on_threads"]["trainings"] == 4 and out["on_threads"]["seconds"] > 0
+    # two worker processes of one intra-op thread against one thread (OMP_NUM_THREADS=1): the same
+    # classifier files, byte for byte
+    assert (out["side_by_side"]["workers"], out["side_by_side"]["threads_per_worker"]) == (2, 1)
     assert out["identical_classifier_files"] == 4
     # the roofline's arithmetic by hand: 48 ID images in batches of 16 -> 3 steps of one epoch;
     # none steps 16 images, folder 16 + 8 outliers; per image a width-32 small net's training FLOPs
@@ -82,10 +86,11 @@ def test_compare_smoke_times_one_at_a_time_and_vectorised(tmp_path):
     roof = out["roofline"]
     assert roof["one_at_a_time"]["training_gflop"] == round(2 * 3 * (16 + 24) * per_image / 1e9, 1)
     assert roof["peak_gflops_per_thread"] > 0 and out["best_possible_speedup"] > 0
-    for block in ("one_at_a_time", "vectorised"):  # no run beats the bound
+    for block in ("one_at_a_time", "side_by_side", "on_threads"):  # no run beats the bound
         assert 0 < roof[block]["share_of_peak"] <= 1
 
 
+@pytest.mark.heavy
 def test_seed_spread_smoke_runs_compare_per_training_length(smoke_run_1_to_4, tmp_path):
     out = _run("seed_spread.py", "--smoke", "--run", str(smoke_run_1_to_4), "--work", str(tmp_path / "work"),
                tmp_path=tmp_path)
@@ -123,6 +128,7 @@ def test_every_benchmark_has_a_smoke_mode_that_a_test_runs():
         assert "--smoke" in (ROOT / "benchmarks" / name).read_text(), name
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("script", sorted(SMOKE))
 def test_benchmark_smoke_mode_runs(script, tmp_path):
     out = _run(script, "--smoke", tmp_path=tmp_path)

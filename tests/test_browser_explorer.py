@@ -28,7 +28,7 @@ from diffusion_fixtures import ROOT, copy_run
 
 from ncis_core.runner import NOTEBOOK_DIR
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.heavy]
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

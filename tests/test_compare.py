@@ -16,7 +16,7 @@ def smoke_run(smoke_run_1_to_4, tmp_path_factory):
     return copy_run(smoke_run_1_to_4, tmp_path_factory.mktemp("compare") / "run")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_compare_on_smoke(smoke_run):
     result = compare("smoke", smoke_run, ["none", "idgen", "linear", "ncis"], [0, 1], OVERRIDES, progress=False)
     table = (smoke_run / "compare" / "table.md").read_text()
@@ -94,6 +94,33 @@ def test_paired_differences_match_a_seed_by_seed_computation():
     assert "| mean (near) | AUROC ↑ | ncis | +2.5 ± 1.3 |" in table and "| 4/4 | yes |" in table
 
 
+def test_paired_t_test_is_scipys_and_the_former_hand_written_one():
+    """p and the 95 % interval come from ``scipy.stats.ttest_rel``; on a fixed example they are what
+    the hand-written formulas gave (two-sided ``t.sf`` of mean / (std / √n), ``t.ppf(0.975)`` · std /
+    √n, df = n − 1) to float64 rounding."""
+    import numpy as np
+    from scipy import stats
+
+    ref = [0.612, 0.587, 0.701, 0.524, 0.583, 0.655, 0.598, 0.641, 0.570, 0.619]
+    other = [0.634, 0.571, 0.748, 0.533, 0.579, 0.690, 0.622, 0.640, 0.602, 0.611]
+    per_run = {"idgen": [_result(a, 0.5) for a in ref], "ncis": [_result(a, 0.5) for a in other]}
+    row = next(p for p in paired_differences(per_run, "energy", "idgen") if p["set"] == "mean (near)"
+               and p["metric"] == "auroc")
+    d = np.asarray(other) - np.asarray(ref)
+    n, mean, std = len(d), d.mean(), d.std(ddof=1)
+    half = stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)
+    old_p = 2 * stats.t.sf(abs(mean) / (std / np.sqrt(n)), n - 1)
+    assert row["p"] == pytest.approx(old_p, rel=1e-12, abs=0)
+    assert row["low"] == pytest.approx(mean - half, rel=1e-12, abs=0)
+    assert row["high"] == pytest.approx(mean + half, rel=1e-12, abs=0)
+    assert (row["mean"], row["std"]) == (mean, std)
+    # no spread: no p-value, the interval is the mean
+    flat = {"idgen": [_result(a, 0.5) for a in ref], "ncis": [_result(a + 0.25, 0.5) for a in ref]}
+    row = next(p for p in paired_differences(flat, "energy", "idgen") if p["set"] == "mean (near)"
+               and p["metric"] == "auroc")
+    assert row["p"] is None and row["low"] == row["high"] == row["mean"]
+
+
 def test_paired_differences_without_reference_or_with_one_seed():
     assert paired_differences({"ncis": [_result(0.6, 0.4)]}, "energy", "idgen") == []
     one = paired_differences({"idgen": [_result(0.5, 0.4)], "ncis": [_result(0.6, 0.4)]}, "energy", "idgen")
@@ -124,7 +151,7 @@ def test_compare_reuses_the_runs_own_stage5_training(smoke_run_1_to_4, tmp_path,
     assert stage5_twin(other, RunDir(out, other), "ncis", 0) is None
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_compare_on_a_new_folder_runs_stages_1_to_4_first(tmp_path, caplog):
     import logging
 
@@ -219,7 +246,7 @@ def test_forest_plot_and_method_gallery(tmp_path):
     plt.close("all")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_evaluations_on_worker_threads_equal_the_one_at_a_time_results(smoke_run, tmp_path):
     """compare evaluates its classifiers side by side on threads (one intra-op thread each, the
     datasets built once): the same numbers as each evaluated alone."""
@@ -256,14 +283,13 @@ def test_evaluations_on_worker_threads_equal_the_one_at_a_time_results(smoke_run
         assert (folder / "results" / "metrics.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_a_moved_run_folder_keeps_its_compare_results(smoke_run, tmp_path, monkeypatch):
     """The results' fingerprint held run.out, so a copied or moved folder retrained every (method,
     seed) of compare; where the folder lies is not what a training computes."""
     import shutil
 
     from ncis_core.stages import train_classifier as stage5
-    from ncis_core.stages import train_many
 
     if not (smoke_run / "compare" / "ncis" / "seed1" / "results" / "metrics.json").exists():
         compare("smoke", smoke_run, ["none", "ncis"], [0, 1], OVERRIDES, progress=False)
@@ -275,8 +301,45 @@ def test_a_moved_run_folder_keeps_its_compare_results(smoke_run, tmp_path, monke
         raise AssertionError("compare retrained a finished (method, seed) of the moved folder")
 
     monkeypatch.setattr(stage5, "train", refuse)
-    monkeypatch.setattr(train_many, "train_many", refuse)
     after = compare("smoke", moved, ["none", "ncis"], [0, 1], OVERRIDES, progress=False)
     assert after["rows"] == before["rows"]
 
 
+@pytest.mark.heavy
+def test_trainings_side_by_side_are_the_bytes_of_one_at_a_time(smoke_run_1_to_4, tmp_path):
+    """Three smoke trainings (ncis with generated-looking ID images on two seeds, none) side by side in
+    two worker processes, and one after another in this process, one intra-op thread each either way:
+    every checkpoint tensor equal bit for bit (the per-epoch one too), the same histories."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ncis_core.compare import side_by_side, train_side_by_side
+    from ncis_core.config import load_config
+    from ncis_core.runs import RunDir
+
+    extra = ["classifier.id_generated=vae_recon", "classifier.outlier_batch_size=8"]
+
+    def jobs(where):
+        out = []
+        for method, seed in [("ncis", 0), ("ncis", 1), ("none", 2)]:
+            cfg = load_config("smoke", [*OVERRIDES, *extra, f"classifier.outliers={method}",
+                                        f"classifier.seed={seed}"], out=str(smoke_run_1_to_4))
+            out.append((cfg, RunDir(smoke_run_1_to_4, cfg), tmp_path / where / f"{method}{seed}"))
+        return out
+
+    alone, together = jobs("alone"), jobs("together")
+    assert side_by_side(alone[0][0], 3) == 1  # the suite's one thread: one at a time, in this process
+    train_side_by_side(alone, progress=False)
+    torch.set_num_threads(2)  # two workers of 2 // 2 = 1 intra-op thread (the fixture restores one)
+    assert side_by_side(together[0][0], 3) == 2
+    train_side_by_side(together, progress=False)
+    for (_, _, a), (_, _, b) in zip(alone, together):
+        for name in ("best.safetensors", "last.safetensors"):
+            ta, tb = load_file(str(a / name)), load_file(str(b / name))
+            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), (b, name)
+        for name in ("history.json", "last.json"):
+            assert json.loads((a / name).read_text()) == json.loads((b / name).read_text()), (b, name)
+        assert (a / "best.safetensors").read_bytes() == (b / "best.safetensors").read_bytes()
+    # the trainings differ from each other (own seeds, own outliers)
+    first, second = (load_file(str(f / "best.safetensors")) for _, _, f in alone[:2])
+    assert not all(torch.equal(first[k], second[k]) for k in first)

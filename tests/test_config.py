@@ -146,6 +146,7 @@ def test_demo_and_smoke_keep_the_sign_of_the_saved_head():
         assert load_config(preset).evaluate.energy_sign == "auto"
 
 
+@pytest.mark.heavy
 def test_the_presets_command_lists_every_preset():
     import subprocess
     import sys

@@ -57,6 +57,7 @@ def tiny_folder(tmp_path_factory):
     return out, work, cmd, env
 
 
+@pytest.mark.heavy
 def test_train_generator_command_makes_a_loadable_pipeline(tiny_folder):
     out, work, _, _ = tiny_folder
     for part in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"):
@@ -73,6 +74,7 @@ def test_train_generator_command_makes_a_loadable_pipeline(tiny_folder):
     assert (work / "unet.json").exists() and (work / "vae.safetensors").exists()
 
 
+@pytest.mark.heavy
 def test_train_generator_resumes_from_its_checkpoints(tiny_folder, caplog):
     out, work, _, _ = tiny_folder
     before = json.loads((work / "unet.json").read_text())
@@ -102,6 +104,102 @@ def test_scaling_factor_is_one_over_latent_std():
     assert scale == pytest.approx(1 / z.std().item(), rel=1e-5)
 
 
+def test_the_ema_is_diffusers_emamodel_with_the_kits_warm_up():
+    """EMAModel(decay) against the hand-written EMA it replaced (shadow ← d·shadow + (1 − d)·w with
+    d = min(decay, (1 + s) / (10 + s)) at the 0-based step s): the same d from the second update on;
+    the first update copies the weights (d = 0, where the old EMA kept 10 % of the initial ones), and
+    the warm-up's product of decays leaves ~1e-12 of that after 100 updates, so after a run the
+    shadows agree to float rounding (EMAModel computes s − (1 − d)(s − w))."""
+    from diffusers.training_utils import EMAModel
+
+    torch.manual_seed(0)
+    module, decay = torch.nn.Linear(6, 3), 0.95  # the cap is reached at s = 170
+    ema = EMAModel(module.parameters(), decay=decay)
+    shadow = [p.detach().clone() for p in module.parameters()]
+    for s in range(300):
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        d = min(decay, (1 + s) / (10 + s))
+        for old, p in zip(shadow, module.parameters()):
+            old.mul_(d).add_(p.detach(), alpha=1 - d)
+        ema.step(module.parameters())
+        if s == 0:
+            assert ema.cur_decay_value == 0.0
+            assert all(torch.equal(e, p) for e, p in zip(ema.shadow_params, module.parameters()))
+        else:
+            assert ema.cur_decay_value == d
+    for e, old in zip(ema.shadow_params, shadow):
+        torch.testing.assert_close(e, old, rtol=1e-5, atol=1e-6)
+
+
+def _tiny_generator(*overrides):
+    from ncis_core.device import seed_everything
+
+    cfg = load_config("smoke", ["data.max_per_class=4", "generator.warmup_steps=2", *overrides])
+    seed_everything(0)
+    x, labels, classes = dg.training_images(cfg)
+    tok = build_tokenizer(tuple(dg.DEMO_WORDS) + tuple(c.lower() for c in classes if c.lower() not in dg.DEMO_WORDS))
+    vae, text_encoder, unet = (dg.build_vae(cfg.generator), dg.build_text_encoder(cfg.generator, tok),
+                               dg.build_unet(cfg.generator))
+    return cfg.generator, x, labels, classes, tok, vae, text_encoder, unet
+
+
+def test_both_phases_learning_rates_are_lambdalr_of_the_warm_up_factor_bit_for_bit(tmp_path, monkeypatch):
+    """LambdaLR's base lr × factor is the product the rates were set to by hand: every step's rate,
+    both groups of the UNet phase, is unchanged (so is a retrained generator)."""
+    from ncis_core.demo_generator.train import _lr_factor
+
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *args, **kwargs):
+            seen.append([group["lr"] for group in self.param_groups])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    g, x, labels, classes, tok, vae, text_encoder, unet = _tiny_generator(
+        "generator.vae_steps=4", "generator.unet_steps=5")
+    dg.train_vae(vae, x, g, tmp_path, 0, progress=False)
+    assert seen == [[g.vae_lr * _lr_factor(s, 4, 2)] for s in range(4)]
+    seen.clear()
+    dg.train_unet(unet, text_encoder, tok, _encode_all(vae, x), labels, classes, g, tmp_path, 0, progress=False)
+    assert seen == [[g.unet_lr * _lr_factor(s, 5, 2), g.text_lr * _lr_factor(s, 5, 2)] for s in range(5)]
+
+
+def test_an_interrupted_unet_phase_resumes_to_the_same_weights_and_ema(tmp_path, monkeypatch):
+    from ncis_core.demo_generator import train as dg_train
+
+    steps = ("generator.unet_steps=4", "generator.checkpoint_every=2")
+    g, x, labels, classes, tok, vae, text_encoder, unet = _tiny_generator(*steps)
+    latents = _encode_all(vae, x)
+    history, ema_u, ema_t = dg.train_unet(unet, text_encoder, tok, latents, labels, classes, g, tmp_path / "a", 0,
+                                          progress=False)
+    straight = unet.state_dict()
+
+    real = dg_train._step_generator
+
+    def killed_at_step_3(seed, phase, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(seed, phase, step)
+
+    g, x, labels, classes, tok, vae, text_encoder, unet = _tiny_generator(*steps)
+    monkeypatch.setattr(dg_train, "_step_generator", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        dg.train_unet(unet, text_encoder, tok, latents, labels, classes, g, tmp_path / "b", 0, progress=False)
+    assert json.loads((tmp_path / "b" / "unet.json").read_text())["step"] == 2
+    monkeypatch.setattr(dg_train, "_step_generator", real)
+    g, x, labels, classes, tok, vae, text_encoder, again = _tiny_generator(*steps)
+    resumed, ema_u2, ema_t2 = dg.train_unet(again, text_encoder, tok, latents, labels, classes, g, tmp_path / "b",
+                                            0, progress=False)
+    assert resumed == history
+    assert all(torch.equal(straight[k], v) for k, v in again.state_dict().items())
+    for first, second in ((ema_u, ema_u2), (ema_t, ema_t2)):
+        assert first.optimization_step == second.optimization_step == 4
+        assert all(torch.equal(a, b) for a, b in zip(first.shadow_params, second.shadow_params))
+
+
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").exists(), reason="generator not shipped yet")
 def test_shipped_generator_loads_offline_and_generates():
     pipe = StableDiffusionPipeline.from_pretrained(str(SHIPPED), local_files_only=True,
@@ -116,7 +214,7 @@ def test_shipped_generator_loads_offline_and_generates():
     assert size <= 30 * 2**20
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_extras_notebook_trains_and_draws_on_smoke(tmp_path):
     """notebooks/extras/train_demo_generator.ipynb through papermill on the tiny smoke generator."""
     import papermill

@@ -121,6 +121,7 @@ def _output_gradient(pipe, tokens, cfg, loss_scale):
     return grad
 
 
+@pytest.mark.heavy
 def test_fp16_loss_scale_keeps_the_unet_output_gradient_from_flushing_to_zero():
     cfg, pipe, tokens, _ = _setup("fp16")
     unscaled = _output_gradient(pipe, tokens, cfg, 1.0)

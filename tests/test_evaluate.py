@@ -15,7 +15,7 @@ from ncis_core.runs import RunDir
 from ncis_core.scores import SCORES, Score, register_score, unregister_score
 from ncis_core.stages import evaluate as stage6
 from ncis_core.stages import train_classifier as stage5
-from ncis_core.stages.train_classifier import ClassifierBundle
+from ncis_core.checkpoints import ClassifierBundle
 
 
 class Brightness(nn.Module):
@@ -101,6 +101,7 @@ def test_stage6_in_the_run_folder_after_stage5(tmp_path):
     assert stage6.run(cfg, run, progress=False) == json.loads(run.path("metrics_json").read_text())
 
 
+@pytest.mark.heavy
 def test_evaluate_command_on_a_released_style_checkpoint(tmp_path):
     """The shortest path to a table: a checkpoint in the OOD literature's layout, no training."""
     import subprocess

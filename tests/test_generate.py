@@ -109,6 +109,7 @@ KILLER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy
 def test_killed_run_rerun_equals_an_uninterrupted_run(tmp_path):
     cfg, run = prepared(tmp_path / "killed")
     proc = subprocess.run([sys.executable, "-c", KILLER, str(run.root)], cwd=ROOT, env=subprocess_env(),
@@ -162,6 +163,7 @@ LAUNCHED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy
 def test_two_accelerate_processes_give_the_files_of_one_for_both_stages(tmp_path):
     """`accelerate launch` with two CPU processes (gloo) runs stage 1 and stage 4; each splits its
     shards/batches between the processes, and the main process writes the same files as one process.
@@ -239,7 +241,7 @@ def test_a_damaged_outlier_image_is_redrawn_by_rerunning_stage_4(smoke_run_1_to_
 def test_a_damaged_or_missing_image_of_another_methods_render_is_redrawn(smoke_run_1_to_4, tmp_path):
     """compare's renders (outliers_<method>/, stage 4's render_batches) are repaired alike: a rerun
     used to see an index of the same inputs and return the damaged folder as complete."""
-    from ncis_core.outliers.sources import render_outliers
+    from ncis_core.compare import render_outliers
 
     root = copy_run(smoke_run_1_to_4, tmp_path / "run")
     cfg = load_run_config("smoke", out=str(root))
@@ -258,7 +260,7 @@ def test_a_damaged_or_missing_image_of_another_methods_render_is_redrawn(smoke_r
     assert images[3]["sha256"] == hashlib.sha256(before[truncated][1]).hexdigest()
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_every_hint_for_a_damaged_outlier_image_works_when_followed(smoke_run_1_to_4, tmp_path):
     """End to end through the command line: stage 5 on a tree with a truncated PNG prints one error
     with a command; that command regenerates the image (byte-identical) and runs stages 4 onwards."""

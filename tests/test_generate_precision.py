@@ -132,6 +132,7 @@ def test_a_bad_generate_precision_is_refused_in_one_line():
     assert "generate.precision" in message and "autocast" in message and "\n" not in message
 
 
+@pytest.mark.heavy
 def test_plan_prices_stage_4_by_generate_precision():
     def work(precision):
         cfg = load_config("cifar100", [f"generate.precision={precision}"])

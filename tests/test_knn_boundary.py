@@ -7,8 +7,10 @@ import torch
 from ncis_core.config import ConfigError, load_config
 from ncis_core.outliers import get_method, method_params
 from ncis_core.outliers.inputs import SampleInputs
+from ncis_core import neighbours
+from ncis_core.neighbours import kth_nearest
 from ncis_core.outliers.knn_boundary import (KnnBoundaryParams, _generator, boundary_points, flops_per_class,
-                                             kth_neighbour_distance, sample_class, sample_knn_boundary)
+                                             sample_class, sample_knn_boundary)
 
 
 def _rows(n=30, d=6, seed=0):
@@ -20,21 +22,9 @@ def _kth_loop(q: np.ndarray, rows: np.ndarray, k: int) -> float:
     return float(np.sort([np.sum((q - r) ** 2) for r in rows])[k - 1])
 
 
-def test_kth_neighbour_distance_matches_sorted_distances_and_counts_the_point_itself():
-    x = _rows().numpy()
-    u = x / np.linalg.norm(x, axis=1, keepdims=True)
-    got = kth_neighbour_distance(torch.as_tensor(u), torch.as_tensor(u), 5).numpy()
-    assert np.allclose(got, [_kth_loop(p, u, 5) for p in u], atol=1e-12)
-    assert np.allclose(kth_neighbour_distance(torch.as_tensor(u), torch.as_tensor(u), 1).numpy(), 0, atol=1e-12)
-    with pytest.raises(ValueError, match="needs at least k rows"):
-        kth_neighbour_distance(torch.as_tensor(u), torch.as_tensor(u), 31)
-
-
 @pytest.mark.parametrize("reject", ["knn", "none"])
 def test_sample_class_equals_the_one_boundary_point_at_a_time_loop(reject, monkeypatch):
-    from ncis_core.outliers import knn_boundary
-
-    monkeypatch.setattr(knn_boundary, "_BLOCK_BYTES", 2000)  # many small distance blocks
+    monkeypatch.setattr(neighbours, "BLOCK_BYTES", 2000)  # many small distance blocks
     x = _rows()
     p = KnnBoundaryParams(k=7, select=4, rounds=3, candidates=25, keep=2, sigma=0.2, reject=reject)
     got, dist = sample_class(x, 2.5, p, seed=3, cls=1, dtype=torch.float64)
@@ -92,9 +82,7 @@ def _reference(x: torch.Tensor, p: KnnBoundaryParams, seed: int, cls: int, token
 @pytest.mark.parametrize("reject", ["knn", "none"])
 def test_boundary_per_round_and_shared_noise_equal_the_one_point_at_a_time_loop(per_round, shared, reject,
                                                                                monkeypatch):
-    from ncis_core.outliers import knn_boundary
-
-    monkeypatch.setattr(knn_boundary, "_BLOCK_BYTES", 2000)  # many small distance blocks
+    monkeypatch.setattr(neighbours, "BLOCK_BYTES", 2000)  # many small distance blocks
     x = _rows()
     p = KnnBoundaryParams(k=7, select=5, rounds=4, candidates=25, keep=2, sigma=0.2, reject=reject,
                           boundary_per_round=per_round, shared_noise=shared)
@@ -178,7 +166,7 @@ def test_rejection_keeps_more_isolated_points_than_none():
     kept, _ = sample_class(x, 1.0, p, 0, 0, torch.float64)
     plain, _ = sample_class(x, 1.0, KnnBoundaryParams(**{**p.__dict__, "reject": "none"}), 0, 0, torch.float64)
     u = (x / x.norm(dim=1, keepdim=True)).float()
-    assert kth_neighbour_distance(kept, u, 10).mean() > kth_neighbour_distance(plain, u, 10).mean()
+    assert kth_nearest(kept, u, 10).mean() > kth_nearest(plain, u, 10).mean()
 
 
 def test_all_classes_are_sampled_independently_and_k_below_the_class_size():

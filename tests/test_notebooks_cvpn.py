@@ -16,7 +16,7 @@ from ncis_core.runs import RunDir
 from ncis_core.stages.train_cvpn import ensure_smoke_embeddings
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_notebooks_02_and_03_run_on_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")   # the kernels' tiny tensors gain nothing from threads
     out = tmp_path / "smoke"

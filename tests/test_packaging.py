@@ -157,6 +157,7 @@ def test_strip_outputs_removes_outputs(tmp_path):
     assert not strip_outputs(tmp_path / "a.ipynb")
 
 
+@pytest.mark.heavy
 def test_installed_set_is_pip_check_clean_but_for_animal_mnist_declared_deps():
     """`pip check` on the installed set: only animal-mnist's declared TensorFlow/pandas may be absent
     (installed with --no-deps on purpose; the kit reads its data files directly)."""
@@ -234,6 +235,7 @@ def _copy_sources(target: Path) -> None:
             shutil.copy2(source, dest)
 
 
+@pytest.mark.heavy
 @needs_sources
 def test_the_wheel_carries_code_presets_notebooks_and_assets(tmp_path):
     """A wheel built from the sources (about 3 s) holds every module, the presets and every shipped

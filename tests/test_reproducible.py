@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from diffusion_fixtures import ROOT, copy_run, subprocess_env
+from diffusion_fixtures import ROOT, subprocess_env
 from safetensors import safe_open
 
 from ncis_core.runs import STAGES, RunDir, atomic_write_safetensors, content_hash
@@ -45,20 +45,13 @@ def test_safetensors_bytes_do_not_depend_on_the_metadata_order(tmp_path):
     assert len(files[0].read_bytes()[8:8 + int.from_bytes(files[0].read_bytes()[:8], "little")]) % 8 == 0
 
 
-@pytest.mark.slow
-def test_two_fresh_smoke_runs_write_the_same_artefact_bytes(smoke_run_1_to_4, tmp_path):
-    """Stages 0-6 twice on ``smoke``, seed 0: once in this process (stages 1-4 from the shared
-    fixture), once in a child process with another string-hash seed; every output the manifests
-    record, and stage 6's ``scores.npz``, hash the same."""
-    from ncis_core.config import load_config
-    from ncis_core.stages import data_summary, evaluate, train_classifier
-
-    first = copy_run(smoke_run_1_to_4, tmp_path / "a")
-    cfg = load_config("smoke", out=str(first))
-    run_a = RunDir.create(cfg)
-    data_summary.run(cfg, run_a)
-    train_classifier.run(cfg, run_a, progress=False)
-    evaluate.run(cfg, run_a, progress=False)
+@pytest.mark.heavy
+def test_two_fresh_smoke_runs_write_the_same_artefact_bytes(smoke_run_0_to_6, tmp_path):
+    """Stages 0-6 twice on ``smoke``, seed 0: once in this process (the shared finished smoke run),
+    once in a child process with another string-hash seed; every output the manifests record, and
+    stage 6's ``scores.npz``, hash the same."""
+    run_a = RunDir.open(smoke_run_0_to_6)
+    cfg = run_a.cfg
 
     second = tmp_path / "b"
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(second)], cwd=ROOT, capture_output=True, text=True,

@@ -36,6 +36,7 @@ def _params_cell():
     return ("code", 'preset = "smoke"\nrun_dir = "x"\noverrides = []', ["parameters"])
 
 
+@pytest.mark.heavy
 def test_first_failing_notebook_stops_the_series_and_names_the_cell(tmp_path):
     folder = tmp_path / "nbs"
     folder.mkdir()
@@ -57,6 +58,7 @@ def test_first_failing_notebook_stops_the_series_and_names_the_cell(tmp_path):
     assert manifest["notebooks"]["01_fails.ipynb"]["status"] == "failed"
 
 
+@pytest.mark.heavy
 def test_parameters_reach_the_notebook(tmp_path):
     folder = tmp_path / "nbs"
     folder.mkdir()
@@ -74,6 +76,7 @@ _WHERE = ("code", "from ncis_core.notebook import start\ncfg, run = start(preset
                   "(run.root / 'config.yaml').read_text()  # reads it too")
 
 
+@pytest.mark.heavy
 def test_an_executed_notebook_reads_and_writes_the_run_folder_it_sits_in_after_a_copy_or_move(tmp_path):
     """The runner used to inject the absolute run_dir: re-running an executed copy inside a copied
     run folder wrote into the original run."""
@@ -120,6 +123,7 @@ def test_cli_presets_lists_the_four(capsys):
     (["run", "--preset", "smoke", "--out", "{tmp}", "--set", "cvpn.bogus=1"], "cvpn.num_layers"),
     (["datasets", "--preset", "cifar100", "--set", "data.root={tmp}/no-cifar"], "cifar-100-python"),
 ])
+@pytest.mark.heavy
 def test_cli_errors_are_one_clear_message(tmp_path, argv, needle):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     proc = subprocess.run([sys.executable, "-m", "ncis_core", *argv], capture_output=True, text=True,
@@ -174,7 +178,7 @@ def _outputs(notebook: Path) -> list[tuple[int, dict]]:
     return [(i, o) for i, c in enumerate(cells) if c["cell_type"] == "code" for o in c.get("outputs", [])]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_notebook_series_runs_end_to_end_on_smoke(tmp_path, caplog):
     """The path `make demo` takes, on the smoke preset: every notebook present, through papermill.
     The executed copies read well (no frozen progress bars, no log boxes, no stray return values,
@@ -226,6 +230,7 @@ def test_notebook_series_runs_end_to_end_on_smoke(tmp_path, caplog):
     assert (out / "figures" / "07_all_classes_ncis.png").stat().st_size > 1000
 
 
+@pytest.mark.heavy
 def test_stage_whose_input_stage_has_no_notebook_is_skipped(tmp_path):
     folder = tmp_path / "nbs"
     folder.mkdir()
@@ -250,7 +255,7 @@ def test_view_notebook_waits_for_the_stages_it_reads(tmp_path):
     assert note["status"] == "skipped" and "stage 1 (embed)" in note["reason"]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_classifier_notebooks_run_without_generated_outliers(tmp_path):
     """Notebooks 05 and 06 through papermill, with the plain cross-entropy baseline (no stage 4)."""
     out = tmp_path / "run"
@@ -281,6 +286,7 @@ def _one_error_line(proc) -> str:
     return errors[0]
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("case", ["not creatable", "a file", "under a file", "read-only folder"])
 def test_an_unusable_out_is_one_line_naming_it_and_nothing_is_written(tmp_path, case):
     """`--out` that cannot be a run folder used to end in a traceback (FileExistsError,
@@ -356,6 +362,7 @@ def test_a_full_disk_leaves_no_half_written_notebook_and_says_so_in_one_line(tmp
     assert (out / "notebooks" / "00_data.ipynb").read_bytes() == previous
 
 
+@pytest.mark.heavy
 def test_an_unreadable_image_in_a_loader_worker_is_one_line(tmp_path):
     """torch re-raises a worker's DataError with the worker's whole traceback as its message (30
     lines under `error:`); the kit's message is cut back to the worker's own."""

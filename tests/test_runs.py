@@ -226,6 +226,7 @@ def test_stage_inputs_and_sections_follow_the_config():
     assert "diffusion" not in stage_sections(ncis, "classifier")
 
 
+@pytest.mark.heavy
 def test_a_stage_module_command_line_reports_a_fault_in_one_line(tmp_path):
     import subprocess
     import sys
@@ -280,6 +281,7 @@ def test_replaced_embeddings_make_every_later_stage_stale_naming_stage_2(tmp_pat
         run.require("outliers_dir")
 
 
+@pytest.mark.heavy
 def test_status_command_prints_the_table(tmp_path):
     import subprocess
     import sys
@@ -293,6 +295,7 @@ def test_status_command_prints_the_table(tmp_path):
     assert "--stages 0-6" in proc.stdout  # stage 0 never ran: the whole chain
 
 
+@pytest.mark.heavy
 def test_one_writer_per_run_folder_and_a_dead_holder_s_lock_is_taken_over(tmp_path):
     import signal
     import subprocess

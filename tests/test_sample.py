@@ -128,7 +128,7 @@ def test_stage_refuses_embeddings_that_do_not_match_the_checkpoint(tmp_path):
     with run2.stage("embed"):
         save_embeddings(run2.path("embeddings"), **synthetic_embeddings(3, 8, 14, seed=0, rank=2))
     manifest = run2.manifest()                               # pretend stage 2 was built from these
-    manifest["stages"]["cvpn"]["inputs"] = run2._input_hashes(run2._producer("cvpn_best"))
+    manifest["stages"]["cvpn"]["inputs"] = run2._input_hashes(run2.producer("cvpn_best"))
     run2._write_manifest(manifest)
     with pytest.raises(ValueError, match="14-dimensional but the cVPN checkpoint expects 10"):
         sample.run(cfg2, run2, progress=False)

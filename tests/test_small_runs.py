@@ -18,7 +18,7 @@ def _notes(executed_notebook) -> str:
                      for o in c.get("outputs", []))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_one_embedding_per_class_draws_what_it_can_and_stage_2_refuses_naming_the_key(tmp_path):
     out = tmp_path / "tiny"
     with pytest.raises(NotebookFailed) as failure:
@@ -36,7 +36,7 @@ def test_one_embedding_per_class_draws_what_it_can_and_stage_2_refuses_naming_th
     assert "embed.max_per_class" in notes
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_two_embeddings_per_class_run_the_whole_series(tmp_path):
     out = tmp_path / "tiny"
     executed = run_series("smoke", out, ["embed.max_per_class=2"], progress=False)

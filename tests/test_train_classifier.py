@@ -10,6 +10,7 @@ from PIL import Image
 
 from ncis_core.config import load_config
 from ncis_core.data.base import DataError
+from ncis_core.data.folders import ImageFolderFiles, list_images
 from ncis_core.models.resnet import EnergyHead
 from ncis_core.runs import RunDir
 from ncis_core.stages import train_classifier as stage5
@@ -140,7 +141,7 @@ def test_idgen_on_the_id_side_needs_its_render(tmp_path):
         stage5.id_generated_dataset(cfg, run)
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_two_accelerate_processes_train_on_smoke(tmp_path):
     """`accelerate launch` with two CPU processes (gloo): each step's batch is split between them;
     the main process writes the checkpoint, history and manifest."""
@@ -262,3 +263,36 @@ def test_training_loader_batches_equal_the_per_image_transforms(preset):
             assert x.dtype == xb.dtype == torch.float32 and x.shape == xb.shape and xb.is_contiguous()
             assert torch.equal(x, xb) and torch.equal(y, yb) and y.dtype == yb.dtype
         assert torch.equal(*states)
+
+
+def test_decoded_outliers_are_the_decoded_files_and_cached_per_content(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "0").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(folder / "0" / f"x_{i}.png")
+    Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(folder / "0" / "grey.png")  # L mode
+    cfg = load_config("smoke", ["classifier.outliers=folder", f"classifier.outlier_folder={folder}",
+                                "classifier.num_outliers=null"], out=str(tmp_path / "run"))
+    run = RunDir(tmp_path / "run", cfg)
+    paths = list_images(folder)
+    files = ImageFolderFiles(paths, [-1] * len(paths))
+    cached = stage5.outlier_dataset(cfg, run)
+    assert type(cached).__name__ == "ArrayDataset" and len(cached) == len(files) == 6
+    for i in range(len(files)):
+        (a, la), (b, lb) = cached[i], files[i]
+        assert la == lb == -1 and a.dtype == np.uint8 and np.array_equal(a, b)
+    entries = list((tmp_path / "run" / "cache" / "outlier_images").iterdir())
+    assert len(entries) == 1
+    # read back from the cache (no decoding), the same arrays
+    again = stage5.outlier_dataset(cfg, run)
+    assert all(np.array_equal(again[i][0], files[i][0]) for i in range(len(files)))
+    # a changed image is a new key
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(folder / "0" / "x_0.png")
+    changed = stage5.outlier_dataset(cfg, run)
+    assert np.array_equal(changed[1][0], np.zeros((12, 12, 3), np.uint8))  # sorted: grey.png first
+    assert len(list((tmp_path / "run" / "cache" / "outlier_images").iterdir())) == 2
+    # images of several sizes, or no run folder: read from the files
+    Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(folder / "0" / "small.png")
+    assert type(stage5.outlier_dataset(cfg, run)).__name__ == "ImageFolderFiles"
+    assert stage5.decoded_images(folder, list_images(folder), None) is None

@@ -12,8 +12,9 @@ from ncis_core.embeddings_io import load_embeddings, save_embeddings, synthetic_
 from ncis_core.models.cvpn import CVPN
 from ncis_core.runs import MissingArtefactError, RunDir
 from ncis_core.stages import train_cvpn
-from ncis_core.stages.train_cvpn import (fit, holdout_split, load_cvpn, lr_factor, selection_indices,
-                                         selection_score, train_step, validate_embeddings)
+from ncis_core.checkpoints import load_cvpn
+from ncis_core.embeddings_io import holdout_split, validate_embeddings
+from ncis_core.stages.train_cvpn import fit, lr_factor, selection_indices, selection_score, train_step
 
 
 def test_lr_factor_decays_linearly_per_step_to_a_tenth():
@@ -131,6 +132,24 @@ def test_short_training_lowers_invariant_loss_and_keeps_reconstruction_small(sma
     with torch.no_grad():                                # the returned model is the best one
         z = model(x[::2], y[::2])
         assert float(z[:, -14:].pow(2).mean()) == pytest.approx(best["selection_mse"], rel=1e-4)
+
+
+def test_the_lambdalr_schedule_gives_every_step_lr_times_lr_factor_bit_for_bit(small_data, monkeypatch):
+    """Stage 2's schedule is torch's LambdaLR over lr_factor: base lr × factor, the very product the
+    hand-set rates were, so every step's rate (and so the trained cVPN) is unchanged."""
+    cfg = CVPNConfig(epochs=3, batch_size=16, lr=3e-3, final_lr_factor=0.2, num_layers=2, selection_points=60)
+    rates, real = [], train_cvpn.train_step
+
+    def recording(model, optimizer, *args, **kwargs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        return real(model, optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(train_cvpn, "train_step", recording)
+    _, history = fit(small_data["embeddings"], small_data["labels"], 3, cfg, seed=0, k=14, progress=False)
+    total = history["total_steps"]
+    assert len(rates) == total == 3 * 8
+    assert rates == [cfg.lr * lr_factor(step, total, cfg.final_lr_factor) for step in range(total)]
+    assert [e["lr"] for e in history["per_epoch"]] == [rates[8 * e - 1] for e in (1, 2, 3)]
 
 
 def _run_with_embeddings(tmp_path, name, data, overrides=()):

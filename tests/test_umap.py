@@ -1,4 +1,4 @@
-"""UMAP maps (viz/maps.py): the scikit-learn kNN graph, seeding, the run-folder cache, outliers
+"""UMAP maps (viz/maps.py): the exact kNN graph, seeding, the run-folder cache, outliers
 placed by UMAP's transform, class selection, and the linear baseline shared with `compare`."""
 
 import shutil
@@ -12,7 +12,8 @@ import umap
 from ncis_core.config import load_config
 from ncis_core.embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
 from ncis_core.errors import TooLittleData
-from ncis_core.outliers.files import load_outliers
+from ncis_core.outliers.base import EMBEDDINGS, get_method, method_names
+from ncis_core.embeddings_io import load_outliers
 from ncis_core.runs import MissingArtefactError, RunDir
 from ncis_core.stages import sample, train_cvpn
 from ncis_core.viz import maps as viz_maps
@@ -69,6 +70,13 @@ def recording(monkeypatch):
     return RecordingUMAP
 
 
+def _mapped_methods(stage3=True):
+    """Every registered method that produces embeddings, stage 3's (smoke: ncis) first; without a
+    stage 3, the others that need no cVPN."""
+    others = [m for m in method_names(EMBEDDINGS) if m != "ncis"]
+    return ("ncis", *others) if stage3 else tuple(m for m in others if "cvpn" not in get_method(m).needs)
+
+
 def _brute_force_knn(x: np.ndarray, k: int):
     d = np.sqrt(((x[:, None, :].astype(np.float64) - x[None, :, :]) ** 2).sum(-1))
     order = np.argsort(d, axis=1, kind="stable")[:, :k]
@@ -106,11 +114,13 @@ def test_outliers_are_placed_with_transform(run, recording):
     m = viz_maps.umap_map(run, cache=False, progress=False)
     per_class = run.cfg.sample.rounds * run.cfg.sample.keep_per_round
     # every registered method that produces embeddings, stage 3's first; one transform per method
-    assert m.methods == ("ncis", "linear", "knn_boundary") and recording.transforms == 3
+    assert m.methods == _mapped_methods() and recording.transforms == len(m.methods)
     assert m.coords.shape == (CLASSES * PER_CLASS, 2) and np.isfinite(m.coords).all()
     stored = load_outliers(run.path("outlier_embeddings"))
     for method in m.methods:
-        per_class = stored["outliers"].shape[1] if method != "knn_boundary" else len(m.outlier_labels[method]) // CLASSES
+        per_class = len(m.outlier_labels[method]) // CLASSES
+        if method in ("ncis", "linear"):  # the tail sampler's M = rounds × keep, as stage 3 wrote
+            assert per_class == stored["outliers"].shape[1]
         assert m.outlier_coords[method].shape == (CLASSES * per_class, 2)
         assert np.isfinite(m.outlier_coords[method]).all()
         assert np.array_equal(m.outlier_labels[method], np.repeat(np.arange(CLASSES), per_class))
@@ -160,8 +170,8 @@ def test_the_cache_is_reused_and_follows_the_embeddings(run, monkeypatch):
 
 def test_linear_outliers_are_those_compare_renders(run, monkeypatch):
     from ncis_core.outliers.linear import sample_linear
-    from ncis_core.outliers.inputs import sample_inputs
-    from ncis_core.outliers.sources import method_outlier_embeddings, render_outliers
+    from ncis_core.compare import render_outliers
+    from ncis_core.stages.sample import method_outlier_embeddings, sample_inputs
     from ncis_core.stages import generate as stage4
 
     rendered = {}
@@ -189,7 +199,7 @@ def test_missing_stage_1_is_a_clear_error_and_missing_stage_3_a_warning(tmp_path
         save_embeddings(run.path("embeddings"), **synthetic_embeddings(2, 6, DIM, seed=0, rank=2))
     with pytest.warns(UserWarning, match=r"no ncis outlier embeddings to map .*stage 3"):
         m = viz_maps.umap_map(run, progress=False)
-    assert m.methods == ("linear", "knn_boundary") and m.coords.shape == (12, 2)
+    assert m.methods == _mapped_methods(stage3=False) and m.coords.shape == (12, 2)
     with pytest.raises(ValueError, match="unknown outlier methods"):
         viz_maps.umap_map(run, methods=("pca",), progress=False)
 
@@ -249,7 +259,7 @@ def test_a_method_that_refuses_this_few_rows_is_left_off_the_map_with_a_warning(
     monkeypatch.setattr(knn_boundary, "sample_class", too_few)
     with pytest.warns(UserWarning, match=r"no knn_boundary outlier embeddings to map \(class 0 has 2"):
         m = viz_maps.umap_map(run, progress=False)
-    assert m.methods == ("ncis", "linear")
+    assert m.methods == tuple(x for x in _mapped_methods() if x != "knn_boundary")
 
 
 def test_outlier_markers_are_drawn_above_the_id_dots(run):
@@ -269,7 +279,7 @@ def test_outlier_markers_are_drawn_above_the_id_dots(run):
 
 
 def test_other_methods_outlier_embeddings_are_computed_once_per_inputs(run, monkeypatch):
-    from ncis_core.outliers import sources
+    from ncis_core.stages import sample as sources
 
     first = sources.method_outlier_embeddings(run.cfg, run, "linear", progress=False)
     real = sources.sample_method

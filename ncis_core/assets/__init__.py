@@ -1,26 +1,6 @@
-"""The files the package ships besides its code, found through :mod:`importlib.resources`.
+"""The files the package ships besides its code (``notebooks/``, ``data/demo/generator/``,
+``data/sd14_configs/``) under their repository paths, found through :mod:`importlib.resources`.
 
-A ``pip install`` of the kit has no repository next to it, so everything the package itself needs
-travels inside it as package data, under the path the repository gives it:
-
-=============================  ==================================================================
-``notebooks/``                 the numbered notebook series the runner executes (+ ``extras/``)
-``data/demo/generator/``       the demo world's small SD-architecture generator (``demo`` preset)
-``data/sd14_configs/``         Stable Diffusion 1.4's component configs (``plan``; offline
-                               ``diffusion.single_file_config``)
-=============================  ==================================================================
-
-In the repository each of these is a symbolic link to the folder of that name at the top level
-(``notebooks/``, ``data/…``), so the files are committed once, where the repository's layout puts
-them; a wheel or sdist built from the checkout carries copies. The presets sit in
-``ncis_core/presets/`` itself.
-
-A relative path in a config (``diffusion.pipeline: data/demo/generator``) is looked up in the
-working directory first, then here (:func:`resolve`): a retrained generator saved under
-``data/demo/generator`` in the working directory wins over the shipped one, and nothing is ever
-written inside the installed package.
-
-Example:
     >>> (path("data/demo/generator") / "model_index.json").is_file()
     True
     >>> resolve("no/such/folder") is None
@@ -53,8 +33,7 @@ def path(relative: str | os.PathLike) -> Path:
 
 
 def resolve(source: str | os.PathLike) -> Path | None:
-    """``source`` as an existing path: as given (relative to the working directory), else as a
-    shipped file (:func:`path`), else None."""
+    """``source`` as an existing path: as given, else as a shipped file (:func:`path`), else None."""
     given = Path(source).expanduser()
     if given.exists():
         return given
@@ -70,13 +49,11 @@ def notebooks_dir() -> Path:
 
 
 def checkout_root() -> Path | None:
-    """The repository checkout this package is imported from (an editable install, or run from the
-    repository), or None for an installed copy."""
+    """The repository checkout this package is imported from, or None for an installed copy."""
     root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir() else None
 
 
 def project_dir() -> Path:
-    """Where relative paths of a run (run folder, dataset roots) start: the repository checkout
-    when the package runs from one, otherwise the current working directory."""
+    """Where a run's relative paths start: the repository checkout, else the working directory."""
     return checkout_root() or Path.cwd()

@@ -1,13 +1,8 @@
 """Shared types of the data layer: image datasets, named splits, and the data errors.
 
-Every dataset of the kit, whatever its on-disk format, is an :class:`ImageDataset`: a sized,
-indexable collection whose items are ``(image, label)`` with ``image`` an ``H × W × 3`` ``uint8``
-numpy array (RGB) after the dataset's own loading transform, and ``label`` an ``int`` (the class
-index for ID sets and labelled OOD sets, ``-1`` for unlabelled OOD sets). Stages add their own
-tensor transforms (normalisation, augmentation) on top.
-
-A :class:`Split` names a dataset and gives it a role in the experiment (``id-train``, ``id-test``,
-``ood-near``, ``ood-far``) and its class names.
+Every dataset is an :class:`ImageDataset` of ``(image, label)`` items: ``H × W × 3`` uint8 RGB and
+an ``int`` (``-1`` for unlabelled OOD sets); stages add their tensor transforms on top. A
+:class:`Split` gives a dataset its role (:data:`ROLES`) and class names.
 """
 
 from __future__ import annotations
@@ -37,15 +32,8 @@ Transform = Callable[[np.ndarray], np.ndarray]
 
 @user_error
 class DataError(RuntimeError):
-    """A dataset is missing, laid out wrongly, or unreadable.
+    """A dataset is missing, laid out wrongly, or unreadable; from a loader worker, its own line.
 
-    The message says what was expected, where it comes from, and which config key points to it;
-    the command line prints it without a traceback. Raised in a ``DataLoader`` worker, it reaches
-    the main process re-made by torch from the worker's whole traceback ("Caught DataError in
-    DataLoader worker process 0. Original Traceback ..."); the message is then cut back to the
-    worker's own, so a loader with ``num_workers > 0`` reports the same one line as one without.
-
-    Example:
         >>> str(DataError("Caught DataError in DataLoader worker process 0.\\nOriginal Traceback (most "
         ...               "recent call last):\\n  File ...\\nncis_core.data.base.DataError: cannot read x.png\\n"))
         'cannot read x.png'
@@ -74,9 +62,7 @@ def _worker_message(message: str) -> str:
 class ImageDataset:
     """Base class: ``len(ds)``, ``ds[i] -> (uint8 H×W×3 array, int label)``, ``ds.labels``.
 
-    Subclasses implement :meth:`_load` (the raw RGB ``uint8`` image of item ``i``) and set
-    ``self.labels`` (an ``int64`` array, one per item). The optional ``transform`` maps a
-    ``uint8`` RGB array to a ``uint8`` RGB array (e.g. resize + centre crop) and is applied on access.
+    Subclasses implement :meth:`_load` and set ``self.labels``; ``transform`` applies on access.
     """
 
     labels: np.ndarray
@@ -100,13 +86,7 @@ class ImageDataset:
 
 
 class ArrayDataset(ImageDataset):
-    """An in-memory dataset over a ``N × H × W × 3`` ``uint8`` array.
-
-    Example:
-        >>> ds = ArrayDataset(np.zeros((4, 32, 32, 3), np.uint8), np.arange(4))
-        >>> ds[1][0].shape, ds[1][1]
-        ((32, 32, 3), 1)
-    """
+    """An in-memory dataset over a ``N × H × W × 3`` ``uint8`` array."""
 
     def __init__(self, images: np.ndarray, labels: Sequence[int], transform: Transform | None = None):
         images = np.asarray(images)
@@ -140,8 +120,7 @@ class Subset(ImageDataset):
 
 
 def seeded_subset_indices(n: int, size: int | None, seed: int) -> np.ndarray:
-    """Sorted indices of a seeded random subset of ``size`` out of ``n`` (all when ``size`` is None
-    or ≥ n). Seeded, so evaluation subsets do not move between runs (METHOD.md defect 3)."""
+    """Sorted indices of a seeded random subset of ``size`` out of ``n`` (all when None or ≥ n)."""
     if size is None or size >= n:
         return np.arange(n)
     rng = np.random.default_rng(seed)
@@ -150,14 +129,7 @@ def seeded_subset_indices(n: int, size: int | None, seed: int) -> np.ndarray:
 
 @dataclass
 class Split:
-    """One named split of an experiment.
-
-    Args:
-        name: short identifier (``"id-train"``, ``"svhn"``, ``"demo-near"`` …).
-        role: one of :data:`ROLES`.
-        dataset: the images.
-        classes: class names, indexed by label (empty for unlabelled OOD sets).
-    """
+    """One named split of an experiment: ``name``, ``role`` (:data:`ROLES`), dataset, class names."""
 
     name: str
     role: str

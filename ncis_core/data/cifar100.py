@@ -1,23 +1,6 @@
 """CIFAR-100 from the official python archive (``cifar-100-python.tar.gz``, extracted).
 
-The archive's three files are pickles of dicts with ``bytes`` keys: ``train`` and ``test`` hold
-``b"data"`` (``N × 3072`` ``uint8``, each row the red, green then blue 32 × 32 planes, row-major),
-``b"fine_labels"`` and ``b"filenames"``; ``meta`` holds ``b"fine_label_names"``. They are read with
-a restricted unpickler that only builds plain containers and numpy arrays, so a tampered file cannot
-run code.
-
-Example (a two-image archive in that layout; on the real one, ``CIFAR100("data/cifar100",
-"train")`` holds 50 000 images, the first a ``cattle``):
-    >>> import pickle, tempfile
-    >>> folder = Path(tempfile.mkdtemp()) / "cifar-100-python"
-    >>> folder.mkdir()
-    >>> rows = np.zeros((2, 3072), np.uint8)
-    >>> rows[1, :1024] = 255  # image 1: its red plane full
-    >>> _ = (folder / "train").write_bytes(pickle.dumps({b"data": rows, b"fine_labels": [19, 21]}))
-    >>> _ = (folder / "meta").write_bytes(pickle.dumps({b"fine_label_names": [b"x"] * 100}))
-    >>> train = CIFAR100(folder.parent, "train")
-    >>> len(train), train[1][0].shape, train[1][0][0, 0].tolist(), train.classes[train[1][1]]
-    (2, (32, 32, 3), [255, 0, 0], 'chimp')
+Its pickles are read with a restricted unpickler that builds only plain containers and numpy arrays.
 """
 
 from __future__ import annotations
@@ -39,8 +22,7 @@ CIFAR100_LAYOUT = "<data.root>/cifar-100-python/{train,test,meta}"
 CIFAR100_SOURCE = ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz (extract it inside "
                    "data.root, so that <data.root>/cifar-100-python/ exists)")
 
-# What a CIFAR pickle may build: numpy arrays and dtypes (from Python 2 or 3, numpy 1 or 2) and the
-# latin-1 bytes trick of protocol 2. Anything else is refused.
+# numpy arrays and dtypes (Python 2 or 3, numpy 1 or 2) and protocol 2's latin-1 bytes; nothing else
 _ALLOWED_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
@@ -78,19 +60,11 @@ class CIFAR100(ImageDataset):
     """CIFAR-100 (fine labels) as ``32 × 32 × 3`` ``uint8`` RGB images.
 
     Args:
-        root: the folder holding ``cifar-100-python/`` (config key ``data.root``).
-        split: ``"train"`` (50 000 images) or ``"test"`` (10 000).
-        transform: ``uint8`` RGB array → ``uint8`` RGB array, applied on access.
+        root: the folder holding ``cifar-100-python/`` (``data.root``).
 
     Attributes:
-        images: ``N × 32 × 32 × 3`` ``uint8``.
-        labels: fine labels, ``int64``.
-        filenames: the archive's file names.
         fine_label_names: the archive's own class names (``apple``, ``aquarium_fish`` …).
         classes: the kit's short names (:data:`~ncis_core.data.classes.CIFAR100_SHORT`).
-
-    Raises:
-        DataError: the root or a file is missing or unreadable; the message gives the layout.
     """
 
     def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None):

@@ -1,14 +1,9 @@
 """Class lists of the kit's datasets (CLASSES.md), kept in the repository so nothing is downloaded.
 
-"Short" names pick the class token and form the embedding prompt ``"An image of a {short}"``;
-"long" names (prompt names for ImageNet-100) form the generation prompt
-``"A high-quality image of the {long}"`` (METHOD.md §1 and §4).
+"Short" names pick the class token and the embedding prompt; "long" names form the generation prompt.
 
-Example:
     >>> CIFAR100_SHORT[21], CIFAR100_LONG[21]
     ('chimp', 'chimpanzee')
-    >>> IMAGENET100_WNIDS[0], IMAGENET100_NAMES[0], IMAGENET100_PROMPT_NAMES[0]
-    ('n01498041', 'stingray', 'stingray in the water')
 """
 
 from __future__ import annotations
@@ -87,9 +82,7 @@ IMAGENET100_NAMES = [
     "tractor", "tripod", "umbrella", "violin", "whistle", "wreck", "broccoli", "strawberry",
 ]
 
-# Words appended to a name in the generation prompt, so an ambiguous name ("kite", "chest",
-# "tick") is drawn as the ImageNet class. "nail" becomes "wire nail": its prompt is
-# "A high-quality image of the wire nail", i.e. the long name is "wire nail".
+# Words appended to a name in the generation prompt, so an ambiguous name ("kite") is the ImageNet class.
 IMAGENET100_PROMPT_SUFFIXES = {
     "kite": " bird",
     "quail": " bird",
@@ -105,10 +98,7 @@ IMAGENET100_PROMPT_NAMES = [
     for name in IMAGENET100_NAMES
 ]
 
-# The original's long name of "nail" (class 80): its suffix for nail is a whole prompt, "A
-# high-quality image of the wire nail", appended to the name, so the generation prompt reads
-# "A high-quality image of the nailA high-quality image of the wire nail". The paper preset
-# reproduces it (generate.nail_prompt=concatenated); wire_nail uses "wire nail" above.
+# The original's long name of "nail" (class 80), a whole prompt appended (generate.nail_prompt).
 IMAGENET100_NAIL_ORIGINAL = "nailA high-quality image of the wire nail"
 
 # The demo world (animal-mnist silhouettes): trained classes and never-trained near-OOD classes.

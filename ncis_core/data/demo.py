@@ -1,32 +1,7 @@
 """The embedded demo world: animal silhouettes as ID and near-OOD, small bundled images as far-OOD.
 
-Nothing here downloads. Every image comes from files already installed:
-
-* ID and near-OOD: the 10 000 28 × 28 silhouettes of the PyPI package ``animal-mnist`` (MIT),
-  installed with ``pip install --no-deps animal-mnist==0.4``. Its loader imports TensorFlow, so the
-  package is never imported: :func:`importlib.util.find_spec` locates its folder and the gzip-pickle
-  files are read directly (through a restricted unpickler that only rebuilds numpy arrays).
-  Its labels 0..9 are the alphabetical order bear, bird, cat, cow, dog, elephant, giraffe, horse,
-  sheep, zebra (checked by eye on a montage). The silhouettes are white on black (background 0).
-  ID classes: bear, bird, cat, dog, elephant, giraffe, 800 train / 200 test each.
-  Near-OOD (``demo_near``): cow, horse, sheep, zebra, 200 each, never trained on.
-* Far-OOD: ``digits`` (scikit-learn's bundled ``load_digits``, 1797 images), ``texture_crops``
-  (200 seeded crops each of scikit-image's bundled brick, grass and gravel photographs, 600) and
-  ``faces`` (the 100 face images of scikit-image's bundled ``lfw_subset``).
-
-Geometry: every image becomes 28 × 28 grey in 0..255 with the silhouettes' polarity (dark
-background, bright object), is padded with 2 px of the background value to 32 × 32 and replicated
-to 3 channels: ``32 × 32 × 3`` ``uint8``, the shape of CIFAR, so the same code paths serve both.
-
-The splits are deterministic: they depend only on the fixed seeds below, never on the run seed,
-so every run, every test and every machine sees the same images.
-
-Example:
-    >>> from ncis_core.config import DataConfig
-    >>> splits = demo_splits(DataConfig(dataset="demo", ood_sets=["demo_near", "faces"],
-    ...                                 ood_subset_size=None))
-    >>> [(s.name, len(s.dataset)) for s in splits]
-    [('id-train', 4800), ('id-test', 1200), ('demo_near', 800), ('faces', 100)]
+Nothing downloads: ``animal-mnist``'s files (read without importing it), scikit-learn's digits and
+scikit-image's photographs, as ``32 × 32 × 3`` uint8 images in splits fixed by constant seeds.
 """
 
 from __future__ import annotations
@@ -73,16 +48,14 @@ DEMO_OOD_SETS = {"demo_near": "ood-near", "digits": "ood-far", "texture_crops": 
 #: Background grey of every demo image (the silhouettes are white on black) and of the padding.
 DEMO_BACKGROUND = 0
 
-#: Seed of the per-class train/test and near-OOD permutations. A constant, not the run seed, so that
-#: the demo split never moves; changing it changes every demo number.
+#: Seed of the per-class train/test and near-OOD permutations (not the run seed: the split never moves)
 DEMO_SPLIT_SEED = 20_240_503
 
 TRAIN_PER_CLASS, TEST_PER_CLASS, NEAR_PER_CLASS = 800, 200, 200
 SIDE, PAD = 28, 2  # 28 × 28 like the silhouettes, then 2 px each side → 32 × 32
 TEXTURES = ("brick", "grass", "gravel")
 CROPS_PER_TEXTURE = 200
-# At 112 px a crop shows ~4 bricks across or a dozen stones; shrunk ×4 to 28 px the pattern stays
-# visible (at 28 px unshrunk a crop is one flat patch of brick, at 512 px the stones vanish).
+# crops at 112 px, shrunk ×4 to 28 px, keep the texture's pattern visible
 CROP_SIDE = 112
 TEXTURE_SEED = 7
 N_FACES = 100  # lfw_subset holds 100 faces followed by 100 non-face patches
@@ -147,10 +120,7 @@ def _animal_mnist() -> tuple[np.ndarray, np.ndarray]:
 def _animal_indices() -> dict[str, list[np.ndarray]]:
     """Source indices into animal-mnist: ``train``/``test`` per ID class, ``near`` per near class.
 
-    Each class is permuted with its own generator seeded by ``(DEMO_SPLIT_SEED, label)``. The file
-    holds 284 exact duplicate pairs (always within one class), so a plain split would put some
-    test images in train too: test images are therefore drawn only from images that occur once,
-    and the duplicated ones all go to train. Near-OOD takes one copy of each distinct image.
+    Per class a permutation seeded by ``(DEMO_SPLIT_SEED, label)``; test images are never duplicated.
     """
     images, labels = _animal_mnist()
     _, first, inverse, counts = np.unique(images.reshape(len(images), -1), axis=0,
@@ -242,16 +212,10 @@ _CLASSES = {"id-train": DEMO_ID_CLASSES, "id-test": DEMO_ID_CLASSES, "demo_near"
 
 @lru_cache(maxsize=None)
 def demo_arrays(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The full images and labels of one demo set, built once per process and cached read-only.
+    """``(images, labels)`` of one demo set (``id-train``, ``id-test`` or an OOD set), cached read-only.
 
-    Args:
-        name: ``id-train``, ``id-test``, ``demo_near``, ``digits``, ``texture_crops`` or ``faces``.
+    Labels index the set's own classes; faces are -1.
 
-    Returns:
-        ``(images, labels)``: ``N × 32 × 32 × 3`` uint8 and int64. Labels index the set's own
-        classes (ID classes, near classes, digits 0..9, textures brick/grass/gravel); faces are -1.
-
-    Example:
         >>> images, labels = demo_arrays("id-test")
         >>> images.shape, np.bincount(labels).tolist()
         ((1200, 32, 32, 3), [200, 200, 200, 200, 200, 200])
@@ -279,20 +243,8 @@ def clear_demo_cache() -> None:
 def demo_splits(cfg: "DataConfig") -> list[Split]:
     """The demo world's splits: ``id-train``, ``id-test``, then ``cfg.ood_sets`` in order.
 
-    Args:
-        cfg: the data config. Used fields: ``ood_sets`` (names among :data:`DEMO_OOD_SETS`),
-            ``max_per_class`` (keep the first N images per class of id-train, id-test and
-            demo_near; ``None`` keeps all), ``ood_subset_size`` and ``subset_seed`` (a seeded
-            random subset of each OOD set, taken after the per-class cap; ``None`` keeps all).
-            ``root`` and ``ood_roots`` are ignored: everything is bundled.
+    ``cfg.root`` and ``ood_roots`` are ignored; DataError for an unknown set or no ``animal-mnist``.
 
-    Returns:
-        :class:`Split` objects over :class:`ArrayDataset` (or a :class:`Subset` of one).
-
-    Raises:
-        DataError: an unknown OOD set name, or the ``animal-mnist`` package is missing.
-
-    Example:
         >>> from ncis_core.config import DataConfig
         >>> cfg = DataConfig(dataset="demo", ood_sets=["digits"], ood_subset_size=16, max_per_class=8)
         >>> [(s.name, s.role, len(s.dataset)) for s in demo_splits(cfg)]

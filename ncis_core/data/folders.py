@@ -1,12 +1,8 @@
 """Datasets of image files on disk: a file scanner and :class:`ImageFolderFiles`.
 
-Shared by ImageNet-100 (``imagenet.py``) and the folder-of-images OOD sets (``ood.py``); images are
-read where they lie, never copied.
-
-Unreadable files: by default a file is opened only when its item is accessed, and a file PIL cannot
-read raises :class:`~ncis_core.data.base.DataError` naming the path. With ``skip_unreadable`` every
-file is checked (``PIL.Image.verify``) when the dataset is built; the ones that fail are dropped,
-counted in a warning and listed in ``.skipped``.
+Shared by ImageNet-100 and the folder-of-images OOD sets; images are read where they lie. An
+unreadable file raises :class:`~ncis_core.data.base.DataError` when accessed, or with
+``skip_unreadable`` is dropped at build time (a warning, ``.skipped``).
 """
 
 from __future__ import annotations
@@ -30,11 +26,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 def list_images(root: str | Path, recursive: bool = True) -> list[Path]:
-    """The image files under ``root`` (extensions :data:`IMAGE_EXTENSIONS`, any case), sorted.
-
-    Sorted by path string, so the order (and every seeded subset of it) is the same on every
-    machine whatever the file system's listing order. Hidden files and folders are ignored.
-    """
+    """The image files under ``root`` (:data:`IMAGE_EXTENSIONS`, any case, no hidden ones), sorted by path."""
     root = Path(root)
     found: list[Path] = []
     if recursive:
@@ -62,24 +54,7 @@ class ImageFolderFiles(ImageDataset):
     """Images read from files with PIL and converted to RGB ``uint8``.
 
     Args:
-        paths: the image files.
-        labels: one int per file (``-1`` for unlabelled OOD images).
-        transform: ``uint8`` RGB array → ``uint8`` RGB array, applied on access.
-        skip_unreadable: check every file now and drop the unreadable ones (listed in
-            ``.skipped``); otherwise an unreadable file raises :class:`DataError` when accessed.
-
-    Example:
-        >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> Image.new("L", (8, 6), 200).save(folder / "b.png")
-        >>> Image.new("RGB", (5, 5)).save(folder / "a.JPG")
-        >>> _ = (folder / "broken.png").write_bytes(b"not a png")
-        >>> paths = list_images(folder)
-        >>> [p.name for p in paths]
-        ['a.JPG', 'b.png', 'broken.png']
-        >>> ds = ImageFolderFiles(paths, [-1] * len(paths), skip_unreadable=True)
-        >>> len(ds), [p.name for p in ds.skipped], ds[1][0].shape, ds[1][0][0, 0].tolist()
-        (2, ['broken.png'], (6, 8, 3), [200, 200, 200])
+        skip_unreadable: drop unreadable files now (``.skipped``); else DataError when accessed.
     """
 
     def __init__(self, paths: Sequence[str | Path], labels: Sequence[int],

@@ -1,21 +1,7 @@
 """ImageNet-100: the 100 classes of CLASSES.md read in place from an ImageNet folder tree.
 
-Nothing is copied: the dataset is an index (paths + labels) over ``<root>/train/<wnid>/*.JPEG`` or
-``<root>/val/<wnid>/*.JPEG``, optionally cached as a JSON file so that a later run skips the scan.
-Label ``i`` is the ``i``-th wnid of :data:`~ncis_core.data.classes.IMAGENET100_WNIDS` (sorted).
-
-Example (a tree of three images in two of the wnids; the real ``ImageNet100("data/imagenet",
-"val")`` holds 5 000 images of the 100 classes ``['stingray', 'hen', 'magpie', …]``):
-    >>> import tempfile
-    >>> from PIL import Image
-    >>> root = Path(tempfile.mkdtemp())
-    >>> for wnid, n in [("n01498041", 2), ("n01514859", 1)]:
-    ...     (root / "val" / wnid).mkdir(parents=True)
-    ...     for i in range(n):
-    ...         Image.new("RGB", (40, 30)).save(root / "val" / wnid / f"{i}.JPEG")
-    >>> val = ImageNet100(root, "val", wnids=["n01498041", "n01514859"])
-    >>> len(val), val.classes, val.labels.tolist(), val[2][0].shape
-    (3, ['stingray', 'hen'], [0, 0, 1], (30, 40, 3))
+An index (paths + labels, optionally cached as JSON) over ``<root>/{train,val}/<wnid>/*``; label
+``i`` is the ``i``-th wnid of :data:`~ncis_core.data.classes.IMAGENET100_WNIDS`.
 """
 
 from __future__ import annotations
@@ -57,8 +43,7 @@ def scan_imagenet(root: str | Path, split: str, wnids: Sequence[str] = IMAGENET1
     """Paths and labels of ``<root>/<split>/<wnid>/*`` for ``wnids`` (label = index in ``wnids``).
 
     Raises:
-        DataError: the root or split folder is missing, or some wnid folders are missing or empty
-            (the message says how many and names the first few).
+        DataError: the root or split folder is missing, or some wnid folders are missing or empty.
     """
     if not str(root).strip():
         raise _error("data.root is empty")
@@ -109,18 +94,13 @@ class ImageNet100(ImageFolderFiles):
     """The ImageNet-100 subset (100 wnids) of an ImageNet folder tree, read in place.
 
     Args:
-        root: the ImageNet folder holding ``train/`` and ``val/`` (config key ``data.root``).
-        split: ``"train"`` (≈ 126 000 images) or ``"val"`` (5 000).
-        transform: ``uint8`` RGB array → ``uint8`` RGB array, applied on access.
+        root: the ImageNet folder holding ``train/`` and ``val/`` (``data.root``).
         skip_unreadable: drop files that fail ``PIL.Image.verify`` (listed in ``.skipped``).
-        max_per_class: keep the first (sorted) ``max_per_class`` files of each class, before any
-            readability check; ``None``: all.
-        wnids: the classes (default: :data:`~ncis_core.data.classes.IMAGENET100_WNIDS`).
-        index_cache: a JSON file caching the scan; reused when it was made for the same root,
-            split and wnids, written otherwise.
+        max_per_class: keep the first (sorted) files of each class; ``None``: all.
+        index_cache: a JSON file caching the scan (reused for the same root, split and wnids).
 
     Raises:
-        DataError: the tree is missing or incomplete; the message gives the layout and config key.
+        DataError: the tree is missing or incomplete.
     """
 
     def __init__(self, root: str | Path, split: str = "train", transform: Transform | None = None,

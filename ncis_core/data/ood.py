@@ -1,26 +1,7 @@
 """The far-OOD test sets of the paper presets (METHOD.md §6) and how to find them on disk.
 
-:data:`OOD_SETS` maps a set's name (as in ``data.ood_sets``) to its loader, the layout expected
-under its root (``data.ood_roots.<name>``) and where the usual copy comes from; ``data/README.md``
-repeats these texts. SVHN is read from its ``.mat`` file; every other set is a folder of images,
-scanned recursively (``jpg``/``jpeg``/``png``/``bmp``/``webp``, any case) and sorted. OOD images are
-unlabelled here: every label is ``-1``.
-
-:func:`ood_split` turns a set into an ``ood-far`` :class:`~ncis_core.data.base.Split`: a seeded
-random subset of ``subset_size`` images under the evaluation transform Resize + CenterCrop, or,
-for a set in ``data.as_is_sets`` (LSUN-C and iSUN, as the original evaluates them), no transform
-at all: each image keeps its own size (:class:`AsIsImageFiles`).
-
-Example (a folder of five 48 × 64 images standing in for DTD's ``data/ood/dtd/images``, where
-``subset_size=2000`` keeps 2 000 of its 5 640):
-    >>> import tempfile
-    >>> from PIL import Image
-    >>> folder = Path(tempfile.mkdtemp())
-    >>> for i in range(5):
-    ...     Image.new("RGB", (64, 48), (i, i, i)).save(folder / f"{i}.png")
-    >>> split = ood_split("textures", folder, resize=32, image_size=32, subset_size=3, subset_seed=0)
-    >>> split.role, len(split.dataset), split.dataset[0][0].shape, split.dataset.labels.tolist()
-    ('ood-far', 3, (32, 32, 3), [-1, -1, -1])
+:data:`OOD_SETS` maps a set's name to its loader (SVHN's ``.mat``, else a folder of images), layout
+and source; :func:`ood_split` makes a seeded ``ood-far`` split of one. Every label is ``-1``.
 """
 
 from __future__ import annotations
@@ -43,13 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class SVHN(ArrayDataset):
-    """The SVHN test set (26 032 digits, 32 × 32) from ``test_32x32.mat``; every label is ``-1``.
+    """The SVHN test set from ``test_32x32.mat`` (``root``: the file or its folder); labels ``-1``.
 
-    Args:
-        root: the folder holding ``test_32x32.mat``, or the file itself.
-
-    The digit classes (the file's 10 means 0) are kept as ``.digit_labels``; OOD use ignores them.
-    A missing file raises ``FileNotFoundError`` (:func:`ood_split` turns it into a DataError).
+    The digit classes (the file's 10 means 0) are kept as ``.digit_labels``.
     """
 
     def __init__(self, root: str | Path):
@@ -72,15 +49,9 @@ class SVHN(ArrayDataset):
 
 
 class AsIsImageFiles(ImageFolderFiles):
-    """Image files evaluated as they are: no Resize/CenterCrop, at whatever size each file has.
+    """Image files evaluated at their own size, no Resize/CenterCrop (the original's LSUN-C, iSUN).
 
-    The original feeds LSUN-C and iSUN through ToTensor alone and its networks pool globally, so an
-    image of another size is scored at that size. ``sizes`` holds each file's ``(width, height)``
-    from its header (``None`` where PIL cannot open it; loading it then raises as usual); stage 6
-    batches runs of consecutive same-size images.
-
-    Args:
-        paths, labels, skip_unreadable: as :class:`ImageFolderFiles`.
+    ``sizes``: each file's ``(width, height)`` from its header (``None`` where PIL cannot open it).
     """
 
     def __init__(self, paths, labels, skip_unreadable: bool = False):
@@ -109,8 +80,7 @@ def _log_sizes(name: str, sizes: list, image_size: int) -> None:
 
 
 def image_folder(root: str | Path) -> ImageFolderFiles:
-    """Every image file under ``root`` (recursive, sorted), labels ``-1``; an empty folder is
-    an error (FileNotFoundError, turned into a DataError by :func:`ood_split`)."""
+    """Every image file under ``root`` (recursive, sorted), labels ``-1``; FileNotFoundError if none."""
     paths = list_images(root)
     if not paths:
         raise FileNotFoundError(f"no image files under {root}")
@@ -118,8 +88,7 @@ def image_folder(root: str | Path) -> ImageFolderFiles:
 
 
 class OODSpec(NamedTuple):
-    """How to read one OOD set: ``loader(root) -> ImageDataset``, the layout under its root, and
-    where the usual copy comes from."""
+    """How to read one OOD set: ``loader(root) -> ImageDataset``, its layout and its source."""
 
     loader: Callable[[Path], ImageDataset]
     layout: str
@@ -194,21 +163,12 @@ def ood_split(name: str, root: str | Path | None, *, resize: int, image_size: in
     """One OOD test set as an ``ood-far`` split.
 
     Args:
-        name: a key of :data:`OOD_SETS`.
-        root: its root (``data.ood_roots.<name>``).
-        resize, image_size: the evaluation transform ``Resize(resize)`` +
-            ``CenterCrop(image_size)``.
         subset_size: images kept, a random subset seeded by ``subset_seed``; ``None``: all.
-        subset_seed: seed of the subset (the same seed gives the same images on every machine).
-        skip_unreadable: drop unreadable files of the subset (checked after drawing it, so a
-            large set is not read in full; the set may then come out a few images short).
-        as_is: no Resize/CenterCrop (``name`` in ``data.as_is_sets``): each image is scored at its
-            own size; the sizes seen are logged once, with a warning when some are not
-            ``image_size`` square.
+        skip_unreadable: drop unreadable files of the subset (it may come out a few images short).
+        as_is: no Resize/CenterCrop: each image is scored at its own size.
 
     Raises:
-        DataError: unknown name, or a missing, empty or unreadable root; the message gives the
-            layout, the source and the config key.
+        DataError: unknown name, or a missing, empty or unreadable root (with layout and source).
     """
     if name not in OOD_SETS:
         raise DataError(f"unknown OOD set {name!r}; known sets: {', '.join(OOD_SETS)} "

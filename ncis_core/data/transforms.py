@@ -1,24 +1,9 @@
 """Image transforms without torchvision (it cannot be installed beside this torch).
 
-Two kinds of transforms, used in this order:
+Array transforms map ``H × W × 3`` ``uint8`` RGB arrays to arrays, with torchvision's geometry and
+PIL's resampling; :class:`ToTensor` then makes a ``float32`` ``C × H × W`` tensor in ``[0, 1]``.
+Random transforms draw from torch's generator (global, or the one given as ``generator``).
 
-* array transforms map an ``H × W × 3`` ``uint8`` RGB numpy array to another one
-  (:class:`Resize`, :class:`CenterCrop`, :class:`RandomCrop`, :class:`RandomHorizontalFlip`,
-  :class:`RandomResizedCrop`, :class:`RandomChoiceResize`);
-* :class:`ToTensor` turns the array into a ``float32`` ``C × H × W`` tensor in ``[0, 1]`` and
-  :class:`Normalize` works on that tensor.
-
-The geometry follows torchvision's (output sizes, crop offsets, the RandomResizedCrop sampling
-loop), so numbers stay comparable with the OOD literature; resampling is PIL's, as in torchvision's
-PIL backend.
-
-Randomness: every random transform draws from ``torch``'s random number generator — the global
-one by default, or the ``torch.Generator`` given as ``generator``. The global one is seeded by
-``torch.manual_seed`` and re-seeded per worker by ``torch.utils.data.DataLoader``, so workers do not
-repeat each other's crops (a numpy ``Generator`` captured in a transform would be copied into every
-worker and repeat).
-
-Example:
     >>> train = Compose([RandomCrop(32, padding=4), RandomHorizontalFlip(), ToTensor(),
     ...                  Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     >>> train(np.zeros((32, 32, 3), np.uint8)).shape
@@ -47,6 +32,7 @@ __all__ = [
     "Normalize",
     "eval_transform",
     "to_rgb_uint8",
+    "to_model_range",
 ]
 
 INTERPOLATIONS = {
@@ -81,8 +67,7 @@ def _resize_exact(image: np.ndarray, height: int, width: int, interpolation: str
 
 
 def _pad(image: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    """Zero padding (``np.pad(mode="constant")``'s result, written directly: np.pad's argument handling
-    cost as much as the rest of a 32 × 32 training transform)."""
+    """Zero padding, as ``np.pad(mode="constant")`` but without its overhead."""
     if top == bottom == left == right == 0:
         return image
     h, w = image.shape[:2]
@@ -101,12 +86,7 @@ def _uniform(low: float, high: float, generator: torch.Generator | None) -> floa
 
 
 class Compose:
-    """Apply ``transforms`` one after the other.
-
-    Example:
-        >>> Compose([Resize(8), CenterCrop(8)])(np.zeros((16, 24, 3), np.uint8)).shape
-        (8, 8, 3)
-    """
+    """Apply ``transforms`` one after the other."""
 
     def __init__(self, transforms: Sequence[Callable]):
         self.transforms = list(transforms)
@@ -122,16 +102,8 @@ class Compose:
 
 
 class Resize:
-    """Resize so that the shorter side becomes ``size``, keeping the aspect ratio.
+    """Resize the shorter side to ``size``; the longer becomes ``int(size * long / short)``.
 
-    The longer side is ``int(size * long / short)`` (truncated, as torchvision does); an image whose
-    shorter side already is ``size`` is returned unchanged.
-
-    Args:
-        size: the shorter side after resizing.
-        interpolation: a key of :data:`INTERPOLATIONS` (PIL resampling filter).
-
-    Example:
         >>> Resize(32)(np.zeros((64, 96, 3), np.uint8)).shape
         (32, 48, 3)
     """
@@ -158,12 +130,8 @@ class Resize:
 
 
 class CenterCrop:
-    """Crop the centre ``size`` (an int for a square, or ``(height, width)``).
+    """Crop the centre ``size`` (offsets rounded as torchvision's; a smaller image is zero-padded).
 
-    The offsets are ``round((H - h) / 2)`` and ``round((W - w) / 2)`` like torchvision; an image
-    smaller than the crop is zero-padded (about evenly) first.
-
-    Example:
         >>> CenterCrop(2)(np.arange(16, dtype=np.uint8).reshape(4, 4, 1))[..., 0]
         array([[ 5,  6],
                [ 9, 10]], dtype=uint8)
@@ -188,18 +156,7 @@ class CenterCrop:
 
 
 class RandomCrop:
-    """Zero-pad every border by ``padding`` pixels, then crop ``size`` at a uniform random place.
-
-    Args:
-        size: crop size, an int for a square or ``(height, width)``.
-        padding: zero padding added on each of the four sides first (CIFAR: 4).
-        generator: the ``torch.Generator`` to draw from; ``None``: torch's global one.
-
-    Example:
-        >>> g = torch.Generator().manual_seed(0)
-        >>> RandomCrop(32, padding=4, generator=g)(np.zeros((32, 32, 3), np.uint8)).shape
-        (32, 32, 3)
-    """
+    """Zero-pad every border by ``padding`` pixels, then crop ``size`` at a uniform random place."""
 
     def __init__(self, size: int | Sequence[int], padding: int = 0,
                  generator: torch.Generator | None = None):
@@ -216,7 +173,7 @@ class RandomCrop:
         h, w = image.shape[:2]
         if th > h or tw > w:
             raise ValueError(f"crop {self.size} is larger than the padded image {(h, w)}")
-        # Draw nothing when there is nothing to choose, so the stream matches torchvision's.
+        # draw nothing when there is nothing to choose, as torchvision
         if (h, w) == (th, tw):
             return image
         top = _randint(h - th + 1, self.generator)
@@ -228,12 +185,7 @@ class RandomCrop:
 
 
 class RandomHorizontalFlip:
-    """Mirror left–right with probability ``p``.
-
-    Args:
-        p: flip probability.
-        generator: the ``torch.Generator`` to draw from; ``None``: torch's global one.
-    """
+    """Mirror left–right with probability ``p``."""
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None):
         self.p = float(p)
@@ -241,7 +193,7 @@ class RandomHorizontalFlip:
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
         if torch.rand(1, generator=self.generator).item() < self.p:
-            # A contiguous copy: torch.from_numpy refuses the negative strides of a view.
+            # torch.from_numpy refuses negative strides
             return np.ascontiguousarray(image[:, ::-1])
         return image
 
@@ -252,20 +204,9 @@ class RandomHorizontalFlip:
 class RandomResizedCrop:
     """Crop a random area and aspect ratio, then resize it to ``size`` (torchvision's algorithm).
 
-    Up to 10 tries draw an area fraction uniformly from ``scale`` and an aspect ratio
-    log-uniformly from ``ratio``; the first crop that fits is taken at a uniform random place.
-    If none fits, the centre crop with the aspect ratio clamped into ``ratio`` is used.
-
     Args:
-        size: output size, an int for a square or ``(height, width)``.
         scale: range of the crop's area as a fraction of the image's.
         ratio: range of the crop's width / height.
-        interpolation: a key of :data:`INTERPOLATIONS`.
-        generator: the ``torch.Generator`` to draw from; ``None``: torch's global one.
-
-    Example:
-        >>> RandomResizedCrop(224)(np.zeros((300, 400, 3), np.uint8)).shape
-        (224, 224, 3)
     """
 
     def __init__(self, size: int | Sequence[int], scale: tuple[float, float] = (0.08, 1.0),
@@ -313,20 +254,7 @@ class RandomResizedCrop:
 
 
 class RandomChoiceResize:
-    """Resize to exactly ``size × size`` with an interpolation chosen at random per image.
-
-    The outlier transform of METHOD.md §5 (CIFAR-100): generated outliers are shrunk to 32 with
-    nearest or bilinear interpolation, chosen uniformly.
-
-    Args:
-        size: output side (or ``(height, width)``).
-        interpolations: the filters to choose from (keys of :data:`INTERPOLATIONS`).
-        generator: the ``torch.Generator`` to draw from; ``None``: torch's global one.
-
-    Example:
-        >>> RandomChoiceResize(32)(np.zeros((256, 256, 3), np.uint8)).shape
-        (32, 32, 3)
-    """
+    """Resize to exactly ``size`` with a filter drawn per image (METHOD.md §5's outlier transform)."""
 
     def __init__(self, size: int | Sequence[int],
                  interpolations: Sequence[str] = ("nearest", "bilinear"),
@@ -369,16 +297,7 @@ class ToTensor:
 
 
 class Normalize:
-    """``(x - mean) / std`` per channel on a ``C × H × W`` (or ``N × C × H × W``) float tensor.
-
-    Args:
-        mean: per-channel means.
-        std: per-channel standard deviations (non-zero).
-
-    Example:
-        >>> Normalize([0.5] * 3, [0.5] * 3)(torch.ones(3, 2, 2)).unique().tolist()
-        [1.0]
-    """
+    """``(x - mean) / std`` per channel on a ``C × H × W`` (or ``N × C × H × W``) float tensor."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         if len(mean) != len(std):
@@ -398,33 +317,21 @@ class Normalize:
 
 
 def eval_transform(resize: int, image_size: int) -> Compose:
-    """The evaluation transform of METHOD.md §6: ``Resize(resize)`` then ``CenterCrop(image_size)``.
-
-    Maps ``uint8`` RGB arrays to ``uint8`` RGB arrays of ``image_size × image_size``.
-
-    Example:
-        >>> eval_transform(256, 224)(np.zeros((300, 500, 3), np.uint8)).shape
-        (224, 224, 3)
-    """
+    """The evaluation transform of METHOD.md §6: ``Resize(resize)`` then ``CenterCrop(image_size)``."""
     return Compose([Resize(resize), CenterCrop(image_size)])
 
 
 def to_rgb_uint8(image) -> np.ndarray:
-    """A PIL image or a numpy array as an ``H × W × 3`` ``uint8`` RGB array.
+    """A PIL image or a numpy array as an ``H × W × 3`` ``uint8`` RGB array (alpha dropped).
 
-    PIL images of any mode go through ``convert("RGB")`` (alpha is dropped, as the usual
-    OOD-benchmark loaders do, so numbers stay comparable); 16-bit grey is scaled to 8 bits first. Arrays may be
-    ``H × W`` or ``H × W × 1`` (grey, replicated), ``H × W × 3`` or ``H × W × 4`` (alpha dropped);
-    ``uint8`` as is, ``bool`` as 0/255, floats are read as ``[0, 1]`` and integers must lie in
-    ``[0, 255]``.
+    Arrays: grey is replicated, ``bool`` is 0/255, floats are read as ``[0, 1]``, integers ``[0, 255]``.
 
-    Example:
         >>> to_rgb_uint8(Image.new("L", (4, 2), 7)).shape
         (2, 4, 3)
     """
     if isinstance(image, Image.Image):
         if image.mode.startswith("I;16"):
-            # PIL's convert would clip 16-bit values at 255; scale to 8 bits instead.
+            # PIL's convert would clip 16-bit values at 255
             grey = (np.asarray(image, dtype=np.uint32) // 257).astype(np.uint8)
             return np.repeat(grey[:, :, None], 3, axis=2)
         if image.mode != "RGB":
@@ -451,3 +358,9 @@ def to_rgb_uint8(image) -> np.ndarray:
     elif array.shape[2] == 4:
         array = array[:, :, :3]
     return np.ascontiguousarray(array)
+
+
+def to_model_range(images: np.ndarray) -> torch.Tensor:
+    """``N × H × W × 3`` uint8 → ``N × 3 × H × W`` float32 in [-1, 1] (the diffusion models' range)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    return x.div(127.5).sub(1.0)

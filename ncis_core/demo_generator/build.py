@@ -1,11 +1,5 @@
-"""The demo generator's parts (:mod:`ncis_core.demo_generator`): SD 1.4's architecture, smaller.
+"""The demo generator's parts: SD 1.4's architecture, smaller, shaped by the ``generator`` config.
 
-A diffusers ``AutoencoderKL`` (32 × 32 RGB ↔ 4 × 8 × 8 latents), a ``UNet2DConditionModel`` with
-cross-attention on a transformers ``CLIPTextModel``, over the offline ``CLIPTokenizer`` of
-:func:`ncis_core.diffusion.build_tokenizer` with the words :data:`DEMO_WORDS` kept whole; all
-shaped by the ``generator`` config section. :func:`load_pipeline` reads a trained one back.
-
-Example (the ``smoke`` preset's toy sizes: three VAE levels, so 32 px images ↔ 8 × 8 latents):
     >>> from ncis_core.config import load_config
     >>> gcfg = load_config("smoke").generator
     >>> vae, unet = build_vae(gcfg), build_unet(gcfg)
@@ -30,8 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEMO_WORDS", "build_vae", "build_text_encoder", "build_unet", "count_parameters", "load_pipeline"]
 
-#: Words the tokenizer keeps whole: every demo class (ID and near-OOD, so stage 1's class tokens and
-#: near-OOD prompts are one token each) and the words of the training and generation prompts.
+#: Words the tokenizer keeps whole: every demo class (ID and near-OOD) and the prompts' words.
 DEMO_WORDS: tuple[str, ...] = tuple(DEMO_ID_CLASSES) + tuple(DEMO_NEAR_CLASSES) + (
     "an", "image", "of", "a", "the", "high", "quality")
 

@@ -1,14 +1,5 @@
-"""The demo generator's quality check (:mod:`ncis_core.demo_generator`): does it draw the class it
-is prompted with?
+"""The demo generator's quality check: how often a small classifier names the prompted class.
 
-:func:`class_consistency` counts how often a small classifier (:class:`QualityClassifier`, trained
-by :func:`train_quality_classifier` on the real ID images plus the VAE's reconstructions of them)
-names the class a generated image (:func:`generate_per_class`) was prompted with;
-:func:`reconstruction_rows` puts real images beside their VAE reconstructions for a montage.
-``benchmarks/generator_quality.py`` runs the whole check.
-
-Example (two images per class from the shipped generator in two steps; the judge here is a
-stand-in that always names class 0, where the real check uses :func:`train_quality_classifier`):
     >>> from ncis_core.assets import path
     >>> from ncis_core.demo_generator import load_pipeline
     >>> classes = ["bear", "cat"]
@@ -65,14 +56,7 @@ def generate_per_class(pipe, classes: Sequence[str], per_class: int, guidance_sc
 
 
 class QualityClassifier(nn.Module):
-    """A small CNN for 32 × 32 silhouettes (three conv stages, global pool, linear), only used to
-    judge the generator; the kit's real classifiers live in ``ncis_core.models``. Width 16 by
-    default: 4.6 ms per training image on one CPU thread (width 32 took 17 ms).
-
-    Example:
-        >>> QualityClassifier(6)(torch.zeros(2, 3, 32, 32)).shape
-        torch.Size([2, 6])
-    """
+    """A small CNN for 32 × 32 silhouettes, only used to judge the generator."""
 
     def __init__(self, num_classes: int, width: int = 16):
         super().__init__()
@@ -95,8 +79,7 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def train_quality_classifier(x: torch.Tensor, y: np.ndarray, num_classes: int, epochs: int = 4,
                              seed: int = 0, progress: bool = True) -> QualityClassifier:
-    """Train :class:`QualityClassifier` on ``x`` (``N × 3 × 32 × 32`` in [-1, 1]) with flips and
-    ±2 px shifts; Adam, batch 128, one-cycle-ish cosine learning rate."""
+    """Train :class:`QualityClassifier` on ``x`` (``N × 3 × 32 × 32`` in [-1, 1]) with flips and shifts."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = QualityClassifier(num_classes)
@@ -133,11 +116,7 @@ def _predict(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 def class_consistency(classifier: nn.Module, generated: np.ndarray, classes: Sequence[str]) -> dict:
     """How often ``classifier`` names the class each generated image was prompted with.
 
-    Args:
-        generated: ``C × n × H × W × 3`` uint8, row ``c`` prompted with ``classes[c]``.
-
-    Returns:
-        ``{"class_consistency": overall, "per_class": {name: fraction}, "confusion": C × C list}``.
+    ``generated``: ``C × n × H × W × 3`` uint8, row ``c`` prompted with ``classes[c]``.
     """
     c, n = generated.shape[:2]
     pred = _predict(classifier, _to_tensor(generated.reshape(c * n, *generated.shape[2:]))).reshape(c, n)

@@ -1,17 +1,9 @@
-"""The demo generator's training (:mod:`ncis_core.demo_generator`), on the ID training split only.
+"""The demo generator's training, on the ID training split only: :func:`train_vae` (then
+:func:`measure_scaling_factor`), :func:`train_unet` (UNet + text encoder with empty prompts for
+classifier-free guidance, EMA shipped) and :func:`train_generator`, which runs both, seeded and
+resumable, and saves the pipeline with ``save_pretrained``.
 
-Two phases, each seeded, checkpointed and resumable:
-
-1. the VAE (L1 reconstruction + a small KL term); then its ``scaling_factor`` is *measured* as
-   1 / std of the training latents (SD's 0.18215 belongs to SD's VAE, not to this one);
-2. the UNet and the text encoder together on the frozen VAE's latents, with the prompts
-   ``cfg.prompts`` ("An image of a {class}") and ``cfg.empty_prompt_prob`` empty prompts so that
-   classifier-free guidance works; an EMA of both is what gets shipped.
-
-:func:`train_generator` runs both and saves the pipeline with ``save_pretrained``.
-
-Example (the training images of the ``smoke`` preset, then a training run, skipped here: seconds
-on ``smoke``, about 35 minutes of CPU on ``demo``):
+Example (the ``smoke`` preset's training images; the training run is skipped):
     >>> from ncis_core.config import load_config
     >>> x, labels, classes = training_images(load_config("smoke"))
     >>> x.shape, float(x.min()) >= -1.0, float(x.max()) <= 1.0, np.bincount(labels).tolist()
@@ -32,13 +24,12 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-from torch import nn
 from tqdm.auto import tqdm
 
+from ..checkpoints import load_training_state, save_training_state
 from ..diffusion import build_pipeline, build_scheduler, build_tokenizer
 from ..progress import bar_options
-from ..runs import atomic_path, atomic_write_json
+from ..runs import atomic_write_json
 from .build import DEMO_WORDS, build_text_encoder, build_unet, build_vae, count_parameters
 
 if TYPE_CHECKING:
@@ -89,53 +80,21 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 # ------------------------------------------------------------------------------------ checkpoints
 
-def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
-               for i, state in sd["state"].items() for k, v in state.items()}
-    return tensors, sd["param_groups"]
+def _resume(work: Path, name: str, objects: dict, config: dict) -> dict | None:
+    """The phase's training state (:func:`~ncis_core.checkpoints.load_training_state`) loaded into
+    ``objects``, or None; a checkpoint of another generator config is refused."""
+    def same_config(state: dict) -> None:
+        saved = state.get("config", {})
+        if saved != config:
+            changed = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
+            raise ValueError(f"the checkpoint {work / name}.json was made with a different generator config "
+                             f"({', '.join(changed)}); delete it and {name}.safetensors beside it to redo "
+                             f"this phase, or pass --fresh to start over")
 
-
-def _unflat_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _save_checkpoint(folder: Path, name: str, modules: dict[str, nn.Module], opt, state: dict) -> None:
-    """``<name>.safetensors`` (weights, EMA, optimizer) + ``<name>.json`` (step, history, config);
-    written atomically and JSON last, so a kill mid-save leaves the previous checkpoint usable."""
-    tensors = {f"{m}/{k}": v.detach().contiguous() for m, mod in modules.items()
-               for k, v in mod.state_dict().items()}
-    opt_tensors, groups = _flat_optimizer(opt)
-    tensors.update({f"optimizer/{k}": v for k, v in opt_tensors.items()})
-    with atomic_path(folder / f"{name}.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    atomic_write_json(folder / f"{name}.json", {**state, "optimizer_groups": groups})
-
-
-def _load_checkpoint(folder: Path, name: str, modules: dict[str, nn.Module], opt, config: dict
-                     ) -> dict | None:
-    meta_path = folder / f"{name}.json"
-    if not meta_path.exists():
-        return None
-    meta = json.loads(meta_path.read_text())
-    if meta.get("config") != config:
-        changed = sorted(k for k in set(config) | set(meta.get("config", {}))
-                         if config.get(k) != meta.get("config", {}).get(k))
-        raise ValueError(f"the checkpoint {meta_path} was made with a different generator config "
-                         f"({', '.join(changed)}); delete {meta_path} and {name}.safetensors beside it "
-                         f"to redo this phase, or pass --fresh to start over")
-    tensors = load_file(str(folder / f"{name}.safetensors"))
-    for m, mod in modules.items():
-        prefix = f"{m}/"
-        mod.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-    _unflat_optimizer(opt, {k[len("optimizer/"):]: v for k, v in tensors.items()
-                            if k.startswith("optimizer/")}, meta.pop("optimizer_groups"))
-    log.info("resuming %s from step %d (%s)", name, meta["step"], meta_path)
-    return meta
+    state = load_training_state(work, name, objects, same_config)
+    if state is not None:
+        log.info("resuming %s from step %d (%s)", name, state["step"], work / f"{name}.json")
+    return state
 
 
 def _phase_config(gcfg: "GeneratorConfig", keys: Sequence[str], seed: int) -> dict:
@@ -162,8 +121,11 @@ def train_vae(vae, x: torch.Tensor, gcfg: "GeneratorConfig", work: Path, seed: i
     from them. Returns the loss history (one value per step, the resumed part included).
     """
     opt = torch.optim.AdamW(vae.parameters(), lr=gcfg.vae_lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: _lr_factor(step, gcfg.vae_steps, gcfg.warmup_steps))
+    objects = {"vae": vae, "optimizer": opt, "schedule": schedule}
     config = _phase_config(gcfg, _VAE_KEYS, seed)
-    meta = _load_checkpoint(work, "vae", {"vae": vae}, opt, config)
+    meta = _resume(work, "vae", objects, config)
     start, history = (meta["step"], meta["history"]) if meta else (0, [])
     vae.train()
     bar = tqdm(range(start, gcfg.vae_steps), initial=start, total=gcfg.vae_steps, desc="VAE",
@@ -171,8 +133,6 @@ def train_vae(vae, x: torch.Tensor, gcfg: "GeneratorConfig", work: Path, seed: i
     for step in bar:
         g = _step_generator(seed, 1, step)
         xb, _ = _batch(x, gcfg.vae_batch_size, g, gcfg.hflip)
-        for group in opt.param_groups:
-            group["lr"] = gcfg.vae_lr * _lr_factor(step, gcfg.vae_steps, gcfg.warmup_steps)
         posterior = vae.encode(xb).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
         rec = vae.decode(z).sample
@@ -181,12 +141,12 @@ def train_vae(vae, x: torch.Tensor, gcfg: "GeneratorConfig", work: Path, seed: i
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
         history.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(history[-20:]):.4f}")
         if (step + 1) % gcfg.checkpoint_every == 0 or step + 1 == gcfg.vae_steps:
-            _save_checkpoint(work, "vae", {"vae": vae}, opt,
-                             {"step": step + 1, "history": history, "config": config})
+            save_training_state(work, "vae", objects, {"step": step + 1, "history": history, "config": config})
     bar.close()
     vae.eval()
     return history
@@ -205,49 +165,11 @@ def _encode_all(vae, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, t
 @torch.no_grad()
 def measure_scaling_factor(vae, x: torch.Tensor, seed: int = 0) -> float:
     """1 / std of posterior samples of the images ``x``: the factor that gives the UNet unit-variance
-    latents, as SD's 0.18215 did for SD's own VAE (leaving 0.18215 here would shrink the latents
-    and break the noise schedule's signal-to-noise ratios)."""
+    latents, as SD's 0.18215 did for SD's own VAE."""
     mean, std = _encode_all(vae, x)
     g = torch.Generator().manual_seed(seed)
     z = mean + std * torch.randn(mean.shape, generator=g)
     return float(1.0 / z.std())
-
-
-class _EMA:
-    """Exponential moving average of a module's parameters (buffers copied as they are)."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        # Warm-up of the decay (1+s)/(10+s): early averages would otherwise hold the random init.
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.shadow = {k: v.clone() for k, v in state.items()}
-
-
-class _Holder(nn.Module):
-    # Lets an _EMA travel through the checkpoint helpers, which take nn.Modules.
-    def __init__(self, ema: _EMA):
-        super().__init__()
-        self.ema = ema
-
-    def state_dict(self, *args, **kwargs):
-        return self.ema.state_dict()
-
-    def load_state_dict(self, state, strict=True, assign=False):
-        self.ema.load_state_dict(state)
 
 
 def train_unet(unet, text_encoder, tokenizer, latents: tuple[torch.Tensor, torch.Tensor],
@@ -264,8 +186,10 @@ def train_unet(unet, text_encoder, tokenizer, latents: tuple[torch.Tensor, torch
         work: checkpoint folder (``unet.safetensors`` + ``unet.json``); resumed when present.
 
     Returns:
-        ``(loss history, EMA state of the UNet, EMA state of the text encoder)``.
+        ``(loss history, EMA of the UNet, EMA of the text encoder)``, diffusers ``EMAModel`` objects.
     """
+    from diffusers.training_utils import EMAModel  # not at module level: seconds to import
+
     noise_sched = build_scheduler("ddpm")
     alphas = noise_sched.alphas_cumprod
     # All prompts are known up front: tokenise them once; the text encoder runs on the distinct
@@ -278,11 +202,16 @@ def train_unet(unet, text_encoder, tokenizer, latents: tuple[torch.Tensor, torch
     params = [{"params": unet.parameters(), "lr": gcfg.unet_lr},
               {"params": text_encoder.parameters(), "lr": gcfg.text_lr}]
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
-    ema_u, ema_t = _EMA(unet, gcfg.ema_decay), _EMA(text_encoder, gcfg.ema_decay)
-    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": _Holder(ema_u),
-               "ema_text_encoder": _Holder(ema_t)}
+    # one factor for both groups, each on its own base rate (unet_lr, text_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: _lr_factor(step, gcfg.unet_steps, gcfg.warmup_steps))
+    # decay min(ema_decay, (1 + s) / (10 + s)) from the second update on; the first copies the weights
+    ema_u = EMAModel(unet.parameters(), decay=gcfg.ema_decay)
+    ema_t = EMAModel(text_encoder.parameters(), decay=gcfg.ema_decay)
+    objects = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_u, "ema_text_encoder": ema_t,
+               "optimizer": opt, "schedule": schedule}
     config = _phase_config(gcfg, _UNET_KEYS, seed)
-    meta = _load_checkpoint(work, "unet", modules, opt, config)
+    meta = _resume(work, "unet", objects, config)
     start, history = (meta["step"], meta["history"]) if meta else (0, [])
     mean, std = latents
     unet.train(), text_encoder.train()
@@ -304,24 +233,21 @@ def train_unet(unet, text_encoder, tokenizer, latents: tuple[torch.Tensor, torch
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         pred = unet(zt, t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, noise)
-        factor = _lr_factor(step, gcfg.unet_steps, gcfg.warmup_steps)
-        opt.param_groups[0]["lr"] = gcfg.unet_lr * factor
-        opt.param_groups[1]["lr"] = gcfg.text_lr * factor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        ema_u.update(unet, step)
-        ema_t.update(text_encoder, step)
+        schedule.step()
+        ema_u.step(unet.parameters())
+        ema_t.step(text_encoder.parameters())
         history.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(history[-50:]):.4f}")
         if (step + 1) % gcfg.checkpoint_every == 0 or step + 1 == gcfg.unet_steps:
-            _save_checkpoint(work, "unet", modules, opt,
-                             {"step": step + 1, "history": history, "config": config})
+            save_training_state(work, "unet", objects, {"step": step + 1, "history": history, "config": config})
     bar.close()
     unet.eval(), text_encoder.eval()
-    return history, ema_u.state_dict(), ema_t.state_dict()
+    return history, ema_u, ema_t
 
 
 def train_generator(cfg: "ExperimentConfig", out: str | Path | None = None, work: str | Path | None = None,
@@ -345,8 +271,7 @@ def train_generator(cfg: "ExperimentConfig", out: str | Path | None = None, work
     work.mkdir(parents=True, exist_ok=True)
     seed = cfg.run.seed
     if gcfg.threads > 0:
-        # On a shared CPU, more intra-op threads than free cores make every op spin-wait: one
-        # thread measured 0.8 s per UNet step where two took 3-15 s beside another job.
+        # on a shared CPU, more intra-op threads than free cores make every op spin-wait
         torch.set_num_threads(gcfg.threads)
     seed_everything(seed)  # module initialisation below draws from the global generator
     x, labels, classes = training_images(cfg)
@@ -376,8 +301,8 @@ def train_generator(cfg: "ExperimentConfig", out: str | Path | None = None, work
     unet_history, ema_u, ema_t = train_unet(unet, text_encoder, tokenizer, (mean * scale, std * scale),
                                             labels_all, classes, gcfg, work, seed, progress)
     t_unet = time.time() - t0
-    unet.load_state_dict(ema_u)
-    text_encoder.load_state_dict(ema_t)
+    ema_u.copy_to(unet.parameters())
+    ema_t.copy_to(text_encoder.parameters())
 
     pipe = build_pipeline(vae, text_encoder, tokenizer, unet)
     if gcfg.save_dtype == "float16":

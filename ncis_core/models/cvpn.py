@@ -1,22 +1,9 @@
 """The conditional volume-preserving network (cVPN) of NCIS (METHOD.md §2).
 
-``f = O_{L+1} ∘ A_L ∘ O_L ∘ … ∘ A_1 ∘ O_1`` maps an embedding ``x ∈ R^D`` of class ``c`` to ``z``;
-training pushes the last ``k`` outputs of ``z`` (the *invariants*) to zero. Every block has unit
-Jacobian determinant and an exact inverse:
-
-* :class:`Orthogonal` — ``y = Q x + b`` with ``Q = exp(U − Uᵀ)`` (``U``: strict upper triangle of a
-  free ``D × D`` parameter, or only that triangle when ``packed=True``); ``x = Qᵀ (y − b)``;
-* :class:`ConditionalAdditiveCoupling` — ``y₁ = x₁ + m(x₂, e_c)``, ``y₂ = x₂``;
-* :class:`CVPN` — the whole network with one class-embedding table shared by all couplings.
-
-The matrix exponential dominates the cost at ``D = 768``. :func:`skew_expm` computes all layers'
-exponentials in one batched call. Its default CPU method uses that a skew-symmetric ``A`` satisfies
-``exp(A) = cos(Θ) + sinc(Θ) A`` with ``Θ² = AᵀA``: one symmetric eigendecomposition in float64,
-a few matrix products, and a hand-written backward (Daleckii–Krein with closed-form, cancellation-free
-divided differences) instead of PyTorch's ``matrix_exp`` backward through a ``2D × 2D`` block
-exponential. It is the same function (to ≈1e-13 in float64) and its ``Q`` is orthogonal to float64
-precision, so the inverse stays exact in float32. In evaluation (no grad) the matrices are cached
-until a parameter changes.
+``f = O_{L+1} ∘ A_L ∘ O_L ∘ … ∘ A_1 ∘ O_1`` maps an embedding ``x`` of class ``c`` to ``z``; training
+pushes the last ``k`` outputs (the invariants) to zero. Blocks (unit Jacobian, exact inverse):
+:class:`Orthogonal` (``Q = exp(U − Uᵀ)``), :class:`ConditionalAdditiveCoupling`; :class:`CVPN`
+shares one class-embedding table; :func:`skew_expm` computes all layers' exponentials at once.
 
 Example:
     >>> net = CVPN(dim=8, num_classes=3, num_layers=2)
@@ -69,10 +56,7 @@ def _phi_cos(a: torch.Tensor) -> torch.Tensor:
 def _phi_sinc(a: torch.Tensor, series_terms: int = 14) -> torch.Tensor:
     """Divided differences of g(s) = sin(√s)/√s at s_i = a_i², accurate to ~1e-15 everywhere.
 
-    Three regions: both s < 1 → the power series of g (no cancellation for s ≥ 0);
-    |s_i − s_j| ≥ ½ → the plain quotient; otherwise (close, both ≥ ½) the closed form
-    [u(p) sinc(q) − u(q) sinc(p)] / (2 a_i a_j) with p, q = (a_i ± a_j)/2 and u(t) = cos t − sinc t.
-    The last two regions are evaluated only where they apply (a thin band near the diagonal).
+    Both s < 1: g's power series; |s_i − s_j| ≥ ½: the quotient; else a closed form (design notes).
     """
     s = a * a
     x, y = s[..., :, None], s[..., None, :]
@@ -101,9 +85,8 @@ def _phi_sinc(a: torch.Tensor, series_terms: int = 14) -> torch.Tensor:
 
 
 def _eigh(s_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh``; on the CPU with one thread: multi-threaded LAPACK eigh stalls for
-    seconds when the cores are oversubscribed (measured: 0.04 s → 0.2–25 s at D=256 on 2 busy
-    cores), while its single-threaded time stays within ≈1.5× of the best multi-threaded one."""
+    """``torch.linalg.eigh``; on the CPU with one thread (multi-threaded LAPACK eigh stalls when
+    the cores are oversubscribed)."""
     if s_mat.device.type != "cpu" or torch.get_num_threads() == 1:
         return torch.linalg.eigh(s_mat)
     threads = torch.get_num_threads()
@@ -117,8 +100,7 @@ def _eigh(s_mat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class _SkewExpEigh(torch.autograd.Function):
     """exp(A) for skew-symmetric A (…, D, D) through the eigendecomposition of AᵀA, in float64.
 
-    Returns ``(Q, W, θ, WᵀA)``; only ``Q`` is differentiable (the rest is what the backward needs).
-    Written in the ``setup_context`` style so that ``torch.func`` transforms (``jacrev``) work.
+    Returns ``(Q, W, θ, WᵀA)``; only ``Q`` is differentiable (``setup_context`` style, for ``torch.func``).
     """
 
     generate_vmap_rule = True
@@ -144,8 +126,7 @@ class _SkewExpEigh(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_q, *_):
         a, w, theta, wt_a = ctx.saved_tensors
-        # The gradient needs ~1e-6 relative accuracy, not float64's: float32 halves the cost of the
-        # six matrix products (the forward, whose Q must stay orthogonal, is float64).
+        # float32 suffices for the gradient (the forward, whose Q must stay orthogonal, is float64)
         dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
         w, wt_a, g = w.to(dtype), wt_a.to(dtype), grad_q.to(dtype)
         theta = theta.to(torch.float64)
@@ -165,13 +146,11 @@ def skew_expm(a: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """The matrix exponential of skew-symmetric matrices ``a`` (``… × D × D``), batched.
 
     Args:
-        a: skew-symmetric matrices (``aᵀ = −a``); the result is orthogonal with determinant 1.
-        method: ``eigh`` (float64 eigendecomposition of ``aᵀa`` with a hand-written backward; the
-            CPU default), ``matrix_exp`` (``torch.linalg.matrix_exp`` in float64 with autograd; the
-            default on accelerators, where it is cheap and ``eigh`` is not), or ``auto``.
+        method: ``eigh`` (float64, hand-written backward; the CPU's ``auto``) or ``matrix_exp``
+            (``torch.linalg.matrix_exp`` in float64; ``auto`` on accelerators).
 
     Returns:
-        ``exp(a)`` in ``a``'s dtype. On MPS (no float64) the computation runs on the CPU.
+        ``exp(a)`` in ``a``'s dtype, orthogonal with determinant 1 (on MPS computed on the CPU).
     """
     if method not in EXPM_METHODS:
         raise ValueError(f"unknown expm method {method!r}; use one of {', '.join(EXPM_METHODS)}")
@@ -191,17 +170,8 @@ class Orthogonal(nn.Module):
     """``y = Q x + b``, ``Q = exp(U − Uᵀ)`` (``det Q = 1``); inverse ``x = Qᵀ (y − b)``.
 
     Args:
-        dim: the width ``D``.
-        packed: store only the strict upper triangle of ``U`` (``D(D−1)/2`` numbers) instead of the
-            paper's free ``D × D`` parameter whose lower part is unused. Both draw the same full
-            ``U(−π, π)`` matrix at init, so for one seed both give the same function.
+        packed: store only the strict upper triangle of ``U``; the same function for one seed.
         expm: method of :func:`skew_expm`.
-
-    Example:
-        >>> layer = Orthogonal(4)
-        >>> x = torch.randn(3, 4)
-        >>> torch.allclose(layer.inverse(layer(x)), x, atol=1e-6)
-        True
     """
 
     def __init__(self, dim: int, packed: bool = False, expm: str = "auto"):
@@ -243,19 +213,7 @@ class Orthogonal(nn.Module):
 class ConditionalAdditiveCoupling(nn.Module):
     """``y₁ = x₁ + m(x₂, e)``, ``y₂ = x₂`` with ``x₁`` the first ``⌊D/2⌋`` entries; ``det = 1``.
 
-    The conditioner (METHOD.md §2), ``H`` hidden units:
-    ``h = Lin(x₂ → H) → Sigmoid → Lin(H → H)``, ``g = SiLU(e) → Lin(H → H)``,
-    ``m = Lin(H → ⌊D/2⌋)(Sigmoid(Lin(H → H)(Sigmoid(h + g))))``.
-
-    Args:
-        dim: the width ``D``.
-        hidden: ``H`` (also the width of the class embedding ``e`` it receives).
-
-    Example:
-        >>> block = ConditionalAdditiveCoupling(6, 12)
-        >>> x, e = torch.randn(2, 6), torch.randn(2, 12)
-        >>> torch.allclose(block.inverse(block(x, e), e), x, atol=1e-6)
-        True
+    ``m``: METHOD.md §2's conditioner with ``hidden`` units, also the class embedding ``e``'s width.
     """
 
     def __init__(self, dim: int, hidden: int):
@@ -286,17 +244,10 @@ class CVPN(nn.Module):
     """The conditional volume-preserving network ``f(·; c)`` (METHOD.md §2).
 
     Args:
-        dim: the embedding width ``D``.
-        num_classes: ``C``.
         num_layers: coupling layers ``L`` (``L + 1`` orthogonal layers); the paper uses 4.
         hidden: conditioner width ``H``; default ``4·⌈D/2⌉``.
-        packed: orthogonal layers store only their strict upper triangles (see :class:`Orthogonal`).
-        expm: method of :func:`skew_expm`.
+        packed, expm: as :class:`Orthogonal`.
 
-    ``forward(x, labels) -> z`` and ``inverse(z, labels) -> x``; both compute all ``L + 1``
-    orthogonal matrices with one batched :func:`skew_expm` call (or take them as ``matrices``).
-
-    Example:
         >>> net = CVPN(dim=768, num_classes=100)  # the paper's: SD 1.4's token width, 100 classes
         >>> sum(p.numel() for p in net.parameters())
         36162816
@@ -378,8 +329,7 @@ def pca_spectra(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int
 
 
 def invariants_per_class(spectra: list[np.ndarray], dim: int, variance_pct: float = 5.0) -> np.ndarray:
-    """``k_c = D − i_c`` with ``i_c`` the first (0-based) index where the cumulative explained-variance
-    ratio exceeds ``1 − p/100`` (a class without variance has ``k_c = D``)."""
+    """``k_c = D − i_c``, ``i_c`` the first index where the cumulative ratio exceeds ``1 − p/100``."""
     threshold = 1 - variance_pct / 100
     ks = []
     for ratio in spectra:

@@ -1,15 +1,7 @@
-"""Classifiers for stage 5: CIFAR-stem ResNet-18/34, an ImageNet-stem ResNet-34, a small demo
-network, and the energy head φ. Written here because torchvision cannot be installed beside the
-kit's torch; state-dict keys follow torchvision's layout so that its checkpoints load as they are.
+"""Classifiers for stage 5: CIFAR- and ImageNet-stem ResNet-18/34, a small demo network, and the
+energy head φ, in torchvision's state-dict layout. Every network returns logits (and, with
+``return_features=True``, the penultimate features).
 
-Read top to bottom: :class:`BasicBlock` → :class:`ResNet` → :func:`resnet18` / :func:`resnet34`
-→ :class:`SmallNet` → :class:`EnergyHead` → :func:`remap_ood_checkpoint` (the ``encoder.*`` /
-``shortcut.*`` layout of the OOD literature's CIFAR checkpoints).
-
-Every network returns logits and, with ``return_features=True``, also the penultimate features
-(for the Mahalanobis score).
-
-Example:
     >>> net = resnet34(num_classes=100)
     >>> net(torch.zeros(2, 3, 32, 32)).shape
     torch.Size([2, 100])
@@ -32,17 +24,17 @@ __all__ = [
     "build_classifier",
     "EnergyHead",
     "remap_ood_checkpoint",
+    "MEMORY_FORMAT",
 ]
+
+# NHWC everywhere (stages 5 and 6): NCHW's arithmetic up to rounding, faster on GPUs and CPUs
+MEMORY_FORMAT = torch.channels_last
 
 
 class BasicBlock(nn.Module):
     """Two 3 × 3 convolutions with a residual connection (ResNet-18/34's block).
 
-    Args:
-        in_planes: input channels.
-        planes: output channels.
-        stride: stride of the first convolution; a 1 × 1 projection (``downsample``) matches the
-            shortcut when the shape changes.
+    A 1 × 1 projection (``downsample``) matches the shortcut when ``stride`` or width change it.
     """
 
     expansion = 1
@@ -70,9 +62,7 @@ class ResNet(nn.Module):
 
     Args:
         blocks: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-34.
-        num_classes: output classes.
-        stem: ``"cifar"`` (3 × 3 conv, stride 1, no max-pool; for 32 × 32 inputs) or ``"imagenet"``
-            (7 × 7 conv, stride 2, 3 × 3 max-pool; torchvision's, for 224 × 224 and its weights).
+        stem: ``"cifar"`` (3 × 3 conv, no max-pool) or ``"imagenet"`` (torchvision's 7 × 7 + max-pool).
     """
 
     def __init__(self, blocks: tuple[int, ...], num_classes: int, stem: str = "cifar"):
@@ -126,12 +116,7 @@ def resnet34(num_classes: int, stem: str = "cifar") -> ResNet:
 
 
 class SmallNet(nn.Module):
-    """A small, fast CNN for the 32 × 32 demo world (three conv–BN–ReLU stages, global pooling).
-
-    Args:
-        num_classes: output classes.
-        width: channels of the first stage (doubled at each of the next two).
-    """
+    """A small, fast CNN for the 32 × 32 demo world: three conv–BN–ReLU stages of ``width`` × 1, 2, 4."""
 
     def __init__(self, num_classes: int, width: int = 32):
         super().__init__()
@@ -173,14 +158,9 @@ class EnergyHead(nn.Module):
     """φ: the energy score s(x) = logsumexp of the logits → 2 logits (outlier, ID) (METHOD.md §5).
 
     Args:
-        kind: ``"linear"`` — the paper's ``Linear(1 → 2)`` (or ``Linear(1→hidden)→ReLU→Linear(hidden→2)``):
-            the direction is free, and its slope a = w₁ − w₀ can converge negative, which ranks
-            every OOD set backwards under the energy score (METHOD.md defect 6); ``"monotone"`` —
-            the ID-logit minus outlier-logit is a non-decreasing function of s: a = softplus(ρ) > 0
-            (with ``hidden``: positive weights through a ReLU layer).
+        kind: ``"linear"`` (the paper's; its slope can turn negative) or ``"monotone"`` (slope > 0).
         hidden: 0 for the single linear layer; 512 for the ImageNet-100 head.
 
-    Example:
         >>> head = EnergyHead("monotone")
         >>> head(torch.tensor([0.5, 2.0])).shape, bool(head.slope() > 0)
         (torch.Size([2, 2]), True)
@@ -223,8 +203,7 @@ class EnergyHead(nn.Module):
 
     @torch.no_grad()
     def slope(self, at: torch.Tensor | None = None) -> torch.Tensor:
-        """d margin / d s: the slope a = w₁ − w₀ of a linear head; for an MLP head the mean finite
-        difference over the scores ``at`` (default: s ∈ [−20, 20]). Negative = ranks backwards."""
+        """d margin / d s (an MLP head's: the mean over ``at``); negative = ranks backwards."""
         if self.hidden == 0 and self.kind == "linear":
             w = self.net.weight[:, 0]
             return w[1] - w[0]
@@ -239,13 +218,8 @@ _OOD_KEY = re.compile(r"^(?:module\.)?(?:encoder\.)?(.*)$")
 
 
 def remap_ood_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the OOD literature's CIFAR ResNet keys to this module's (torchvision's) layout.
+    """Rename the OOD literature's CIFAR ResNet keys to torchvision's layout (which passes unchanged).
 
-    ``module.`` (DataParallel) and ``encoder.`` prefixes are dropped; ``…shortcut.0.*`` (1 × 1 conv)
-    and ``…shortcut.1.*`` (BN) become ``…downsample.0.*`` / ``…downsample.1.*``. Keys already in
-    torchvision's layout pass unchanged, so the same function serves both kinds of file.
-
-    Example:
         >>> sorted(remap_ood_checkpoint({"module.encoder.layer2.0.shortcut.1.weight": torch.ones(1)}))
         ['layer2.0.downsample.1.weight']
     """

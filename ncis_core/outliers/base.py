@@ -1,82 +1,29 @@
-"""What an outlier method is, and the registry every part of the kit iterates over.
+"""The registry of outlier methods that every part of the kit iterates over; :func:`register_method` adds one.
 
-An :class:`OutlierMethod` says what it **needs** (stage 1's embeddings, the trained cVPN, the class
-tokens' rows of the generator's embedding table), what it **produces** — outlier *embeddings* that
-stage 4 renders into images, *prompt images* (the plain class prompt rendered, nothing injected), or
-*nothing* (the plain cross-entropy baseline) — and, for methods with parameters, a dataclass of them
-whose defaults are the paper's (overridden in a run by ``sample.method_args.<name>.<key>``).
-
-Stage 3 (``sample.method``), the rendering of every other method's images, stage 5's outlier source
-(``classifier.outliers``), ``compare --methods``, the UMAP maps and the explorer all ask this
-registry, so a new method is one module plus one :func:`register_method` call.
-
-Example:
-    >>> from ncis_core.outliers import method_names
-    >>> "ncis" in method_names()
-    True
-    >>> method_names(produces=NOTHING)
-    ['none']
+>>> "ncis" in method_names(), method_names(produces=NOTHING)
+(True, ['none'])
 """
 
 from __future__ import annotations
 
 import dataclasses
 import typing
-from dataclasses import dataclass
-from typing import Any, Callable
 
-# config.py imports this module to validate method names: it imports nothing of the kit
+from . import idgen, knn_boundary, linear, ncis, none
+from .spec import EMBEDDINGS, NEEDS, NOTHING, PROMPT_IMAGES, OutlierMethod
 
-__all__ = ["EMBEDDINGS", "PROMPT_IMAGES", "NOTHING", "NEEDS", "OutlierMethod", "register_method",
+__all__ = ["EMBEDDINGS", "PROMPT_IMAGES", "NOTHING", "NEEDS", "OutlierMethod", "BUILT_IN", "register_method",
            "unregister_method", "get_method", "method_names", "methods", "method_params",
-           "check_method_args", "method_inputs"]
+           "check_method_args"]
 
-EMBEDDINGS = "embeddings"        # outlier embeddings (C × M × D); stage 4 renders them
-PROMPT_IMAGES = "prompt_images"  # images of the plain class prompt, nothing injected
-NOTHING = "nothing"              # no outliers: stage 5 trains without the energy term
-_PRODUCES = (EMBEDDINGS, PROMPT_IMAGES, NOTHING)
-NEEDS = ("embeddings", "cvpn", "class_token_rows")
-
-
-@dataclass(frozen=True)
-class OutlierMethod:
-    """One outlier method.
-
-    Args:
-        name: the name in configs, tables and folders (``outliers_<name>/``).
-        label: how figures and the explorer write it (e.g. ``"NCIS"``).
-        summary: one line for tables and ``--help``.
-        produces: :data:`EMBEDDINGS`, :data:`PROMPT_IMAGES` or :data:`NOTHING`.
-        needs: a subset of :data:`NEEDS` (``embeddings``: stage 1's file; ``cvpn``: stage 2's
-            checkpoint; ``class_token_rows``: the generator's embedding-table rows of the class tokens).
-        sample: for :data:`EMBEDDINGS`: ``sample(inputs, params, progress) -> dict`` with ``outliers``
-            (C × M × D float32) and optionally ``log_density`` (C × M, under the Gaussian a draw came
-            from; NaN where the method draws from none). ``inputs`` is a
-            :class:`~ncis_core.outliers.inputs.SampleInputs`.
-        params: a frozen dataclass of the method's parameters (defaults = the paper's), or None.
-        flops: ``flops(params, rows_per_class, dim) -> float``, the FLOPs the sampler spends per
-            class (for ``python -m ncis_core plan``), or None when negligible.
-    """
-
-    name: str
-    label: str
-    summary: str
-    produces: str
-    needs: tuple[str, ...] = ()
-    sample: Callable[[Any, Any, bool], dict] | None = None  # (SampleInputs, params, progress)
-    params: type | None = None
-    flops: Callable[[Any, int, int], float] | None = None
-
-    def __post_init__(self):
-        if self.produces not in _PRODUCES:
-            raise ValueError(f"outlier method {self.name!r}: produces must be one of {_PRODUCES}")
-        unknown = set(self.needs) - set(NEEDS)
-        if unknown:
-            raise ValueError(f"outlier method {self.name!r}: unknown needs {sorted(unknown)}; use {NEEDS}")
-        if (self.produces == EMBEDDINGS) != (self.sample is not None):
-            raise ValueError(f"outlier method {self.name!r}: a sample function exactly when it "
-                             f"produces embeddings")
-
+# The built-in methods, in the order tables list them: one line per method module.
+BUILT_IN = (
+    none.METHOD,          # no outliers (cross-entropy only)
+    idgen.METHOD,         # the plain class prompt rendered (the control)
+    linear.METHOD,        # tail sampling in embedding space (the paper's ablation)
+    ncis.METHOD,          # tail sampling in the cVPN's latent space, mapped back (the method)
+    knn_boundary.METHOD,  # Dream-OOD's boundary sampler on the same embeddings
+)
 
 _REGISTRY: dict[str, OutlierMethod] = {}
 _RESERVED = ("folder",)  # classifier.outliers=folder: any folder of images, not a method
@@ -117,8 +64,7 @@ def method_names(produces: str | tuple[str, ...] | None = None) -> list[str]:
 
 
 def method_params(method: OutlierMethod, method_args: dict | None) -> Any:
-    """The method's parameters: its dataclass defaults, overridden by ``method_args[method.name]``
-    (``sample.method_args``); None for a method without parameters."""
+    """The method's parameters: its defaults overridden by ``method_args[name]``; None without any."""
     if method.params is None:
         return None
     given = dict((method_args or {}).get(method.name) or {})
@@ -146,8 +92,7 @@ def method_params(method: OutlierMethod, method_args: dict | None) -> Any:
 
 
 def check_method_args(method_args: dict | None) -> None:
-    """Refuse ``sample.method_args`` naming an unknown method, a method without parameters, or a
-    parameter the method does not take (one line each, naming the key)."""
+    """Refuse ``sample.method_args`` keys naming an unknown method or parameter (ValueError)."""
     for name in (method_args or {}):
         method = get_method(name) if name in _REGISTRY else None
         if method is None:
@@ -158,11 +103,5 @@ def check_method_args(method_args: dict | None) -> None:
         method_params(method, method_args)
 
 
-def method_inputs(cfg, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """``(artefacts, config sections)`` that method ``name``'s outlier embeddings depend on."""
-    method = get_method(name)
-    artefacts = tuple(a for need, a in (("embeddings", "embeddings"), ("cvpn", "cvpn_best"))
-                      if need in method.needs)
-    sections = ("sample", "cvpn.holdout_fraction") + (
-        ("diffusion", "embed.resolution") if "class_token_rows" in method.needs else ())
-    return artefacts, sections
+for _method in BUILT_IN:
+    register_method(_method)

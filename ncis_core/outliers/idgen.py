@@ -3,10 +3,10 @@ boundary sampling adds anything beyond "generated images are outliers"."""
 
 from __future__ import annotations
 
-from .base import PROMPT_IMAGES, OutlierMethod, register_method
+from .spec import PROMPT_IMAGES, OutlierMethod
 
 __all__ = ["METHOD"]
 
-METHOD = register_method(OutlierMethod(
+METHOD = OutlierMethod(
     name="idgen", label="plain prompt", produces=PROMPT_IMAGES,
-    summary="the plain class prompt rendered, no injected embedding (the null NCIS must beat)"))
+    summary="the plain class prompt rendered, no injected embedding (the null NCIS must beat)")

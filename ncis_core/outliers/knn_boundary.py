@@ -1,36 +1,8 @@
 """``knn_boundary``: Dream-OOD's sampler (NPOS-style, METHOD.md §3b) on the stage-1 embeddings.
-
-Per class, with the rows ``u_i = x_i / ‖x_i‖`` (N of them):
-
-1. ``d_i`` = squared L2 distance from ``u_i`` to its ``k``-th nearest neighbour among the class's
-   rows, the point itself counting as its own first neighbour;
-2. the boundary set B = the ``select`` rows with the largest ``d_i``;
-3. ``rounds`` times, for each boundary point ``b`` in a random order of B: ``candidates`` points
-   ``v = normalise(b + σ ε)``, ``ε ~ N(0, I_D)``; each scored by its own ``k``-th-NN squared distance
-   to the class's rows; the ``keep`` with the largest score are kept (``reject=knn``, the intended
-   rule). ``reject=none`` keeps the first ``keep`` candidates instead: the original code's effective
-   behaviour — it reshapes the candidates' distances with a view whose order does not match the
-   candidates', so the points it keeps were not selected by their own distance;
-   ``boundary_per_round=n`` visits only the first n of the round's random order (n of B drawn
-   without replacement; the original's ImageNet-100 script: 50 of 200), ``None`` all of B (CIFAR-100);
-   ``shared_noise=true`` draws one ``candidates × D`` set of ε per round for every ``b`` of the round
-   (the original), ``false`` independent ε per ``b`` (the kit's default);
-4. every kept ``v`` is rescaled to the norm of the class token's row: ``o = v · ‖e_c‖``.
-
-So M = ``rounds × n × keep`` outliers per class (n = ``boundary_per_round or select``; 10 000 at
-the paper's values), round by round, boundary points in the round's order, the ``keep`` of one
-point best first.
-
-Distances are exact (all pairs, chunked so a block stays under ~64 MB), computed as
-``‖a‖² + ‖b‖² − 2 a·b`` in ``dtype`` (float32 by default; the tests use float64 against a loop).
-Each (class, round) has its own random stream derived from the seed, so the result does not depend
-on the chunking or on other classes.
-
-The paper's values (Dream-OOD's CIFAR-100 code) are the defaults of :class:`KnnBoundaryParams` but
-``shared_noise`` (the paper presets set it); ``k`` must stay below the class size (the demo has 90
-training rows per class: its preset scales ``k`` and ``select`` by the paper's ratios to N = 500,
-k/N = 0.6 and select/N = 0.1).
-"""
+Per class, on the normalised rows: the ``select`` most isolated (k-th-NN squared distance, exact,
+:func:`ncis_core.neighbours.kth_nearest`) are perturbed ``rounds`` times on the unit sphere, the
+``keep`` candidates farthest from the class (``reject=knn``) are rescaled to the norm of the class
+token's row. The steps in full: docs/design-notes.md."""
 
 from __future__ import annotations
 
@@ -42,15 +14,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import TooLittleData
+from ..neighbours import kth_nearest
 from ..progress import bar_options
-from .base import EMBEDDINGS, OutlierMethod, register_method
+from .spec import EMBEDDINGS, OutlierMethod
 from .inputs import SampleInputs
 
-__all__ = ["KnnBoundaryParams", "REJECT_RULES", "kth_neighbour_distance", "boundary_points",
+__all__ = ["KnnBoundaryParams", "REJECT_RULES", "boundary_points",
            "sample_class", "sample_knn_boundary", "flops_per_class", "METHOD"]
 
 REJECT_RULES = ("knn", "none")
-_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -109,31 +81,11 @@ def _generator(seed: int, cls: int, rnd: int, device: torch.device) -> torch.Gen
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def kth_neighbour_distance(queries: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor:
-    """Squared L2 distance from each query to its ``k``-th nearest row (exact; 1-based ``k``).
-
-    ``queries``: ``... × D``; ``rows``: ``N × D``; returns ``...``. A query that is itself one of the
-    rows has distance 0 to it, so it counts as its own first neighbour.
-    """
-    if not 1 <= k <= len(rows):
-        raise ValueError(f"k = {k} needs at least k rows, got {len(rows)}")
-    shape = queries.shape[:-1]
-    flat = queries.reshape(-1, queries.shape[-1])
-    row_sq = rows.pow(2).sum(1)
-    step = max(1, _BLOCK_BYTES // (len(rows) * flat.element_size()))
-    out = []
-    for i in range(0, len(flat), step):
-        q = flat[i:i + step]
-        d2 = (q.pow(2).sum(1, keepdim=True) + row_sq[None, :] - 2 * q @ rows.T).clamp_min(0)
-        out.append(d2.kthvalue(k, dim=1).values)
-    return torch.cat(out).reshape(shape)
-
-
 def boundary_points(u: torch.Tensor, k: int, select: int) -> torch.Tensor:
     """Indices of the ``select`` rows of ``u`` with the largest k-th-NN distance, largest first
     (ties: the lower index first)."""
     # stable: mutual k-th neighbours tie exactly, and the lower index goes first
-    return torch.sort(kth_neighbour_distance(u, u, k), descending=True, stable=True).indices[:select]
+    return torch.sort(kth_nearest(u, u, k), descending=True, stable=True).indices[:select]
 
 
 def sample_class(x: torch.Tensor, token_norm: float, params: KnnBoundaryParams, seed: int, cls: int,
@@ -163,7 +115,7 @@ def sample_class(x: torch.Tensor, token_norm: float, params: KnnBoundaryParams, 
         v = boundary[order][:, None, :] + p.sigma * eps
         v = v / v.norm(dim=-1, keepdim=True)
         if p.reject == "knn":
-            score = kth_neighbour_distance(v, u, p.k)                        # n × candidates
+            score = kth_nearest(v, u, p.k)                                   # n × candidates
             top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :p.keep]
             scores.append(torch.gather(score, 1, top).reshape(-1))
         else:
@@ -197,9 +149,9 @@ def flops_per_class(params: KnnBoundaryParams, rows: int, dim: int) -> float:
     return 2.0 * dim * rows * (rows + scored)
 
 
-METHOD = register_method(OutlierMethod(
+METHOD = OutlierMethod(
     name="knn_boundary", label="kNN boundary", produces=EMBEDDINGS,
     needs=("embeddings", "class_token_rows"), sample=sample_knn_boundary, params=KnnBoundaryParams,
     flops=flops_per_class,
     summary="Dream-OOD's sampler: perturbations of each class's most isolated normalised embeddings, "
-            "kept by their k-th-NN distance"))
+            "kept by their k-th-NN distance")

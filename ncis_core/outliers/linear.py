@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import EMBEDDINGS, OutlierMethod, register_method
+from .spec import EMBEDDINGS, OutlierMethod
 from .inputs import SampleInputs
 from .tail import tail_sample
 
@@ -20,6 +20,6 @@ def sample_linear(inputs: SampleInputs, params=None, progress: bool = True) -> d
     return {"outliers": samples, "log_density": log_density}
 
 
-METHOD = register_method(OutlierMethod(
+METHOD = OutlierMethod(
     name="linear", label="linear", produces=EMBEDDINGS, needs=("embeddings",), sample=sample_linear,
-    summary="the same tail sampling directly in embedding space, no cVPN (the paper's ablation)"))
+    summary="the same tail sampling directly in embedding space, no cVPN (the paper's ablation)")

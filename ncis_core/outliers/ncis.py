@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import EMBEDDINGS, OutlierMethod, register_method
+from .spec import EMBEDDINGS, OutlierMethod
 from .inputs import SampleInputs
 from .tail import tail_sample
 
@@ -30,6 +30,6 @@ def sample_ncis(inputs: SampleInputs, params=None, progress: bool = True) -> dic
             "metadata": {"k": meta.get("k")}}
 
 
-METHOD = register_method(OutlierMethod(
+METHOD = OutlierMethod(
     name="ncis", label="NCIS", produces=EMBEDDINGS, needs=("embeddings", "cvpn"), sample=sample_ncis,
-    summary="tail sampling of per-class Gaussians in the cVPN's latent space, mapped back (the paper)"))
+    summary="tail sampling of per-class Gaussians in the cVPN's latent space, mapped back (the paper)")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .base import NOTHING, OutlierMethod, register_method
+from .spec import NOTHING, OutlierMethod
 
 __all__ = ["METHOD"]
 
-METHOD = register_method(OutlierMethod(
+METHOD = OutlierMethod(
     name="none", label="no outliers", produces=NOTHING,
-    summary="cross-entropy only, no energy term (the plain baseline)"))
+    summary="cross-entropy only, no energy term (the plain baseline)")

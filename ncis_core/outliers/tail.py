@@ -1,26 +1,21 @@
-"""Tail sampling of per-class Gaussians (METHOD.md §3), shared by ``ncis`` (in the cVPN's output
-space) and ``linear`` (directly in embedding space).
-
-Per class, ``μ_c`` = mean, ``Σ_c`` = unbiased covariance + ``λ I`` of the rows; ``rounds`` times draw
-``draws_per_round`` samples of ``N(μ_c, Σ_c)`` and keep the ``keep_per_round`` with the lowest
-log-density. A draw is ``μ + L ε`` with ``L`` the Cholesky factor of ``Σ`` and ``ε ~ N(0, I)``, so its
-log-density is ``−½‖ε‖² − Σ log L_ii − (D/2) log 2π``: the lowest-density draws are those with the
-largest ``‖ε‖²``, and only the kept ones are multiplied by ``L``. Everything but the per-(class, round)
-random streams is vectorised across classes (in chunks that bound memory); Gaussians are fitted in
-float64. Each class and round has its own generator derived from the seed, so the result does not
-depend on the chunking.
-"""
+"""Tail sampling of per-class Gaussians (METHOD.md §3), shared by ``ncis`` and ``linear``: per class,
+``rounds`` times draw ``draws_per_round`` samples of ``N(μ_c, Σ_c + λI)``, keep the ``keep_per_round``
+of lowest density."""
 
 from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import SampleConfig
 from ..progress import bar_options
+
+if TYPE_CHECKING:
+    from ..config import SampleConfig  # any object with rounds, draws_per_round, keep_per_round, reg_weight
 
 __all__ = ["class_generator", "draw_standard_normal", "class_gaussians", "tail_sample"]
 
@@ -42,9 +37,7 @@ def draw_standard_normal(seed: int, cls: int, rnd: int, draws: int, dim: int,
 
 def class_gaussians(z: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, reg_weight: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased covariance + ``reg_weight·I`` of the rows of each class in ``classes``
-    (float64, no loop over classes: rows are gathered into a padded ``len(classes) × n_max × D`` block).
-    """
+    """Mean and unbiased covariance + ``reg_weight·I`` (float64) of each class in ``classes``, batched."""
     z = z.to(torch.float64)
     order = torch.argsort(labels, stable=True)
     counts = torch.bincount(labels, minlength=int(classes.max()) + 1)

@@ -1,77 +1,26 @@
-"""What an OOD score is, and the registry stage 6, the config check and the planner ask.
-
-A score is a subclass of :class:`Score` (OpenOOD's postprocessor shape): ``setup(model,
-id_train_batches)`` fits whatever it needs on ID training data (a no-op unless ``needs_setup``),
-and ``score(model, images)`` returns one number per image, **higher = more ID**. Its constructor's
-keyword arguments, each with a default, are its settings: a run overrides them with
-``evaluate.score_args.<name>.<argument>``. :func:`register_score` adds a class under its ``name``;
-:func:`build_score` builds one by name. So a new score is one module plus one
-``@register_score``: stage 6, ``load_config``'s checks and ``plan`` pick it up with no other edit.
-
-Example:
-    >>> import torch
-    >>> @register_score
-    ... class NegativeL1(Score):
-    ...     '''Minus the L1 norm of the logits.'''
-    ...     name = "neg_l1"
-    ...     def __call__(self, model, images):
-    ...         return -model(images).abs().sum(dim=1)
-    >>> build_score("neg_l1")(lambda x: x, torch.tensor([[1.0, -2.0]]))
-    tensor([-3.])
-    >>> unregister_score("neg_l1")
-"""
+"""The registry of OOD scores (:class:`~ncis_core.scores.spec.Score` subclasses) that stage 6, the config
+check and the planner ask: :func:`register_score` adds one, :func:`build_score` builds one."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, Iterable
+from typing import Any
 
-import torch
-from torch import nn
+from . import energy, knn, mahalanobis, maxlogit, msp, odin
+from .spec import Batches, Score
 
-__all__ = ["Score", "SCORES", "register_score", "unregister_score", "score_class", "score_names",
-           "score_arguments", "build_score"]
+__all__ = ["Score", "Batches", "SCORES", "BUILT_IN", "register_score", "unregister_score", "score_class",
+           "score_names", "score_arguments", "build_score"]
 
-Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
-
-
-class Score:
-    """The interface of an OOD score (subclass it and decorate the subclass with :func:`register_score`).
-
-    Class attributes:
-        name: the name in configs, tables and ``scores.npz`` keys.
-        needs_setup: whether :meth:`setup` must see ID training data first; stage 6 builds the
-            ID-train loader only when some score of the run says so.
-        stage_args: constructor arguments that stage 6 fills in itself and a config may not set
-            (the energy score's ``sign``, from ``evaluate.energy_sign`` and the checkpoint).
-        forward_passes: network passes per scored image, a forward counting 1 and a backward 1
-            (ODIN: 3); only ``plan``'s cost estimate reads it.
-
-    ``model`` is a classifier returning logits, and ``(logits, features)`` with
-    ``return_features=True`` (penultimate features; every network of :mod:`ncis_core.models.resnet`);
-    ``images`` is a normalised ``B × 3 × H × W`` batch on the model's device. Stage 6 runs the network
-    once per batch for all its scores: a gradient-free call on the batch's own ``images`` returns
-    the outputs computed for the first one, so treat them as read-only (no in-place operations);
-    a call with gradients on, or on another tensor (ODIN's perturbed input), runs the network.
-    """
-
-    name: ClassVar[str] = ""
-    needs_setup: ClassVar[bool] = False
-    stage_args: ClassVar[tuple[str, ...]] = ()
-    forward_passes: ClassVar[int] = 1
-
-    def setup(self, model: nn.Module, id_train_batches: Batches) -> "Score":
-        """Fit on ID training data: ``(normalised images, labels)`` batches on the model's device.
-
-        A no-op here; scores with ``needs_setup = True`` override it. The number of classes is the
-        width of the model's logits. Returns ``self``.
-        """
-        return self
-
-    def __call__(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """One score per image (a 1-D tensor of length ``B``), higher = more ID."""
-        raise NotImplementedError
-
+# The built-in scores, in the order of the registry (and of its listings): one line per score module.
+BUILT_IN = (
+    energy.EnergyScore,
+    msp.MSPScore,
+    maxlogit.MaxLogitScore,
+    odin.ODINScore,
+    mahalanobis.MahalanobisScore,
+    knn.KNNScore,
+)
 
 SCORES: dict[str, type[Score]] = {}
 
@@ -81,10 +30,7 @@ def _parameters(cls: type[Score]) -> dict[str, inspect.Parameter]:
 
 
 def register_score(cls: type[Score]) -> type[Score]:
-    """Add a :class:`Score` subclass under ``cls.name`` (a class decorator; a name is taken once).
-
-    Every constructor argument must be a keyword with a default: a config may leave any out.
-    """
+    """Add a :class:`Score` subclass under ``cls.name`` (a class decorator; keyword arguments only)."""
     if not (isinstance(cls, type) and issubclass(cls, Score)):
         raise TypeError(f"register_score takes a subclass of ncis_core.scores.Score, not {cls!r}")
     if not (isinstance(cls.name, str) and cls.name.isidentifier()):
@@ -123,8 +69,7 @@ def score_class(name: str) -> type[Score]:
 
 
 def _checked(name: str, args: dict[str, Any], allow_stage_args: bool) -> dict[str, Any]:
-    """``args`` with the score's defaults filled in, int → float where the default is a float;
-    refuses an argument the score does not take, or a value of another type than its default."""
+    """``args`` over the score's defaults, type-checked against them (int → float allowed)."""
     cls = score_class(name)
     params = _parameters(cls)
     settable = [a for a in params if allow_stage_args or a not in cls.stage_args]
@@ -149,8 +94,7 @@ def _checked(name: str, args: dict[str, Any], allow_stage_args: bool) -> dict[st
 
 
 def score_arguments(name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The arguments a config may set on score ``name`` (``stage_args`` left out), ``args`` over
-    the defaults: what a results file records. Raises ValueError as :func:`build_score` does."""
+    """The config-settable arguments of score ``name``, ``args`` over the defaults (what results record)."""
     return _checked(name, dict(args or {}), allow_stage_args=False)
 
 
@@ -158,7 +102,10 @@ def build_score(name: str, **args: Any) -> Score:
     """The score registered as ``name``, built with ``args`` (the rest at their defaults).
 
     Raises:
-        ValueError: an unknown name (listing the registered ones), an argument the score does not
-            take (listing those it does), a value of the wrong type, or one its constructor refuses.
+        ValueError: an unknown name or argument, a value of the wrong type, or one refused.
     """
     return score_class(name)(**_checked(name, args, allow_stage_args=True))
+
+
+for _score in BUILT_IN:
+    register_score(_score)

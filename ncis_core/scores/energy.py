@@ -1,6 +1,5 @@
 """The energy score (the paper's): ``sign · T · logsumexp(f(x) / T)``, the negative free energy.
 
-Example:
     >>> import torch
     >>> EnergyScore()(lambda x: x, torch.zeros(1, 4))  # logsumexp of four zero logits = log 4
     tensor([1.3863])
@@ -11,21 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Score, register_score
+from .spec import Score
 
 __all__ = ["EnergyScore"]
 
 
-@register_score
 class EnergyScore(Score):
     """``sign · T · logsumexp(f(x) / T)`` (Liu et al., 2020).
 
     Args:
-        temperature: T (1 in the paper).
-        sign: +1, or −1 when the energy head's slope is negative (then outliers got the higher
-            logsumexp during training; METHOD.md defect 6). Stage 6 sets it from
-            ``evaluate.energy_sign`` (:func:`ncis_core.stages.evaluate.energy_sign`), so a run's
-            ``score_args`` may not.
+        sign: +1, or −1 for a negative energy head's slope; set by stage 6, not by ``score_args``.
     """
 
     name = "energy"

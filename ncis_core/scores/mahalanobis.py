@@ -1,37 +1,17 @@
-"""The Mahalanobis score (Lee et al., 2018, without input preprocessing or feature ensembles):
-class-conditional Gaussians with one shared covariance on the penultimate features, fitted on ID
-training data; score = −min_c Mahalanobis distance².
-
-Example (a stand-in "model" whose logits and penultimate features are its 2-D inputs; two classes
-of four points around (0, 0) and (4, 0), so Σ = I / 2):
-    >>> class Features(torch.nn.Module):
-    ...     def forward(self, x, return_features=False):
-    ...         return (x, x) if return_features else x
-    >>> x = torch.tensor([[-1.0, 0], [1, 0], [0, -1], [0, 1], [3, 0], [5, 0], [4, -1], [4, 1]])
-    >>> score = MahalanobisScore().setup(Features(), [(x, torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]))])
-    >>> score.means.tolist(), score.precision.diag().tolist()
-    ([[0.0, 0.0], [4.0, 0.0]], [2.0, 2.0])
-    >>> score(Features(), torch.tensor([[0.5, 0.0], [2.0, 0.0], [4.0, 1.0]]))
-    tensor([-0.5000, -8.0000, -2.0000])
-"""
+"""The Mahalanobis score (Lee et al., 2018, without input preprocessing or feature ensembles)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .base import Batches, Score, register_score
+from .spec import Batches, Score
 
 __all__ = ["MahalanobisScore"]
 
 
-@register_score
 class MahalanobisScore(Score):
-    """``−min_c (φ(x) − μ_c)ᵀ Σ⁻¹ (φ(x) − μ_c)`` on penultimate features φ, with class means μ_c
-    and one covariance Σ shared by all classes, both from ID training data (:meth:`setup`).
-
-    Computed in float64 on the CPU (Σ of 512-wide features is ill-conditioned in float32).
-    """
+    """``−min_c (φ(x) − μ_c)ᵀ Σ⁻¹ (φ(x) − μ_c)`` on penultimate features φ, one shared Σ (float64)."""
 
     name = "mahalanobis"
     needs_setup = True

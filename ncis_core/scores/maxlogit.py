@@ -1,6 +1,5 @@
 """The largest logit (Hendrycks et al., 2022).
 
-Example:
     >>> import torch
     >>> MaxLogitScore()(lambda x: x, torch.tensor([[1.0, 3.0, 2.0]]))
     tensor([3.])
@@ -11,12 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import Score, register_score
+from .spec import Score
 
 __all__ = ["MaxLogitScore"]
 
 
-@register_score
 class MaxLogitScore(Score):
     """``max_c f(x)_c``."""
 

@@ -1,6 +1,5 @@
 """The maximum softmax probability (Hendrycks & Gimpel, 2017).
 
-Example:
     >>> import torch
     >>> MSPScore()(lambda x: x, torch.zeros(1, 4))
     tensor([0.2500])
@@ -12,12 +11,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Score, register_score
+from .spec import Score
 
 __all__ = ["MSPScore"]
 
 
-@register_score
 class MSPScore(Score):
     """``max_c softmax(f(x))_c``."""
 

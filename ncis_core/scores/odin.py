@@ -1,16 +1,5 @@
 """ODIN (Liang et al., 2018): temperature scaling plus a small input perturbation that raises the
-maximum softmax, more for ID than for OOD inputs.
-
-Example (a linear "classifier" with logits ``(x₁, x₂, 0)``; T = 1 and a large ε, so that the
-effect shows; the paper's settings are the defaults, ``ODINScore(temperature=1000.0, epsilon=0.0014)``):
-    >>> model = nn.Linear(2, 3, bias=False)
-    >>> _ = model.weight.data.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
-    >>> x = torch.tensor([[2.0, 0.0]])
-    >>> ODINScore(temperature=1.0, epsilon=0.0)(model, x)  # no perturbation: the maximum softmax
-    tensor([0.7870])
-    >>> ODINScore(temperature=1.0, epsilon=0.1)(model, x)  # the step against the loss raises it
-    tensor([0.8109])
-"""
+maximum softmax, more for ID than for OOD inputs."""
 
 from __future__ import annotations
 
@@ -18,20 +7,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .base import Score, register_score
+from .spec import Score
 
 __all__ = ["ODINScore"]
 
 
-@register_score
 class ODINScore(Score):
     """``max softmax(f(x̃) / T)`` with ``x̃ = x − ε · sign(∇ₓ[−log max softmax(f(x) / T)])``.
 
-    The perturbation is taken in the model's (normalised) input space.
-
     Args:
-        temperature: T (ODIN's default 1000).
-        epsilon: ε, the perturbation size (0.0014, ODIN's CIFAR value).
+        epsilon: ε, in the model's (normalised) input space (0.0014, ODIN's CIFAR value).
     """
 
     name = "odin"

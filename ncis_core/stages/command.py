@@ -1,7 +1,5 @@
-"""The stage modules' shared command line: ``python -m ncis_core.stages.<stage> --preset P --out DIR
-[--set k=v …]`` — the path ``accelerate launch`` takes for the stages that shard across processes
-(embed, generate, train_classifier). A fault the user can fix is one line and exit status 2, as in
-``python -m ncis_core`` (:mod:`ncis_core.errors`)."""
+"""The stage modules' shared command line, ``python -m ncis_core.stages.<stage> --preset P --out DIR``
+(also under ``accelerate launch``)."""
 
 from __future__ import annotations
 
@@ -14,8 +12,7 @@ __all__ = ["stage_main"]
 
 
 def stage_main(argv: Sequence[str] | None, name: str, stage_run: Callable) -> int:
-    """Parse ``--preset``, ``--out``, ``--set``, ``--no-progress``; create the run folder (main process
-    only) and run ``stage_run(cfg, run_dir, progress=...)``. Returns the exit status."""
+    """Parse the arguments, create the run folder and run ``stage_run``; returns the exit status."""
     from ..config import load_run_config
     from ..device import process_state
     from ..errors import environment_fault, report, user_errors

@@ -1,8 +1,4 @@
-"""Stage 0: what data does this preset see? Counts per split, role and class.
-
-Writes ``data/summary.json`` in the run folder: one entry per split (name, role, count, classes,
-image shape, count per class). Notebook ``00_data.ipynb`` draws it.
-"""
+"""Stage 0: what data does this preset see? Counts per split, role and class (``data/summary.json``)."""
 
 from __future__ import annotations
 
@@ -13,7 +9,7 @@ import numpy as np
 from ..config import ExperimentConfig
 from ..data import build_splits
 from ..data.base import Split
-from ..runs import RunDir, Stage, atomic_write_json, register_stage
+from ..runs import STAGES, RunDir, atomic_write_json
 
 __all__ = ["summarize", "run"]
 
@@ -21,8 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def summarize(splits: list[Split]) -> list[dict]:
-    """Per split: :meth:`Split.describe` plus ``per_class`` (class name → count; unlabelled sets
-    have an empty dict)."""
+    """Per split: :meth:`Split.describe` plus ``per_class`` (class name → count)."""
     rows = []
     for split in splits:
         row = split.describe()
@@ -33,16 +28,11 @@ def summarize(splits: list[Split]) -> list[dict]:
 
 
 # Stage 0 reads the datasets (config ``data``) and writes the counts.
-STAGE = register_stage(Stage(0, "data", ("data",), (), ("data_summary",)))
+STAGE = STAGES["data"]
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir) -> tuple[list[Split], list[dict]]:
-    """Build the preset's splits and record their summary in the run folder.
-
-    Returns:
-        ``(splits, summary)``; the splits are returned so the notebook can draw examples without
-        building them twice.
-    """
+    """Build the preset's splits and record their summary in the run folder; ``(splits, summary)``."""
     splits = build_splits(cfg.data)
     summary = summarize(splits)
     with run_dir.stage("data") as rec:

@@ -1,44 +1,10 @@
 """Stage 1: per-image textual inversion of the class token (METHOD.md §1) ↔ ``01_embed.ipynb``.
 
-For every ID training image of class ``c``: start from the class token's row ``e_c`` (see
-:func:`ncis_core.diffusion.class_tokens`), encode the image to the VAE posterior **mode** ×
-``scaling_factor``, and take ``embed.steps`` Adam steps (lr ``embed.lr``, default betas) on
-``embed.noise_batch`` noised copies of the latent, timesteps drawn uniformly from
-``{first, first + stride, …} < T`` with fresh noise each step, loss ``mean ‖ε_θ(z_t, t, ctx) − ε‖²``
-with the context of ``"An image of a {class}"`` carrying the image's row. No guidance. The result
-is the optimised row: one ``D``-vector per image.
-
-**Batched**: ``embed.images_per_step`` images share one UNet call per step, each with its own row
-and its own Adam state. The rows form one ``B × D`` parameter and the loss is the *sum* of the
-images' own mean losses, so image ``i``'s gradient is exactly its own loss's gradient; Adam is
-element-wise, so one Adam over the ``B × D`` block is ``B`` independent Adams. Each image draws its
-timesteps and noise from its own generator (seeded by ``run.seed`` and the image id), so the result
-does not depend on which images share a batch, on sharding, or on resuming (up to the float
-rounding of batched kernels: ≤ 1e-4, checked by the tests and the benchmark). Only the rows get
-gradients: the UNet, VAE and text encoder are frozen (no weight gradients).
-
-**Precision**: the pipeline is loaded in ``embed.precision`` (``fp32``, the original; ``bf16``;
-``fp16``), not in ``diffusion.dtype`` (stage 4's; its ``auto`` is fp16 on CUDA). The rows, their
-Adam state and the loss are float32 in every case; only the frozen UNet, text encoder and VAE run in
-the lower precision. The gradient reaching the UNet output is ~2/M per element for a mean over
-M = ``noise_batch`` × C × h × w elements (~1e-6 at SD-1.4 shapes): below fp16's normal range, and
-partly below its smallest subnormal. So ``fp16`` scales the loss dynamically (see :func:`invert`):
-start at ``embed.loss_scale``, halve it and redo the step (same noise) when the rows' gradient is
-not finite, double it after ``embed.loss_scale_window`` clean steps. bf16 has fp32's exponent range
-and needs no scale. The images of a batch share the scale, so in fp16 which images share a batch can
-change the rounding (the batch cut is fixed by ``shard_size`` and ``images_per_step``, so sharding
-and resuming still give the same result).
-
-**Resumable, sharded**: images are cut into shards of ``embed.shard_size`` (the same cut for any
-number of processes); each finished shard is written to ``embeddings.parts/`` and skipped on a
-rerun. Under ``accelerate launch`` the shards are split between processes; the main process merges
-them into ``embeddings.safetensors`` (``N × D`` float32, labels, image ids; via
-:mod:`ncis_core.embeddings_io`), the same file a single process writes.
-
-Command line (also under ``accelerate launch``)::
+One optimised row of the text encoder's token table per ID training image, ``embed.images_per_step``
+images per UNet call, each with its own generator and Adam state; resumable shard by shard and
+sharded under ``accelerate launch``. Writes ``embeddings.safetensors``.
 
     python -m ncis_core.stages.embed --preset demo --out outputs/demo
-    accelerate launch --multi_gpu --num_processes 2 -m ncis_core.stages.embed --preset P --out DIR
 """
 
 from __future__ import annotations
@@ -64,12 +30,12 @@ from ..device import broadcast, process_state
 from ..config import EmbedConfig, ExperimentConfig
 from ..embeddings_io import load_embeddings, save_embeddings
 from ..data import first_per_class
-from ..runs import RunDir, Stage, atomic_path, register_stage
+from ..data.transforms import to_model_range
+from ..runs import STAGES, RunDir, atomic_path
 
 __all__ = [
     "timestep_grid",
     "image_generator",
-    "to_model_range",
     "encode_latents",
     "draw_noise",
     "PRECISIONS",
@@ -88,8 +54,7 @@ log = logging.getLogger(__name__)
 #: ``embed.precision`` → the dtype stage 1 loads its pipeline in.
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Below this, an fp16 loss scale cannot be what makes the gradient non-finite (starting from
-# 65536 it takes 40 halvings to get here): the step raises instead of being redone forever.
+# below this an fp16 loss scale cannot be the cause of a non-finite gradient: raise, not redo
 _MIN_LOSS_SCALE = 2.0 ** -24
 
 
@@ -106,12 +71,6 @@ def image_generator(seed: int, image_id: int) -> torch.Generator:
     """The CPU generator of one image's timesteps and noise (independent of batching/sharding)."""
     state = np.random.SeedSequence([seed, 1, int(image_id)]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
-
-def to_model_range(images: np.ndarray) -> torch.Tensor:
-    """``N × H × W × 3`` uint8 → ``N × 3 × H × W`` float32 in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return x.div(127.5).sub(1.0)
 
 
 @torch.no_grad()
@@ -142,44 +101,27 @@ def pipeline_dtype(cfg: EmbedConfig) -> torch.dtype:
 def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Sequence[int],
            init_rows: torch.Tensor, cfg: EmbedConfig, generators: Sequence[torch.Generator],
            stats: dict | None = None) -> torch.Tensor:
-    """Textual inversion of a batch of images, each with its own row (METHOD.md §1).
+    """Textual inversion of a batch of images, each with its own float32 row (METHOD.md §1).
 
-    The rows, their Adam state and the loss are float32; the UNet and text encoder run in the
-    pipeline's dtype (:func:`pipeline_dtype` of ``embed.precision`` when it comes from
-    :func:`prepare`). When that is float16 the loss is multiplied by a dynamic loss scale before the
-    backward pass and the rows' gradient divided by it after: a step whose gradient is not finite
-    is redone with the same timesteps and noise at half the scale (so the result is as
-    deterministic and resumable as in fp32), and the scale doubles after
-    ``cfg.loss_scale_window`` clean steps.
+    An fp16 pipeline scales the loss dynamically; a step that overflows is redone at half the scale.
 
     Args:
-        pipe: the pipeline (UNet, text encoder, scheduler's ``alphas_cumprod``); frozen.
         latents: ``B × C × h × w`` scaled posterior modes.
         prompt_ids: ``B × L`` token ids of the images' prompts.
         token_ids: ``B`` class-token ids (the position that carries each image's row).
         init_rows: ``B × D`` starting rows.
-        cfg: steps, lr, noise batch, timestep grid, micro batch; for an fp16 pipeline the loss
-            scale's start and doubling window.
         generators: ``B`` per-image generators (:func:`image_generator`).
-        stats: if given, filled with ``loss_scale`` (the final scale; 1.0 unless fp16) and
-            ``redone_steps`` (fp16 steps redone after an overflow).
+        stats: if given, filled with ``loss_scale`` and ``redone_steps``.
 
     Returns:
         ``B × D`` float32 optimised rows (CPU).
 
     Raises:
-        FloatingPointError: fp16 only: a non-finite loss (the forward pass overflowed, which no
-            loss scale can fix: use ``embed.precision`` bf16 or fp32), or a gradient still not
-            finite at a negligible scale.
+        FloatingPointError: fp16 only: a non-finite loss, or a gradient not finite at any scale.
     """
     unet = pipe.unet
     device, dtype = unet.device, unet.dtype
-    # Loss scaling where the gradient would otherwise underflow: the fp16 UNet. Its state (scale,
-    # clean-step count) lives for this call, i.e. one batch of images_per_step images, and starts
-    # afresh at cfg.loss_scale for the next. That is fine: a scale carried across batches would
-    # make a batch's result depend on the batches before it (another process's shards, or the
-    # ones skipped on a resume), and with the paper's 3 steps per image the doubling window is
-    # never reached inside a batch anyway, so only the halving on an overflow matters.
+    # the loss scale lives for this batch only, so a batch's result does not depend on earlier ones
     scaled = dtype == torch.float16
     scale = float(cfg.loss_scale) if scaled else 1.0
     if scaled and not (math.isfinite(scale) and scale > 0 and cfg.loss_scale_window >= 1):
@@ -195,8 +137,7 @@ def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Seq
     n = cfg.noise_batch
     z0 = latents.to(device, torch.float32)
     for step in range(cfg.steps):
-        # Drawn once per step, before any retry: a redone fp16 step sees the same timesteps and
-        # noise, and the per-image generators advance exactly as in fp32.
+        # drawn before any retry: a redone fp16 step sees the same timesteps and noise
         t, eps = draw_noise(generators, grid, n, latents.shape[1:])
         while True:
             opt.zero_grad(set_to_none=True)
@@ -209,16 +150,14 @@ def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Seq
                 a = alphas[tt].to(device).view(-1, 1, 1, 1)
                 zt = a.sqrt() * z0[lo:hi].repeat_interleave(n, dim=0) + (1 - a).sqrt() * noise
                 pred = unet(zt.to(dtype), tt.to(device), encoder_hidden_states=ctx).sample.float()
-                # Sum over images of each image's own mean loss: image i's row gets exactly the
-                # gradient it would get alone (a batch mean would scale it by 1/B).
+                # a sum of per-image means: each row gets the gradient it would get alone
                 loss = (pred - noise).pow(2).reshape(hi - lo, -1).mean(1).sum()
                 if scaled:
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"stage 1, step {step}: the fp16 forward pass gave a non-finite loss; no "
                             f"loss scale helps with that: use embed.precision=bf16 or fp32")
-                    # The float32 loss is scaled, so its gradient reaches the fp16 cast at the UNet
-                    # output (pred's .float()) already scaled into fp16's normal range.
+                    # scaled before the fp16 cast's backward, into fp16's normal range
                     loss = loss * scale
                 loss.backward()
             if not scaled:
@@ -227,9 +166,7 @@ def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Seq
             if bool(torch.isfinite(grad).all()):
                 grad.div_(scale)  # Adam sees the true gradient (exact for a power-of-two scale)
                 break
-            # Overflow somewhere in the fp16 backward pass: halve the scale and redo this step
-            # rather than skip it (as torch's GradScaler does): a skipped step would leave the rows
-            # one Adam step short and make the result depend on where the overflows fell.
+            # fp16 overflow: halve and redo the step (GradScaler would skip it, losing a step)
             scale /= 2
             clean_steps = 0
             redone += 1
@@ -250,13 +187,8 @@ def invert(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, token_ids: Seq
 
 
 def prepare(cfg: ExperimentConfig, device: torch.device | str = "cpu", progress: bool = False):
-    """The pipeline in ``embed.precision``'s dtype (:func:`pipeline_dtype`, whatever
-    ``diffusion.dtype`` says), the class tokens and the ID training split with stage 1's transform
-    (Resize + CenterCrop to ``embed.resolution``).
-
-    Returns:
-        ``(pipe, tokens, split, dataset)``.
-    """
+    """``(pipe, tokens, split, dataset)``: the pipeline in ``embed.precision``, the class tokens and
+    the ID training split with stage 1's transform (Resize + CenterCrop to ``embed.resolution``)."""
     from ..data import CenterCrop, Compose, Resize, get_split, with_transform
 
     split = get_split(cfg.data, "id-train")
@@ -328,28 +260,21 @@ def _read_shard(path: Path, expected_ids: np.ndarray) -> dict | None:
 
 def class_token_rows(cfg: ExperimentConfig, device: torch.device | str = "cpu"
                      ) -> tuple[torch.Tensor, object]:
-    """The classes' starting rows (``C × D`` float32) and their :class:`~ncis_core.diffusion.ClassTokens`
-    (for the notebook's distance-from-class-token plot): read from stage 1's own pipeline
-    (:func:`prepare`, in ``embed.precision``), so they are the rows its inversions start from."""
+    """The classes' starting rows (``C × D`` float32, from stage 1's own pipeline) and their tokens."""
     pipe, tokens, _, _ = prepare(cfg, device)
     return diffusion.class_token_rows(pipe, tokens), tokens
 
 
 # Stage 1 reads the ID training images and the generator; it writes one embedding per image.
-STAGE = register_stage(Stage(1, "embed", ("data", "diffusion", "embed"), (), ("embeddings",)))
+STAGE = STAGES["embed"]
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
         on_shard_end: Callable[[int], None] | None = None) -> dict:
-    """Stage 1: write ``embeddings.safetensors``; skipped when complete and current, resumed shard
-    by shard when interrupted, sharded across processes under ``accelerate launch``.
+    """Stage 1: write ``embeddings.safetensors`` (skipped when current, resumed shard by shard).
 
     Args:
-        cfg: the experiment config (``data``, ``diffusion``, ``embed``, ``run.seed``/``device``).
-        run_dir: the run folder.
-        progress: progress bars.
-        on_shard_end: called with the shard number after each shard is written (tests use it to
-            kill a run part-way).
+        on_shard_end: called with the shard number after each shard is written.
 
     Returns:
         The embeddings file as read by :func:`~ncis_core.embeddings_io.load_embeddings`.

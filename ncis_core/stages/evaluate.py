@@ -1,23 +1,7 @@
 """Stage 6: score ID test and every OOD set, compute FPR95 / AUROC / AUPR per set, write the tables.
 
-For each score (``evaluate.score`` plus ``evaluate.extra_scores``, built through the registry of
-:mod:`ncis_core.scores` with ``evaluate.score_args.<name>``; those that need ID training data are
-set up on the training split first) and each OOD set: :func:`ncis_core.metrics.ood_metrics` with
-the positive class of ``evaluate.positive``, then the unweighted mean rows over near-OOD sets,
-far-OOD sets and all sets. The energy score is multiplied by a sign (``evaluate.energy_sign``, see
-:func:`energy_sign`): by default the sign of the saved energy head's learned slope, so a classifier
-whose head learned "outliers have the higher logsumexp" (METHOD.md defect 6) is not silently ranked
-backwards, and +1 for a checkpoint without a head (the original's). The sign and its source are
-written in every table, and each score's arguments in its table and in ``metrics.json``.
-
-Writes ``results/metrics.json`` (everything), ``results/metrics.csv`` (one row per score and set),
-``results/table.md`` (the main score's table, convention stated) and ``results/scores.npz`` (raw
-scores, ``<score>/<set>``, so any table can be recomputed without the model).
-
-Example (not run by the doctests: it needs a run folder with stage 5's classifier, as ``make demo``
-leaves in ``outputs/demo``; ``tests/test_evaluate.py`` evaluates smoke ones):
-    >>> run_dir = RunDir.open("outputs/demo")  # doctest: +SKIP
-    >>> results = run(run_dir.cfg, run_dir)    # doctest: +SKIP
+Every score of ``evaluate.score`` / ``extra_scores`` on every set, with near / far / all mean rows;
+writes ``results/metrics.json``, ``metrics.csv``, ``table.md`` and the raw ``scores.npz``.
 """
 
 from __future__ import annotations
@@ -41,10 +25,10 @@ from ..data.base import Split
 from ..data.transforms import Compose, Normalize, ToTensor
 from ..device import resolve_device
 from ..metrics import CONVENTIONS, METRIC_KEYS, mean_row, ood_metrics
-from ..runs import (RunDir, Stage, atomic_path, atomic_write_json, atomic_write_text,
-                    register_stage)
-from ..scores import Score, build_score, score_arguments, score_class
-from .train_classifier import MEMORY_FORMAT, ClassifierBundle, load_classifier
+from ..checkpoints import ClassifierBundle, load_classifier
+from ..models.resnet import MEMORY_FORMAT
+from ..runs import STAGES, RunDir, atomic_path, atomic_write_json, atomic_write_text
+from ..scores.base import Score, build_score, score_arguments, score_class
 
 __all__ = ["score_split", "energy_sign", "same_size_batches", "build_scores", "evaluate", "format_table", "run", "NormalisedImages",
            "normalised_splits"]
@@ -68,10 +52,7 @@ class _Normalised(torch.utils.data.Dataset):
 
 
 class NormalisedImages:
-    """A split's images, normalised once, in one ``N × C × H × W`` tensor (with its labels): what
-    :class:`_Normalised` gives image by image, for evaluating many classifiers on the same data
-    (``compare``: the per-image transforms cost a quarter of an evaluation of the demo's small
-    network). Item ``i`` is ``(images[i], labels[i])``; batches are slices."""
+    """A split's images normalised once into one ``N × C × H × W`` tensor, for many evaluations."""
 
     def __init__(self, split: Split, cfg: ExperimentConfig):
         loader = DataLoader(_Normalised(split, cfg), batch_size=cfg.evaluate.batch_size, shuffle=False,
@@ -91,15 +72,12 @@ class NormalisedImages:
                 for lo in range(0, len(self), batch_size)]
 
 
-# Below this many bytes of normalised images in all, `normalised_splits` keeps them in memory.
+# the most bytes of normalised images `normalised_splits` keeps in memory
 NORMALISED_CACHE_MAX_BYTES = 2 << 30
 
 
 def normalised_splits(splits: list[Split], cfg: ExperimentConfig) -> list[Split]:
-    """``splits`` with their images normalised once (:class:`NormalisedImages`), for many
-    evaluations with the same data config; ``splits`` unchanged when that would take more than
-    :data:`NORMALISED_CACHE_MAX_BYTES` (ImageNet-size sets are read image by image). A split whose
-    images differ in size (an as-is set) stays as it is."""
+    """``splits`` as :class:`NormalisedImages` (unchanged above the memory cap or for mixed sizes)."""
     pixels = sum(len(s.dataset) for s in splits) * 3 * cfg.data.image_size ** 2
     if pixels * 4 > NORMALISED_CACHE_MAX_BYTES:
         return splits
@@ -111,10 +89,8 @@ def _mixed_sizes(split: Split) -> bool:
 
 
 def same_size_batches(sizes: list, batch_size: int) -> list[list[int]]:
-    """Indices ``0 … len(sizes) − 1`` in order, cut into batches of at most ``batch_size`` wherever
-    the size changes (images of different sizes cannot share a tensor; the order is kept).
+    """Indices in order, cut into batches of at most ``batch_size`` wherever the size changes.
 
-    Example:
         >>> same_size_batches([(32, 32), (32, 32), (36, 36), (32, 32)], 3)
         [[0, 1], [2], [3]]
     """
@@ -138,8 +114,7 @@ def _loader(split: Split, cfg: ExperimentConfig):
 
 
 class _OnDevice:
-    """A loader's batches with the images moved to ``device``; iterable more than once (each score
-    that needs setup reads the ID training split in full)."""
+    """A loader's batches with the images moved to ``device``; iterable more than once."""
 
     def __init__(self, loader: DataLoader, device: torch.device, desc: str, progress: bool):
         self.loader, self.device, self.desc, self.progress = loader, device, desc, progress
@@ -150,11 +125,10 @@ class _OnDevice:
 
 
 class _OneForwardPerBatch:
-    """``model`` for the scores of one batch (:meth:`start` names it): the first gradient-free call
-    on the batch computes the logits and the features, and every later gradient-free call on it
-    gets them back (the logit scores, the kNN features and the accuracy of a batch cost one forward
-    pass instead of one each). A call on another tensor (ODIN's perturbed input) or with gradients
-    on runs the network itself and leaves the batch's outputs alone. Attributes are the model's."""
+    """``model`` with one gradient-free forward pass per batch (:meth:`start`), shared by all scores.
+
+    Calls on another tensor (ODIN's perturbed input) or with gradients run the network itself.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.model, self._images, self._outputs = model, None, None
@@ -182,9 +156,7 @@ def score_split(model: torch.nn.Module, score_fn, split: Split, cfg: ExperimentC
 
 def _score_batches(model: torch.nn.Module | None, scores: dict, split: Split, cfg: ExperimentConfig,
                    device: torch.device, progress: bool) -> tuple[dict[str, np.ndarray], float | None]:
-    """Every score of ``scores`` on ``split`` (name → scores, in order, float64) and the top-1
-    accuracy of the model's logits on the split's labels, in one pass over its images with one
-    forward pass per batch for all of them (:class:`_OneForwardPerBatch`)."""
+    """``({name: float64 scores}, top-1 accuracy)`` on ``split``, one forward pass per batch."""
     shared = _OneForwardPerBatch(model) if model is not None else None
     out: dict[str, list] = {name: [] for name in scores}
     correct = total = 0
@@ -206,12 +178,6 @@ def _score_batches(model: torch.nn.Module | None, scores: dict, split: Split, cf
 def energy_sign(rule: str, slope: float | None) -> tuple[float, str]:
     """The sign the energy score is multiplied by, and where it came from (``evaluate.energy_sign``).
 
-    ``auto``: the sign of the saved energy head's slope (METHOD.md defect 6: a learned slope can be
-    negative), warning when that flips the score; +1 when the checkpoint has no head, which is the
-    original's rule (it never saves its head) — a freshly initialised head's slope would be a coin
-    toss per process. ``positive`` / ``negative``: that sign, whatever the checkpoint says.
-
-    Example:
         >>> energy_sign("auto", None)
         (1.0, 'no energy head in the checkpoint: +logsumexp (the original rule)')
     """
@@ -231,9 +197,7 @@ def energy_sign(rule: str, slope: float | None) -> tuple[float, str]:
 
 
 def build_scores(cfg: ExperimentConfig, sign: float) -> dict[str, Score]:
-    """The run's scores by name (``evaluate.score`` first, then ``evaluate.extra_scores``), each
-    built with its ``evaluate.score_args`` and, for the arguments it leaves to this stage
-    (``Score.stage_args``), the values stage 6 decides: ``sign``, the energy sign."""
+    """The run's scores by name, main first, with their ``score_args`` and stage 6's ``sign``."""
     e = cfg.evaluate
     from_stage = {"sign": sign}
     scores = {}
@@ -260,13 +224,10 @@ def _mean_rows(rows: list[dict], score: str) -> list[dict]:
 
 def evaluate(cfg: ExperimentConfig, bundle: ClassifierBundle, progress: bool = True,
              splits: list[Split] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """Evaluate a classifier on the preset's ID test and OOD sets (``splits``: ``build_splits(cfg.data)``
-    when the caller built them once for many classifiers; read-only, so threads may share them).
+    """Evaluate a classifier on the preset's ID test and OOD sets (``splits``: built once, read-only).
 
     Returns:
-        ``(results, raw_scores)``: ``results`` holds the convention, the ID accuracy, the energy
-        sign, each score's arguments (``score_args``) and one row per (score, set) plus the mean
-        rows; ``raw_scores`` maps ``score/set`` to the scores.
+        ``(results, raw_scores)``: the metrics rows and more; ``raw_scores`` maps ``score/set``.
     """
     device = resolve_device(cfg.run.device)
     model = bundle.model.to(device, memory_format=MEMORY_FORMAT).eval()
@@ -362,8 +323,7 @@ def write_results(folder: Path, results: dict, raw: dict[str, np.ndarray]) -> No
 
 
 # Stage 6 reads the ID test split, the OOD sets and the classifier; it writes the metrics and tables.
-STAGE = register_stage(Stage(6, "evaluate", ("data", "evaluate"), ("classifier_best",),
-                             ("metrics_json", "metrics_csv", "table_md")))
+STAGE = STAGES["evaluate"]
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, checkpoint: str | Path | None = None,

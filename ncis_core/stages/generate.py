@@ -1,41 +1,9 @@
-"""Stage 4: outlier images (METHOD.md §4) ↔ ``04_generate_outliers.ipynb``.
+"""Stage 4: outlier images (METHOD.md §4) ↔ ``04_generate_outliers.ipynb``: Stable Diffusion with the
+class token's row replaced by an outlier embedding of stage 3; resumable, repairable, shardable.
 
-Stable Diffusion with the class token's row replaced by an outlier embedding of stage 3 while the
-prompt ``generate.prompt`` ("A high-quality image of the {long class name}") is encoded; the
-unconditional prompt ``generate.negative_prompt`` ("") is encoded without replacement. PLMS
-(diffusers' PNDM with ``skip_prk_steps``), ``generate.steps`` steps, guidance
-``generate.guidance_scale``, ``height × width``; decoded images are clamped to [0, 1], resized
-bilinearly to ``output_size`` (without antialiasing unless ``generate.antialias``: the original's
-``F.interpolate(mode="bilinear")``, a 2 × 2 box average at 512 → 256), turned into uint8 by
-truncation (the original's ``(255 * x).astype(uint8)``) or rounding (``generate.quantize``) and
-saved as PNG. The weights' dtype and the autocast follow ``generate.precision`` (the original:
-fp32 weights under ``torch.autocast("cuda")``, the injected row in fp32).
-
-The plan (:func:`plan`) is fixed by the config alone: batch ``b`` of ``generate.num_batches`` is
-class ``b mod C`` (round-robin) and its ``k = b div C``-th batch; image ``j`` of it is the class's
-image ``n = k · batch_size + j``, file ``outliers/<class>/<name>_<n>.png``, with one outlier
-embedding per batch (``embedding_per: batch``, the original) — drawn uniformly from the class's
-``M`` with replacement by a generator seeded with ``generate.seed`` (``batch_embedding: random``,
-the original's rule) or ``k mod M`` (``cyclic``) — or embedding ``n mod M`` per image
-(``embedding_per: image``, METHOD.md defect 2), and the seed ``generate.seed + g``
-(``g`` = the image's global number) of its own starting noise. So an image can be regenerated alone
-from ``outliers/index.json`` (file → class, embedding index, seed), and neither resuming nor
-sharding changes any image.
-
-Resumable and repairable: each PNG is written atomically, and ``index.json`` (written last) records
-each image's SHA-256. A rerun (stale temporary files of a killed run are removed first) skips the
-batches whose files are all intact — present and equal to their recorded hash, or, for files no
-index records yet (a killed run's), decodable — and redraws the others, writing only their damaged
-or missing files; so a truncated or edited PNG is regenerated, byte for byte, by rerunning the
-stage, and the final tree equals that of an uninterrupted run. Under ``accelerate launch`` the
-batches are split between processes and the main process writes the index. On the CPU a small
-pipeline's batches are drawn side by side on worker threads (:func:`render_workers`), with the
-same bytes as one thread drawing them in turn.
-
-Command line (also under ``accelerate launch``)::
-
-    python -m ncis_core.stages.generate --preset demo --out outputs/demo
-"""
+The plan (:func:`plan`) is fixed by the config: batch ``b`` is class ``b mod C``; its image ``j`` is the
+class's image ``n = (b div C) · batch_size + j``, seeded ``generate.seed + b · batch_size + j``, with one
+outlier embedding per batch or per image (``generate.embedding_per``), recorded in ``index.json``."""
 
 from __future__ import annotations
 
@@ -61,7 +29,7 @@ from ..progress import bar_options
 from .. import diffusion
 from ..device import broadcast, intra_op_threads, process_state
 from ..config import ExperimentConfig, GenerateConfig
-from ..runs import RunDir, Stage, atomic_path, atomic_write_json, content_hash, register_stage
+from ..runs import STAGES, RunDir, atomic_path, atomic_write_json, cache_key, content_hash, method_inputs
 
 __all__ = [
     "INDEX_FORMAT",
@@ -80,6 +48,7 @@ __all__ = [
     "image_hashes",
     "comparison_rows",
     "load_index",
+    "render_method",
     "run",
     "main",
 ]
@@ -116,8 +85,7 @@ def plan(num_classes: int, num_embeddings: int, gcfg: GenerateConfig, class_name
                          f"embeddings")
     if gcfg.num_batches < 0 or gcfg.batch_size < 1:
         raise ValueError("generate.num_batches must be ≥ 0 and generate.batch_size ≥ 1")
-    # batch b's random embedding is the b-th draw of one generator, so a longer plan keeps the
-    # choices of a shorter one, and every process computes the same plan
+    # the b-th draw of one generator: every process has the same plan, a longer one extends a shorter
     random_choice = np.random.default_rng(np.random.SeedSequence([gcfg.seed, 4])).integers(
         0, num_embeddings, size=gcfg.num_batches)
     batches = []
@@ -139,12 +107,9 @@ def plan(num_classes: int, num_embeddings: int, gcfg: GenerateConfig, class_name
 
 
 def load_outlier_embeddings(path: str | Path) -> dict:
-    """Stage 3's file, checked: ``{"outliers": C × M × D float32, "class_names": [C], ...}``.
-
-    Raises:
-        ValueError: no ``outliers`` tensor, not ``C × M × D``, or empty (no class or no embedding).
-    """
-    from ..outliers.files import load_outliers
+    """Stage 3's file, checked: ``{"outliers": C × M × D float32, "class_names": [C], ...}``; ValueError if
+    ``outliers`` is missing, empty, not finite or not ``C × M × D``, or not one name per class."""
+    from ..embeddings_io import load_outliers
 
     data = load_outliers(path)
     out = data.get("outliers")
@@ -168,12 +133,8 @@ def load_outlier_embeddings(path: str | Path) -> dict:
 
 def prepare(cfg: ExperimentConfig, class_names: Sequence[str], device: torch.device | str = "cpu",
             progress: bool = False):
-    """The pipeline (PNDM with ``skip_prk_steps``; weights in ``generate.precision``'s dtype, not
-    ``diffusion.dtype``'s) and the class tokens for ``class_names``.
-
-    Returns:
-        ``(pipe, tokens)``.
-    """
+    """``(pipe, tokens)``: the pipeline (PNDM with ``skip_prk_steps``, weights in ``generate.precision``'s
+    dtype) and the class tokens for ``class_names``."""
     from diffusers import PNDMScheduler
 
     dtype, _ = diffusion.generation_precision(cfg.generate.precision, device)
@@ -186,17 +147,12 @@ def prepare(cfg: ExperimentConfig, class_names: Sequence[str], device: torch.dev
 
 def to_uint8(images: torch.Tensor, size: int, antialias: bool = False, quantize: str = "truncate"
              ) -> np.ndarray:
-    """``B × 3 × H × W`` in [0, 1] → clamp, bilinear resize to ``size``, ``B × size × size × 3`` uint8.
+    """``B × 3 × H × W`` in [0, 1] → clamp, bilinear resize to ``size``, ``B × size × size × 3`` uint8
+    (``quantize``: ``truncate`` or ``round``; no antialias and truncation are the original's).
 
-    Args:
-        antialias: antialias the resize (``False``: the original's plain bilinear, which at 512 →
-            256 averages each 2 × 2 block).
-        quantize: ``truncate`` (the original's ``(255 * x).astype(uint8)``) or ``round``.
-
-    Example:
-        >>> x = torch.full((1, 3, 2, 2), 0.999)
-        >>> to_uint8(x, 2)[0, 0, 0].tolist(), to_uint8(x, 2, quantize="round")[0, 0, 0].tolist()
-        ([254, 254, 254], [255, 255, 255])
+    >>> x = torch.full((1, 3, 2, 2), 0.999)
+    >>> to_uint8(x, 2)[0, 0, 0].tolist(), to_uint8(x, 2, quantize="round")[0, 0, 0].tolist()
+    ([254, 254, 254], [255, 255, 255])
     """
     if quantize not in ("truncate", "round"):
         raise ValueError(f"generate.quantize={quantize!r} is not one of truncate, round")
@@ -212,14 +168,8 @@ def to_uint8(images: torch.Tensor, size: int, antialias: bool = False, quantize:
 @torch.no_grad()
 def generate_images(pipe, tokens, class_index: int, vectors: torch.Tensor | None, seeds: Sequence[int],
                     gcfg: GenerateConfig) -> np.ndarray:
-    """One batch of images of class ``class_index``; image ``j`` carries ``vectors[j]`` in place of the
-    class token's row. ``vectors=None``: the ordinary class prompt with the long name (no placeholder,
-    nothing injected). The prompt encoding, the denoising and the decode run in the context of
-    ``generate.precision`` (:func:`~ncis_core.diffusion.generation_precision`).
-
-    Returns:
-        ``B × output_size × output_size × 3`` uint8.
-    """
+    """One ``B × output_size × output_size × 3`` uint8 batch of class ``class_index``, image ``j`` with
+    ``vectors[j]`` in place of the class token's row (``None``: the plain long-name prompt)."""
     b = len(seeds)
     _, precision = diffusion.generation_precision(gcfg.precision, pipe.device)
     with precision():
@@ -239,14 +189,12 @@ def generate_images(pipe, tokens, class_index: int, vectors: torch.Tensor | None
 
 def ordinary_images(pipe, tokens, class_index: int, seeds: Sequence[int], gcfg: GenerateConfig
                     ) -> np.ndarray:
-    """Generations from the plain class prompt (long name, nothing injected) with the given seeds:
-    the notebook's comparison row."""
+    """The plain class prompt's images with ``seeds`` (the notebook's comparison row)."""
     return generate_images(pipe, tokens, class_index, None, seeds, gcfg)
 
 
 def recorded_hashes(out_dir: str | Path) -> dict[str, str]:
-    """``file → SHA-256`` as recorded by the ``index.json`` of an earlier render in ``out_dir``; ``{}``
-    when there is none (a first or killed render), it is unreadable, or an older kit wrote it."""
+    """``file → SHA-256`` from an earlier render's ``out_dir/index.json``; ``{}`` if none or unreadable."""
     index = Path(out_dir) / "index.json"
     try:
         images = json.loads(index.read_text()).get("images", [])
@@ -256,8 +204,7 @@ def recorded_hashes(out_dir: str | Path) -> dict[str, str]:
 
 
 def image_intact(path: str | Path, recorded: str | None) -> bool:
-    """Whether the image file ``path`` is the one a render wrote: present and, when ``recorded``,
-    of that SHA-256; without a record, present and decodable (PIL reads it to the end)."""
+    """Whether ``path`` is what a render wrote: of SHA-256 ``recorded``, or without a record, decodable."""
     path = Path(path)
     if not path.is_file():
         return False
@@ -282,16 +229,8 @@ def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Seque
                    outliers: torch.Tensor | None, out_dir: Path, gcfg: GenerateConfig,
                    progress: bool = True, on_batch_end: Callable[[int], None] | None = None,
                    desc: str = "stage 4: outlier images") -> float:
-    """Render the batches ``which`` of the plan into ``out_dir``, skipping batches whose files are all
-    intact (:func:`image_intact` against the hashes of ``out_dir/index.json``): a rerun resumes a
-    killed render and redraws damaged or missing files, writing only those (the batch is drawn
-    whole, so each image gets the starting noise and batch-mates it had). ``outliers`` (C × M × D)
-    are injected per the plan; ``None`` renders the plain class prompt with the same seeds (the
-    ``idgen`` control).
-
-    Returns:
-        Seconds spent.
-    """
+    """Render the plan's batches ``which`` into ``out_dir`` (``outliers``: C × M × D, or ``None`` for the
+    plain prompt), skipping intact batches and writing only damaged or missing files; returns seconds."""
     recorded = recorded_hashes(out_dir)
     damaged = {b: [im for im in batches[b] if not image_intact(out_dir / im.file, recorded.get(im.file))]
                for b in which}
@@ -313,8 +252,7 @@ def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Seque
         return generate_images(p, tokens, c, vectors, [im.seed for im in images], gcfg)
 
     try:
-        # the batches in plan order, each saved (and reported) before the next: a kill after batch b
-        # leaves exactly the batches up to b, whichever way they were drawn
+        # in plan order, each saved before the next: a kill after batch b leaves exactly batches ≤ b
         with contextlib.closing(_drawn_in_order(pipe, todo, draw)) as drawn:
             for b, pixels in drawn:
                 for im, px in zip(batches[b], pixels):
@@ -329,11 +267,8 @@ def render_batches(pipe, tokens, batches: list[list[PlannedImage]], which: Seque
 
 
 def render_workers(pipe, batches: int) -> int:
-    """How many batches to draw side by side: on the CPU, for a pipeline whose UNet has at most
-    :data:`SIDE_BY_SIDE_MAX_PARAMETERS` parameters, one per intra-op thread (at most one per batch);
-    else 1. A small UNet's kernels do not keep two cores busy: the demo's (4.2 M parameters) draws
-    32-image batches at 1.2x the rate on two one-thread workers that it reaches on two threads (this
-    project's 2-core CPU); Stable Diffusion's (860 M) fills the cores alone."""
+    """Batches to draw side by side: one per intra-op thread (at most one per batch) on the CPU for a UNet
+    of at most :data:`SIDE_BY_SIDE_MAX_PARAMETERS` parameters; else 1."""
     if batches < 2 or pipe.device.type != "cpu" or torch.get_num_threads() < 2:
         return 1
     if sum(p.numel() for p in pipe.unet.parameters()) > SIDE_BY_SIDE_MAX_PARAMETERS:
@@ -342,12 +277,8 @@ def render_workers(pipe, batches: int) -> int:
 
 
 def _drawn_in_order(pipe, todo: Sequence[int], draw: Callable) -> Iterator[tuple[int, np.ndarray]]:
-    """``(b, draw(pipe, b))`` for each batch of ``todo`` in order. With :func:`render_workers` > 1 the
-    batches are drawn on worker threads of one intra-op thread each, every worker with its own copy of
-    the pipeline (the pipeline is not safe to share: the scheduler keeps its step, and
-    :func:`~ncis_core.diffusion.encode_prompts` swaps the class token's rows in place). Each batch is
-    the same arithmetic on one intra-op thread whichever worker draws it, so the images do not depend
-    on the number of workers (``tests/test_generate.py``)."""
+    """``(b, draw(pipe, b))`` for each batch of ``todo`` in order; with :func:`render_workers` > 1, drawn on
+    one-thread workers, each with its own copy of the pipeline."""
     workers = render_workers(pipe, len(todo))
     if workers == 1:
         for b in todo:
@@ -379,8 +310,7 @@ def _drawn_in_order(pipe, todo: Sequence[int], draw: Callable) -> Iterator[tuple
 def comparison_rows(cfg: ExperimentConfig, run_dir: RunDir, index: dict, classes: Sequence[int],
                     per_class: int, device: torch.device | str = "cpu"
                     ) -> tuple[list[list[np.ndarray]], list[list[np.ndarray]]]:
-    """For each class in ``classes``: its first ``per_class`` outlier images from the run folder and
-    the plain-prompt generations with the same seeds, as ``(ordinary rows, outlier rows)``."""
+    """Per class: its first ``per_class`` outlier images and plain-prompt ones of the same seeds, as rows."""
     pipe, tokens = prepare(cfg, index["classes"], device)
     ordinary, outliers = [], []
     for c in classes:
@@ -397,29 +327,71 @@ def _save_png(path: Path, image: np.ndarray) -> None:
 
 
 def load_index(path: str | Path) -> dict:
-    """``outliers/index.json``: settings plus ``images`` (file, class, embedding index, seed, batch,
-    and the SHA-256 of the PNG's bytes; older kits' indexes lack ``sha256``)."""
+    """``outliers/index.json``: settings and ``images`` (file, class, embedding index, seed, batch, hash)."""
     return json.loads(Path(path).read_text())
 
 
+def render_method(cfg: ExperimentConfig, run: RunDir, name: str,
+                  embeddings: Callable[[], torch.Tensor] | None = None, progress: bool = True) -> Path:
+    """Render method ``name``'s images (not stage 3's; ``compare`` asks) into ``outliers_<name>/`` with this
+    stage's plan and seeds, keeping an intact render of the same inputs; returns the folder. ``embeddings``:
+    ``() -> C × M × D`` of a method producing embeddings, called only when there are images to draw."""
+    from ..device import resolve_device
+    from ..embeddings_io import load_embeddings
+    from ..outliers.base import EMBEDDINGS, NOTHING, PROMPT_IMAGES, get_method
+
+    method = get_method(name)
+    if method.produces == NOTHING:
+        raise ValueError(f"outlier method {name!r} has no images")
+    if method.produces == EMBEDDINGS and embeddings is None:
+        raise ValueError(f"outlier method {name!r} renders outlier embeddings: pass them (embeddings=)")
+    target = run.path("method_outliers_dir", method=name)
+    if method.produces == PROMPT_IMAGES:
+        inputs = {"embeddings": content_hash(run.require("embeddings"))}
+    else:
+        artefacts, sections = method_inputs(cfg, name)
+        inputs = {a: content_hash(run.require(a)) for a in artefacts}
+    # everything stage 4 reads, and the method's own settings; the classifier sections do not matter
+    inputs["config"] = cache_key({}, [asdict(getattr(cfg, k)) for k in (
+        "diffusion", "generate", "sample", "cvpn", "data")] + [cfg.embed.prompt, cfg.run.seed])
+    index_file = target / "index.json"
+    previous = None  # no index: no render yet, or a partial one (resumed)
+    if index_file.exists():
+        try:
+            previous = json.loads(index_file.read_text())
+        except (OSError, ValueError):
+            previous = {}  # unreadable: which inputs its images come from is unknown
+    if isinstance(previous, dict) and previous.get("inputs") == inputs and previous.get("images"):
+        if all(image_intact(target / im["file"], im.get("sha256")) for im in previous["images"]):
+            return target
+        log.warning("%s: some images are missing or damaged: drawing them again", target)
+    elif previous is not None:
+        shutil.rmtree(target)  # a complete render of other inputs (or of unknown ones)
+    names = load_embeddings(run.require("embeddings"))["class_names"]
+    outliers = embeddings() if method.produces == EMBEDDINGS else None
+    pipe, tokens = prepare(cfg, names, resolve_device(cfg.run.device))
+    batches = plan(len(names), outliers.shape[1] if outliers is not None else 1, cfg.generate, names)
+    target.mkdir(parents=True, exist_ok=True)
+    render_batches(pipe, tokens, batches, range(len(batches)), outliers, target, cfg.generate,
+                   progress, desc=f"{name} outlier images")
+    hashes = image_hashes(target, batches)
+    atomic_write_json(index_file, {"method": name, "inputs": inputs, "images": [
+        {"file": im.file, "class": im.class_index, "embedding_index": im.embedding_index, "seed": im.seed,
+         "sha256": hashes.get(im.file)} for batch in batches for im in batch]})
+    return target
+
+
 # Stage 4 reads stage 3's outlier embeddings and the generator; it writes the outlier images.
-STAGE = register_stage(Stage(4, "generate", ("diffusion", "generate"), ("outlier_embeddings",), ("outliers_dir",)))
+STAGE = STAGES["generate"]
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True,
         on_batch_end: Callable[[int], None] | None = None) -> dict:
-    """Stage 4: write ``outliers/<class>/*.png`` and ``outliers/index.json``; skipped when complete
-    and current, resumed batch by batch when interrupted, sharded under ``accelerate launch``.
-
-    Args:
-        on_batch_end: called with the batch number after each batch is saved (tests kill a run there).
-
-    Returns:
-        The index (:func:`load_index`).
+    """Stage 4: write ``outliers/<class>/*.png`` and ``outliers/index.json``; returns the index.
+    ``on_batch_end(b)`` runs after batch ``b`` is saved (tests kill a run there).
 
     Raises:
-        ValueError: an empty outlier file, or outlier embeddings whose width differs from the text
-            encoder's (made with another ``diffusion.pipeline``).
+        ValueError: an empty outlier file, or embeddings not as wide as the text encoder's.
     """
     state, device = process_state(cfg.run.device)
     main_process = state.is_main_process

@@ -13,7 +13,7 @@ Outlier sources (``classifier.outliers``, a registered outlier method or ``folde
 with images — the tree ``outliers_<method>/`` of the run (rendered by ``compare``), or
 ``classifier.outlier_folder`` when set; a method without outliers (``none``) — no energy term;
 ``folder`` — any folder of images (``classifier.outlier_folder``); see
-:func:`ncis_core.outliers.sources.outlier_image_folder`.
+:func:`ncis_core.runs.outlier_image_folder`.
 
 Reproducible and resumable: every epoch draws its shuffling and augmentation from generators seeded
 by ``(seed, epoch)`` (``classifier.seed``, else ``run.seed``), and a checkpoint (``classifier/last.safetensors`` + ``last.json``) is
@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +49,11 @@ from ..data.base import DataError, ImageDataset, Subset
 from ..data.folders import ImageFolderFiles
 from ..data.transforms import (Compose, Normalize, RandomChoiceResize, RandomCrop,
                                RandomHorizontalFlip, RandomResizedCrop, ToTensor)
+from ..checkpoints import ClassifierBundle, load_classifier, save_classifier  # noqa: F401 (stage 5's reader)
 from ..device import resolve_device
-from ..models.resnet import EnergyHead, build_classifier, remap_ood_checkpoint
-from ..runs import (MissingArtefactError, RunDir, Stage, atomic_path, atomic_write_json, register_stage,
-                    atomic_write_safetensors, stage_inputs)
+from ..models.resnet import MEMORY_FORMAT, EnergyHead, build_classifier, remap_ood_checkpoint
+from ..runs import (STAGES, MissingArtefactError, RunDir, atomic_path, atomic_write_json,
+                    outlier_image_folder, stage_inputs)
 
 __all__ = [
     "train_transforms",
@@ -65,21 +65,12 @@ __all__ = [
     "energy_loss",
     "cosine_lr",
     "mixed_precision",
-    "ClassifierBundle",
-    "save_classifier",
-    "load_classifier",
     "train",
     "run",
     "main",
 ]
 
 log = logging.getLogger(__name__)
-
-# The classifiers' activations and convolution weights in NHWC on every device: the same arithmetic
-# as NCHW up to rounding, and faster on GPUs and on this project's CPU (oneDNN, torch 2.13: the demo's
-# width-8 CNN 148 → 101 ms per 256-image training step on one thread, 102 → 71 on two; its
-# evaluation 31 → 17 ms; ResNet-18 2.55 → 2.08 s per 64-image step). Stage 5 and stage 6 use it.
-MEMORY_FORMAT = torch.channels_last
 
 
 # ----------------------------------------------------------------------------- data
@@ -136,8 +127,7 @@ class _BatchToTensor:
 def training_loader(images: ImageDataset, transform, batch_size: int, generator: torch.Generator,
                     num_workers: int = 0, drop_last: bool = False) -> DataLoader:
     """A shuffled loader over ``images`` with ``transform`` (one of :func:`train_transforms`),
-    drawing its order from ``generator``: stage 5's loaders, for ``train()`` and ``train_many``
-    alike. A transform ending in ``ToTensor()`` (+ ``Normalize``) keeps its random array
+    drawing its order from ``generator``: stage 5's loaders. A transform ending in ``ToTensor()`` (+ ``Normalize``) keeps its random array
     transforms per image — the same draws from torch's generator, in the same order — and converts
     each batch at once (:class:`_BatchToTensor`); the batches equal those of the per-image
     transform (``tests/test_train_classifier.py``). The per-image conversions were a third of the
@@ -157,8 +147,6 @@ def training_loader(images: ImageDataset, transform, batch_size: int, generator:
 
 def _outlier_folder(cfg: ExperimentConfig, run_dir: RunDir) -> Path | None:
     """The folder of ``classifier.outliers``'s images (None for a method without outliers)."""
-    from ..outliers.sources import outlier_image_folder
-
     try:
         return outlier_image_folder(cfg, run_dir)
     except FileNotFoundError as exc:
@@ -258,7 +246,7 @@ def outlier_dataset(cfg: ExperimentConfig, run_dir: RunDir) -> ImageDataset | No
 def _vae_reconstructions(cfg: ExperimentConfig, images: np.ndarray, progress: bool) -> np.ndarray:
     """The generator's VAE round trip (posterior mode → decode) of ``N × H × W × 3`` uint8 images."""
     from .. import diffusion
-    from .embed import to_model_range
+    from ..data.transforms import to_model_range
 
     device = resolve_device(cfg.run.device)
     pipe = diffusion.load_pipeline(cfg.diffusion, device, seed=cfg.run.seed)
@@ -328,84 +316,6 @@ def energy_loss(logits: torch.Tensor, is_id: torch.Tensor, head: EnergyHead) -> 
 def cosine_lr(step: int, total: int, lr: float, final_lr: float) -> float:
     """Cosine annealing per step from ``lr`` (step 0) to ``final_lr`` (step ``total``)."""
     return final_lr + 0.5 * (lr - final_lr) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
-
-
-# ----------------------------------------------------------------------------- checkpoints
-@dataclass
-class ClassifierBundle:
-    """A trained classifier: the network, the energy head, and what stage 6 needs to know."""
-
-    model: nn.Module
-    head: EnergyHead
-    meta: dict
-
-    @property
-    def slope(self) -> float | None:
-        """The saved energy head's slope a = w₁ − w₀ (None when the checkpoint had no head)."""
-        slope = self.meta.get("slope")
-        return None if slope is None else float(slope)
-
-
-def save_classifier(path: Path, model: nn.Module, head: EnergyHead, meta: dict) -> None:
-    """Model + head weights as safetensors, ``meta`` (arch, classes, head kind, slope …) in its header."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-    atomic_write_safetensors(path, tensors, {"ncis": json.dumps(meta)})
-
-
-def load_classifier(path: str | Path, arch: str | None = None, num_classes: int | None = None,
-                    head_kind: str = "linear", head_hidden: int = 0, width: int = 32) -> ClassifierBundle:
-    """Load a classifier: one of the kit's (``save_classifier``), a torchvision-layout state dict, or
-    the OOD literature's CIFAR checkpoints (``encoder.*``, ``shortcut.*``, ``module.`` prefixes;
-    third-party ``.pt``/``.pth`` files are read with ``weights_only=True``).
-
-    ``arch``/``num_classes`` are needed for third-party files (the kit's own carry them).
-
-    Raises:
-        ValueError: the file's weights do not fit the architecture (names the architecture and the
-            first mismatching keys).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"classifier checkpoint {path} does not exist")
-    meta: dict = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("ncis", "{}"))
-        state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
-    arch = meta.get("arch", arch)
-    num_classes = meta.get("num_classes", num_classes)
-    if arch is None or num_classes is None:
-        raise ValueError(f"{path} carries no architecture: pass arch and num_classes")
-    model_state = {k[6:]: v for k, v in state.items() if k.startswith("model.")} if meta else \
-        remap_ood_checkpoint(state)
-    head_state = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
-    model = build_classifier(arch, num_classes, meta.get("width", width))
-    try:
-        result = model.load_state_dict(model_state, strict=False)
-    except RuntimeError as err:  # same names, other shapes
-        first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
-        raise ValueError(f"{path} does not fit classifier.arch={arch} with {num_classes} classes: "
-                         f"{first.strip()}") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path} does not fit classifier.arch={arch} with {num_classes} classes: "
-                         f"missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
-    head = EnergyHead(meta.get("head", head_kind), meta.get("head_hidden", head_hidden))
-    if head_state:
-        head.load_state_dict(head_state)
-        meta = {"arch": arch, "num_classes": num_classes, "slope": float(head.slope()), **meta}
-    else:
-        # No head in the file (the original never saves one): the head here is freshly
-        # initialised and its slope is noise, so no slope is recorded (stage 6 then scores +logsumexp).
-        meta = {"arch": arch, "num_classes": num_classes, **meta}
-        meta.pop("slope", None)
-    meta["head_saved"] = bool(head_state)
-    return ClassifierBundle(model.eval(), head.eval(), meta)
 
 
 def _save_state(folder: Path, model, head, opt, epoch: int, step: int, history: list) -> None:
@@ -703,21 +613,8 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     return result
 
 
-def _inputs(cfg: ExperimentConfig) -> tuple[str, ...]:
-    # stage 4's tree only when the outliers are stage 3's method's (other sources are hashed as
-    # outside paths, see run())
-    return ("outliers_dir",) if cfg.classifier.outliers == cfg.sample.method else ()
-
-
-def _sections(cfg: ExperimentConfig) -> tuple[str, ...]:
-    # the generated-looking ID images come from the generator at stage 1's resolution
-    return ("diffusion", "embed.resolution") if cfg.classifier.id_generated != "none" else ()
-
-
 # Stage 5 reads the ID data and its outlier source; it writes the best classifier and its history.
-STAGE = register_stage(Stage(5, "classifier", ("data", "classifier"), ("outliers_dir",),
-                             ("classifier_best", "classifier_history"), inputs_for=_inputs,
-                             sections_for=_sections))
+STAGE = STAGES["classifier"]
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True) -> dict:

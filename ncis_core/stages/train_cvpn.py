@@ -1,22 +1,12 @@
 """Stage 2: train the cVPN on the stage-1 embeddings (METHOD.md §2) ↔ ``02_train_cvpn.ipynb``.
+Per mini-batch two steps of one Adam optimizer (:func:`train_step`: the invariance loss, then the
+reconstruction through the updated inverse), the learning rate decaying linearly per mini-batch
+(:func:`lr_factor`); after each epoch the invariant MSE on a subset of training points picks the
+best model (``cvpn/best.safetensors``, ``cvpn/history.json``). ``cvpn/last.*`` (a training state)
+lets an interrupted run continue with the very same result.
 
-Per mini-batch ``(x, c)`` two steps of one Adam optimizer (:func:`train_step`):
-
-1. ``z = f(x; c)``, ``L_inv = mean(z[:, -k:]²)``, step;
-2. ``z' = stopgrad(z)`` with its last ``k`` entries set to 0, ``x̂ = f⁻¹(z'; c)`` with the parameters
-   after step 1, ``L_rec = mean((x̂ − x)²)``, step.
-
-The learning rate decays per mini-batch linearly to ``final_lr_factor × lr`` (:func:`lr_factor`).
-After every epoch the invariant MSE on a strided subset of at most ``selection_points`` training
-points (class-balanced and on the original's scale by default: ``cvpn.selection_subset``,
-``cvpn.selection_reduce``) decides whether the model is the best so far (``cvpn/best.safetensors``); the per-epoch
-record goes to ``cvpn/history.json``. ``cvpn/last.safetensors`` (model + Adam state) lets an
-interrupted run continue from its last finished epoch with the very same result; it is removed when
-the stage completes.
-
-Example (not run by the doctests: it needs a run folder with stage 1's embeddings and trains for
-seconds even on the ``smoke`` preset, whose synthetic stand-in embeddings, D = 32, give these
-numbers; ``tests/test_train_cvpn.py`` trains smoke ones):
+Example (not run by the doctests: it needs a run folder with stage 1's embeddings; the ``smoke``
+preset's synthetic stand-in embeddings, D = 32, give these numbers):
     >>> run_dir = RunDir.open("outputs/smoke")     # doctest: +SKIP
     >>> result = run(run_dir.cfg, run_dir)         # doctest: +SKIP
     >>> result.k, result.history["best_epoch"]     # doctest: +SKIP
@@ -35,30 +25,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ..progress import bar_options
+from ..checkpoints import (delete_training_state, load_cvpn, load_training_state, save_cvpn,
+                           save_training_state)
 from ..config import CVPNConfig, ExperimentConfig
 from ..device import resolve_device, seed_everything
-from ..embeddings_io import load_embeddings, save_embeddings, synthetic_embeddings
-from ..errors import TooLittleData
+from ..embeddings_io import (holdout_split, load_embeddings, save_embeddings, synthetic_embeddings,
+                             validate_embeddings)
 from ..models.cvpn import CVPN, count_invariants
-from ..runs import (MissingArtefactError, RunDir, Stage, atomic_write_json, atomic_write_safetensors,
-                    register_stage)
+from ..progress import bar_options
+from ..runs import STAGES, MissingArtefactError, RunDir, atomic_write_json
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "CVPNResult",
-    "validate_embeddings",
-    "holdout_split",
     "lr_factor",
     "selection_indices",
     "train_step",
     "selection_score",
     "fit",
-    "save_cvpn",
-    "load_cvpn",
     "ensure_smoke_embeddings",
     "load_result",
     "run",
@@ -66,7 +51,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "ncis-cvpn/1"
 # Seconds per epoch, beside history.json rather than in it: history.json is an artefact the manifest
 # hashes, and two identical runs must write it byte for byte (timings never repeat).
 TIMES = "times.json"
@@ -99,55 +83,6 @@ class CVPNResult:
         return int(self.meta["k"])
 
 
-# ----------------------------------------------------------------------------- checks and splits
-def validate_embeddings(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                        dim: int | None = None, min_per_class: int = 2) -> None:
-    """Refuse input the cVPN cannot use, with one clear message.
-
-    Raises:
-        ValueError: NaN/Inf values, a label outside ``[0, C)``, a class with fewer than
-            ``min_per_class`` rows, or a width that differs from ``dim`` (e.g. a checkpoint's).
-    """
-    if embeddings.ndim != 2 or labels.shape != (embeddings.shape[0],):
-        raise ValueError(f"embeddings must be N × D with N labels; got {tuple(embeddings.shape)} "
-                         f"and {tuple(labels.shape)}")
-    if dim is not None and embeddings.shape[1] != dim:
-        raise ValueError(f"the embeddings are {embeddings.shape[1]}-dimensional but the cVPN checkpoint "
-                         f"expects {dim}; retrain stage 2 (cvpn) on these embeddings")
-    bad = ~torch.isfinite(embeddings).all(dim=1)
-    if bad.any():
-        raise ValueError(f"{int(bad.sum())} embedding rows contain NaN or Inf (first: row "
-                         f"{int(bad.nonzero()[0])}); rerun stage 1 (embed)")
-    outside = (labels < 0) | (labels >= num_classes)
-    if outside.any():
-        raise ValueError(f"label {int(labels[outside][0])} (row {int(outside.nonzero()[0])}) is outside "
-                         f"[0, {num_classes}) for {num_classes} classes")
-    counts = torch.bincount(labels, minlength=num_classes)
-    few = (counts < min_per_class).nonzero().flatten()
-    if len(few):
-        raise TooLittleData(f"class {int(few[0])} has {int(counts[few[0]])} embeddings (need at least "
-                            f"{min_per_class} for a class covariance); {len(few)} class(es) affected: embed "
-                            f"at least {min_per_class} images per class (embed.max_per_class, capped by "
-                            f"data.max_per_class)")
-
-
-def holdout_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded per-class split: ``floor(fraction × n_c)`` rows of each class held out (never leaving
-    fewer than 2 for training). Returns ``(train_index, holdout_index)``, both sorted."""
-    n = len(labels)
-    if fraction <= 0 or n == 0:
-        return torch.arange(n), torch.zeros(0, dtype=torch.long)
-    counts = torch.bincount(labels)
-    hold = torch.clamp(torch.floor(counts.double() * fraction).long(), max=(counts - 2).clamp_min(0))
-    keys = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    order = torch.from_numpy(np.lexsort((keys.numpy(), labels.numpy())))
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.empty(n, dtype=torch.long)
-    rank[order] = torch.arange(n) - starts[labels[order]]
-    held = rank < hold[labels]
-    return (~held).nonzero().flatten(), held.nonzero().flatten()
-
-
 def lr_factor(step: int, total: int, final: float = 0.1) -> float:
     """``max((1 − final)·(1 − step/(T−1)) + final, final)``: linear from 1 to ``final`` over T steps."""
     return max((1 - final) * (1 - step / max(total - 1, 1)) + final, final)
@@ -174,7 +109,12 @@ def selection_indices(n: int, points: int, labels: torch.Tensor | None = None) -
 # ----------------------------------------------------------------------------- one step
 def train_step(model: CVPN, optimizer: torch.optim.Optimizer, x: torch.Tensor, labels: torch.Tensor,
                k: int, autocast_dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """The two optimizer steps of one mini-batch; returns ``(L_inv, L_rec)`` as floats."""
+    """The two optimizer steps of one mini-batch ``(x, c)``; returns ``(L_inv, L_rec)`` as floats.
+
+    1. ``z = f(x; c)``, ``L_inv = mean(z[:, -k:]²)``, step;
+    2. ``z' = stopgrad(z)`` with its last ``k`` entries set to 0, ``x̂ = f⁻¹(z'; c)`` with the
+       parameters after step 1, ``L_rec = mean((x̂ − x)²)``, step.
+    """
     device_type = x.device.type
     with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16,
                         enabled=autocast_dtype is not None):
@@ -214,62 +154,6 @@ def selection_score(model: CVPN, x: torch.Tensor, labels: torch.Tensor, k: int,
     return total / max(count, 1)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def save_cvpn(path: str | os.PathLike, model: CVPN, meta: dict, mean: torch.Tensor | None = None,
-              extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``model`` (+ input mean, + extra tensors) and ``meta`` as safetensors, atomically."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors["input_mean"] = (mean if mean is not None else torch.zeros(model.dim)).detach().cpu().float()
-    tensors.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
-    metadata = {"format": CHECKPOINT_FORMAT, "architecture": json.dumps(model.architecture()),
-                "meta": json.dumps(meta)}
-    return atomic_write_safetensors(path, tensors, metadata)
-
-
-def _read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict, dict]:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a cVPN checkpoint (format {metadata.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return tensors, json.loads(metadata["architecture"]), json.loads(metadata["meta"])
-
-
-def load_cvpn(path: str | os.PathLike, device: torch.device | str = "cpu", expm: str = "auto"
-              ) -> tuple[CVPN, dict, torch.Tensor]:
-    """Read a checkpoint written by :func:`save_cvpn`; returns ``(model in eval mode, meta, input mean)``."""
-    tensors, arch, meta = _read_checkpoint(path)
-    model = CVPN(**arch, expm=expm)
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    model.to(device).eval()
-    meta = {**meta, **arch}
-    return model, meta, tensors["input_mean"].to(device)
-
-
-def _save_last(path: Path, model: CVPN, optimizer: torch.optim.Optimizer, state: dict,
-               mean: torch.Tensor) -> None:
-    extra = {}
-    for index, param_state in optimizer.state_dict()["state"].items():
-        for name, value in param_state.items():
-            extra[f"optim.{index}.{name}"] = torch.as_tensor(value)
-    save_cvpn(path, model, state, mean, extra)
-
-
-def _load_last(path: Path, model: CVPN, optimizer: torch.optim.Optimizer) -> dict:
-    tensors, arch, state = _read_checkpoint(path)
-    if arch != model.architecture():
-        raise ValueError(f"{path} holds a different architecture ({arch}); delete it to start afresh")
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
-    template = optimizer.state_dict()
-    optimizer.load_state_dict({"state": opt_state, "param_groups": template["param_groups"]})
-    return state
-
-
 # ----------------------------------------------------------------------------- the loop
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The shuffling generator of one epoch, derived from (seed, epoch) so a resumed run matches."""
@@ -290,9 +174,9 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
         cfg: the stage-2 config.
         seed: seeds the initialisation and each epoch's shuffling.
         device: where to train.
-        out_dir: folder for ``best.safetensors``, ``history.json`` and ``last.safetensors``; None keeps
-            everything in memory.
-        resume: continue from ``out_dir/last.safetensors`` when present.
+        out_dir: folder for ``best.safetensors``, ``history.json`` and ``last.*`` (the training
+            state); None keeps everything in memory.
+        resume: continue from ``out_dir/last.*`` when present.
         k: number of invariants; None computes it with :func:`count_invariants`.
         on_epoch_end: called as ``on_epoch_end(epoch, record)`` after each epoch's files are written
             (tests use it to interrupt a run).
@@ -315,6 +199,8 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
     n = len(xs)
     batches = math.ceil(n / cfg.batch_size)
     total_steps = batches * cfg.epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.final_lr_factor))  # per mini-batch
     select = selection_indices(n, cfg.selection_points,
                                labels if cfg.selection_subset == "class_balanced" else None).to(device)
     history = {"k": k, "dim": x.shape[1], "num_classes": num_classes, "epochs": cfg.epochs,
@@ -325,11 +211,18 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
     best_state = None
     start_epoch = 0
     times: list[float] = []  # seconds per epoch: kept out of history.json (see TIMES)
-    last = out_dir / "last.safetensors" if out_dir is not None else None
-    if last is not None and resume and last.exists():
-        state = _load_last(last, model, optimizer)
+    objects = {"model": model, "optimizer": optimizer, "schedule": schedule}
+
+    def same_architecture(state: dict) -> None:
+        if state["architecture"] != model.architecture():
+            raise ValueError(f"{out_dir / 'last.json'} holds a different architecture "
+                             f"({state['architecture']}); delete it and last.safetensors to start afresh")
+
+    state = load_training_state(out_dir, "last", objects, same_architecture) \
+        if out_dir is not None and resume else None
+    if state is not None:
         start_epoch, history = state["epoch"], state["history"]
-        log.info("resuming cVPN training from %s after epoch %d", last, start_epoch)
+        log.info("resuming cVPN training from %s after epoch %d", out_dir / "last.json", start_epoch)
         if (out_dir / TIMES).exists():
             times = json.loads((out_dir / TIMES).read_text())["seconds_per_epoch"][:start_epoch]
     if start_epoch and out_dir is not None and (out_dir / "best.safetensors").exists():
@@ -347,12 +240,10 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
         bar = tqdm(range(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    **bar_options(progress))
         for b in bar:
-            step = epoch * batches + b
-            lr = cfg.lr * lr_factor(step, total_steps, cfg.final_lr_factor)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = optimizer.param_groups[0]["lr"]
             index = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             losses = train_step(model, optimizer, xs[index], ys[index], k, autocast)
+            schedule.step()
             sums += losses
             bar.set_postfix(inv=f"{losses[0]:.4g}", rec=f"{losses[1]:.3g}", refresh=False)
         bar.close()
@@ -376,7 +267,8 @@ def fit(x: torch.Tensor, labels: torch.Tensor, num_classes: int, cfg: CVPNConfig
                           mean)
             atomic_write_json(out_dir / "history.json", history)
             atomic_write_json(out_dir / TIMES, {"seconds_per_epoch": times})
-            _save_last(last, model, optimizer, {"epoch": epoch + 1, "history": history}, mean)
+            save_training_state(out_dir, "last", objects, {"epoch": epoch + 1, "history": history,
+                                                           "architecture": model.architecture()})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
     epochs_bar.close()
@@ -445,7 +337,7 @@ def load_result(cfg: ExperimentConfig, run_dir: RunDir, device: torch.device | s
 
 
 # Stage 2 reads the embeddings and writes the best cVPN and its history.
-STAGE = register_stage(Stage(2, "cvpn", ("cvpn",), ("embeddings",), ("cvpn_best", "cvpn_history")))
+STAGE = STAGES["cvpn"]
 
 
 def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True, on_epoch_end=None) -> CVPNResult:
@@ -467,12 +359,13 @@ def run(cfg: ExperimentConfig, run_dir: RunDir, progress: bool = True, on_epoch_
             out_dir = run_dir.path("cvpn_dir")
             out_dir.mkdir(parents=True, exist_ok=True)
             if not rec.resumable:
-                for name in ("last.safetensors", "best.safetensors", "history.json", TIMES):
+                delete_training_state(out_dir, "last")
+                for name in ("best.safetensors", "history.json", TIMES):
                     (out_dir / name).unlink(missing_ok=True)
             _, history = fit(x[train_index], labels[train_index], num_classes, cfg.cvpn,
                              seed=cfg.run.seed, device=device, out_dir=out_dir, resume=rec.resumable,
                              on_epoch_end=on_epoch_end, progress=progress)
-            (out_dir / "last.safetensors").unlink(missing_ok=True)
+            delete_training_state(out_dir, "last")
             rec.info.update(k=history["k"], best_epoch=history["best_epoch"],
                             best_selection_mse=history["best_selection_mse"],
                             parameters=history["parameters"], train_rows=len(train_index),

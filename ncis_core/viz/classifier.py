@@ -1,7 +1,5 @@
 """Pictures of stage 5 (``05_train_classifier.ipynb``): the classifier's training curves per epoch.
 
-Example (a two-epoch ``history.json`` of stage 5, trained with outliers; a notebook then saves the
-figure with ``save_figure(fig, run, "05_training.png")``, :mod:`ncis_core.viz.common`):
     >>> q = [1.0, 2.0, 3.0, 4.0, 5.0]  # the energy score's 5, 25, 50, 75 and 95 % quantiles
     >>> history = {"epochs": [{"epoch": e, "ce": 2.0 / e, "energy_loss": 0.5 / e, "train_acc": 0.4 * e,
     ...                        "slope": 0.1 * e, "score_quantiles_id": q, "score_quantiles_outlier": q}
@@ -22,8 +20,7 @@ __all__ = ["plot_classifier_history"]
 
 
 def plot_classifier_history(history: dict):
-    """Stage 5's curves per epoch: losses, training accuracy, the energy head's slope, and the
-    ID vs outlier energy-score distributions (median and 5–95 % band) during training."""
+    """Losses, training accuracy, the energy head's slope and the ID vs outlier score bands per epoch."""
     epochs = [e["epoch"] for e in history["epochs"]]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     axes[0].plot(epochs, [e["ce"] for e in history["epochs"]], "o-", ms=3, label="cross-entropy (ID)")

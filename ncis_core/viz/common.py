@@ -1,10 +1,6 @@
-"""Pictures used by several stages: a labelled image grid, saving a figure into the run folder, and
-the note a notebook shows instead of a view that has too little data to draw.
+"""Pictures used by several stages: a labelled image grid, :func:`save_figure` (into the run's
+``figures/``) and the note a notebook shows instead of a view that has too little data to draw.
 
-Every picture function of :mod:`ncis_core.viz` returns a matplotlib ``Figure``; :func:`save_figure`
-writes it under the run's ``figures/`` so that what a notebook shows survives a headless papermill run.
-
-Example:
     >>> import tempfile
     >>> from ncis_core.config import load_config
     >>> from ncis_core.runs import RunDir
@@ -15,10 +11,6 @@ Example:
     >>> run = RunDir.create(load_config("smoke", out=tempfile.mkdtemp()))
     >>> save_figure(fig, run, "00_id_examples.png").relative_to(run.root).as_posix()
     'figures/00_id_examples.png'
-
-A view (a picture, never a stage) that has too little data raises :class:`TooLittleData`; a notebook
-cell wraps it in :func:`too_little_data_note`, which shows the reason as a short markdown line and
-lets the series go on (a quick run with one or two images per class still runs every notebook):
     >>> with too_little_data_note("per-class maps"):
     ...     raise TooLittleData("1 embedding of bear: a UMAP map needs at least 5")
     <IPython.core.display.Markdown object>
@@ -39,8 +31,7 @@ __all__ = ["save_figure", "image_grid", "TooLittleData", "too_little_data_note"]
 
 @contextmanager
 def too_little_data_note(what: str):
-    """Run a notebook's drawing code; on :class:`TooLittleData` show ``*<what> not drawn: <why>*``
-    as markdown instead of stopping the notebook. Any other error still stops it."""
+    """On :class:`TooLittleData` inside, show ``*<what> not drawn: <why>*`` instead of stopping."""
     try:
         yield
     except TooLittleData as why:

@@ -1,9 +1,6 @@
 """Pictures of ``compare`` (shown in ``06_evaluate.ipynb``): a forest plot of the paired differences
 and a gallery of one class's outliers by method, the same starting noise in each column.
 
-Example (one row of ``compare/summary.json``'s ``"paired"`` list, e.g. ``make demo``'s
-``json.load(open("outputs/demo/compare/summary.json"))["paired"]``: NCIS against the linear
-baseline on the far-OOD mean, over three seeds):
     >>> paired = [{"metric": "auroc", "method": "ncis", "reference": "linear", "set": "mean far",
     ...            "mean": 0.02, "low": 0.01, "high": 0.03, "detectable": 0.005, "told_apart": True,
     ...            "seeds": 3}]
@@ -30,9 +27,8 @@ _METRICS = {"auroc": "AUROC difference (points, ↑ better)", "fpr95": "FPR95 di
 
 
 def plot_paired_forest(paired: list[dict]):
-    """One panel per metric: each paired difference (method − reference, per near / far / all) as a
-    dot with its 95 % t-interval, filled when Holm's correction tells the two apart; a dashed line
-    at 0 and, shaded, ± the detectable difference (smaller true differences could pass unnoticed)."""
+    """One panel per metric: each paired difference with its 95 % t-interval (filled: told apart)
+    and, shaded, ± the detectable difference."""
     metrics = [m for m in _METRICS if any(r["metric"] == m for r in paired)]
     labels = list(dict.fromkeys(f"{r['method']} − {r['reference']} · {r['set'].replace('mean ', '')}"
                                 for r in paired if r["metric"] in metrics))
@@ -66,8 +62,7 @@ def plot_paired_forest(paired: list[dict]):
 
 def method_gallery_rows(folders: dict[str, Path], class_index: int, n: int = 6
                         ) -> tuple[list[str], list[list[np.ndarray]], list[int]]:
-    """For each method (name → its image folder with ``index.json``), the first ``n`` images of
-    class ``class_index`` whose starting-noise seeds every method has: ``(methods, rows, seeds)``."""
+    """``(methods, rows, seeds)``: per method folder, the first ``n`` images of a class on shared seeds."""
     indexes = {m: json.loads((Path(f) / "index.json").read_text())["images"] for m, f in folders.items()}
     by_seed = {m: {im["seed"]: im["file"] for im in images if im["class"] == class_index}
                for m, images in indexes.items()}
@@ -80,8 +75,7 @@ def method_gallery_rows(folders: dict[str, Path], class_index: int, n: int = 6
 
 def plot_method_gallery(methods: Sequence[str], rows: Sequence[Sequence[np.ndarray]], seeds: Sequence[int],
                         title: str = "", labels: dict[str, str] | None = None, cell: float = 1.1):
-    """The gallery: one row per method, one column per starting-noise seed (so a column shows what
-    each method's outlier embedding did to the same generation)."""
+    """The gallery: one row per method, one column per starting-noise seed."""
     cols = max(len(seeds), 1)
     fig, axes = plt.subplots(len(methods), cols, figsize=(cell * cols + 1.4, cell * len(methods) + 0.5),
                              squeeze=False)

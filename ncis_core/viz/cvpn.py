@@ -1,10 +1,6 @@
 """Pictures of stages 2 and 3 (``02_train_cvpn.ipynb``, ``03_sample_outliers.ipynb``): cVPN loss
 curves, per-class PCA spectra, invariant energies, class maps.
 
-Every function returns a matplotlib ``Figure``; save it with :func:`ncis_core.viz.common.save_figure`.
-
-Example (a two-epoch ``cvpn/history.json``; a notebook then saves the figure with
-``save_figure(fig, run, "02_losses.png")``):
     >>> history = {"k": 30, "dim": 32, "best_epoch": 2, "per_epoch": [
     ...     {"epoch": e, "inv_loss": 0.1 / e, "rec_loss": 0.01 / e, "selection_mse": 0.2 / e, "lr": 1e-3}
     ...     for e in (1, 2)]}
@@ -47,8 +43,7 @@ def plot_cvpn_history(history: dict):
 
 def plot_pca_spectrum(spectra: list[np.ndarray], dim: int, k: int, variance_pct: float,
                       class_names: list[str], max_classes: int = 12):
-    """Cumulative explained variance per class against the component index, with the threshold
-    ``1 − p/100`` and the kit's ``D − k`` (where the invariants begin) marked."""
+    """Cumulative explained variance per class, with ``1 − p/100`` and ``D − k`` marked."""
     fig, ax = plt.subplots(figsize=(7, 3.8))
     for ratio, name in list(zip(spectra, class_names))[:max_classes]:
         ax.plot(np.arange(len(ratio)), np.cumsum(ratio), lw=1, label=name)
@@ -65,12 +60,9 @@ def plot_pca_spectrum(spectra: list[np.ndarray], dim: int, k: int, variance_pct:
 
 
 def plot_invariant_energy(groups: dict, class_names: list[str], classes: list[int], bins: int = 20):
-    """Histograms of the invariant energy per class, one panel per class in ``classes``.
+    """Histograms of the invariant energy, one panel per class in ``classes``.
 
-    Args:
-        groups: name → ``(energies, labels)`` (1-D arrays), e.g. training / held-out / outliers.
-        class_names: all class names.
-        classes: the class indices to draw.
+    ``groups``: name → ``(energies, labels)``, e.g. training / held-out / outliers.
     """
     fig, axes = plt.subplots(1, len(classes), figsize=(3.4 * len(classes), 3), squeeze=False)
     for ax, c in zip(axes[0], classes):
@@ -95,8 +87,7 @@ def plot_invariant_energy(groups: dict, class_names: list[str], classes: list[in
 
 
 def plot_class_map(embeddings: np.ndarray, others: dict, title: str):
-    """A 2-D PCA map (fitted on one class's embeddings) of the class and of other point sets
-    (``name → N × D``, e.g. its NCIS outliers and the linear baseline's)."""
+    """A 2-D PCA map of one class's embeddings and of other point sets (``name → N × D``)."""
     x = np.asarray(embeddings, dtype=np.float64)
     mean = x.mean(0)
     _, _, vt = np.linalg.svd(x - mean, full_matrices=False)

@@ -1,7 +1,5 @@
 """Pictures of stage 0 (``00_data.ipynb``): images per class and per OOD set, seeded example rows.
 
-Example (stage 0's summary of the ``smoke`` preset's splits; a notebook then saves the figure with
-``save_figure(fig, run, "00_counts.png")``):
     >>> from ncis_core.config import load_config
     >>> from ncis_core.data import build_splits
     >>> from ncis_core.stages.data_summary import summarize
@@ -48,8 +46,7 @@ def plot_counts(summary: list[dict]):
 
 def split_examples(split: Split, per_group: int = 8, seed: int = 0, by_class: bool = True
                    ) -> tuple[list[str], list[list[np.ndarray]]]:
-    """Up to ``per_group`` seeded example images per class (``by_class`` and a labelled split) or
-    for the whole set; returns ``(row names, rows of images)`` for :func:`image_grid`."""
+    """``(row names, rows)`` for :func:`image_grid`: up to ``per_group`` seeded images per class or set."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(split.dataset.labels)
     if by_class and split.classes:

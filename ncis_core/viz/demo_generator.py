@@ -1,8 +1,5 @@
-"""Pictures of the demo generator's training (``extras/train_demo_generator.ipynb``): loss curves
-per step. Its montages are :func:`ncis_core.viz.common.image_grid`.
+"""Pictures of the demo generator's training (``extras/train_demo_generator.ipynb``): loss curves.
 
-Example (``training.json``'s histories hold one loss per step; a notebook then saves the figure
-with ``save_figure(fig, run, "generator_losses.png")``):
     >>> fig = plot_loss_curves({"vae": [0.9, 0.5, 0.4, 0.3], "unet": [1.0, 0.8, 0.9, 0.6]}, smooth=2)
     >>> [ax.get_title() for ax in fig.axes]
     ['vae loss', 'unet loss']

@@ -1,8 +1,6 @@
 """Pictures of stage 1 (``01_embed.ipynb``): how far per-image embeddings moved from their class
-token, and a PCA map of the embeddings. (The notebook's UMAP maps are :mod:`ncis_core.viz.maps`.)
+token, and a PCA map of the embeddings.
 
-Example (three 2-D embeddings of two classes whose token rows start at (0, 0) and (1, 1); a
-notebook then saves the figure with ``save_figure(fig, run, "01_token_distances.png")``):
     >>> x, labels, rows = [[3.0, 4.0], [1.0, 2.0], [6.0, 8.0]], [0, 1, 0], [[0.0, 0.0], [1.0, 1.0]]
     >>> fig = plot_token_distances(x, labels, rows, ["bear", "cat"])
     >>> [t.get_text() for t in fig.axes[0].get_xticklabels()]
@@ -22,8 +20,7 @@ __all__ = ["plot_token_distances", "plot_embedding_pca"]
 
 
 def plot_token_distances(embeddings, labels, class_rows, names: Sequence[str], max_classes: int = 30):
-    """Per class: the distances ‖x_i − e_c‖ of its images' embeddings from the class token's row
-    (box plot), and, dashed, the norm of the row itself for scale."""
+    """Per class, a box plot of ‖x_i − e_c‖ and, dashed, the row's own norm for scale."""
     x, y, rows = np.asarray(embeddings), np.asarray(labels), np.asarray(class_rows)
     classes = list(range(min(len(names), max_classes)))
     dist = [np.linalg.norm(x[y == c] - rows[c], axis=1) for c in classes]
@@ -40,8 +37,7 @@ def plot_token_distances(embeddings, labels, class_rows, names: Sequence[str], m
 
 
 def plot_embedding_pca(embeddings, labels, names: Sequence[str], class_rows=None, max_classes: int = 20):
-    """The embeddings on their first two principal components, coloured by class; the class
-    tokens' starting rows (``class_rows``) as black-edged crosses in the same projection."""
+    """The embeddings on their first two principal components, with the class tokens' rows as crosses."""
     x, y = np.asarray(embeddings, dtype=np.float64), np.asarray(labels)
     mean = x.mean(0)
     _, _, vt = np.linalg.svd(x - mean, full_matrices=False)

@@ -1,7 +1,5 @@
 """Pictures of stage 6 (``06_evaluate.ipynb``): ID against OOD score histograms, ROC curves.
 
-Example (``raw`` as read from ``results/scores.npz``: three ID test scores, two of SVHN; a notebook
-then saves the figure with ``save_figure(fig, run, "06_roc_energy.png")``):
     >>> raw = {"energy/id-test": np.array([3.0, 2.5, 2.0]), "energy/svhn": np.array([1.0, 2.2])}
     >>> fig = plot_roc(raw, "energy")
     >>> [text.get_text() for text in fig.axes[0].get_legend().get_texts()]  # 5 of 6 pairs ranked right
@@ -21,8 +19,7 @@ __all__ = ["plot_score_histograms", "plot_roc"]
 
 
 def plot_score_histograms(raw: dict, score: str, id_name: str = "id-test", roles: dict | None = None):
-    """One histogram panel per OOD set: the ID test scores against that set's (``raw`` from
-    ``results/scores.npz``: ``<score>/<set>`` → scores)."""
+    """One histogram panel per OOD set: ID test scores against its (``raw``: ``<score>/<set>`` → scores)."""
     sets = [k.split("/", 1)[1] for k in raw if k.startswith(f"{score}/") and not k.endswith(f"/{id_name}")]
     cols = min(len(sets), 4) or 1
     rows_n = math.ceil(len(sets) / cols) or 1

@@ -1,43 +1,9 @@
-"""The class explorer: one class's UMAP map, its generated outliers with their nearest-ID distances
-and invariant energies, real ID images of the class, and any outlier's nearest real ID images — as
-an ipywidgets app and as static figures ↔ ``07_explore.ipynb``.
-
-Three layers, so that each can be tested alone:
-
-* data: :class:`ExplorerData` reads a run's artefacts once (stage 1's embeddings, stage 3's outlier
-  embeddings, stage 2's cVPN, stage 4's ``outliers/index.json``, and every other outlier method's
-  ``outliers_<method>/`` once ``python -m ncis_core compare`` has rendered it); :func:`outlier_images`,
-  :func:`id_examples`, :func:`nearest_id_images`, :func:`class_view` and :func:`outlier_detail`
-  return plain values;
-* static twins: :func:`plot_class_view` and :func:`plot_outlier_detail` draw those values into a
-  matplotlib figure; :func:`save_class_view` and :func:`save_outlier_detail` also write it under the
-  run's ``figures/`` (widget state does not survive a papermill run; these files do);
-* the widget: :func:`class_explorer` wires a class dropdown, a method toggle and a count slider to
-  the data functions, and shows the selected outlier beside its nearest ID images.
-
-Every outlier, of every method that produces embeddings, carries two numbers that mean the same for
-all methods (:data:`MEASURES` names them; the kit uses no other name for either):
-
-* **nearest-ID distance**: the L2 distance, in embedding units, from the outlier's embedding to the
-  nearest stage-1 embedding of its own class (every embedding of the class, held-out rows too);
-  :func:`nearest_id_distance`. The gallery is sorted by it, largest first: it needs no model, so
-  every method and every run has it, it is measured in the space the generator is conditioned on,
-  and it is no method's own objective (NCIS's cVPN is trained on the invariant energy).
-* **invariant energy**: stage 2's quantity (:func:`ncis_core.models.cvpn.invariant_energy`, as
-  notebooks 02 and 03 plot it): the mean of the squared last ``k`` outputs of the cVPN ``f(x; c)``
-  of the outlier's class (inputs centred by the cVPN's mean, as in training), in squared latent
-  units; near 0 on the ID manifold. :func:`outlier_invariant_energy`; NaN when the run has no cVPN.
-
-Stage 3's ``log_density`` is not shown: NCIS and the linear baseline draw the same standard-normal
-samples, so their log-densities are nearly equal whatever the outliers look like, and
-``knn_boundary`` draws from no Gaussian at all.
-
-Widgets carry stable CSS classes (``ncis-explorer``, ``ncis-class-dropdown``, ``ncis-method``,
-``ncis-count``, ``ncis-save``, ``ncis-status``, ``ncis-map``, ``ncis-gallery``, ``ncis-outlier``
-(``ncis-selected`` on the selected one), ``ncis-outlier-image``, ``ncis-outlier-select`` (a
-transparent button over the image, so a click on the image selects it; its tooltip names the file),
-``ncis-outlier-caption``, ``ncis-gallery-empty``, ``ncis-id-gallery``, ``ncis-id-image``,
-``ncis-detail``, ``ncis-detail-image``, ``ncis-neighbour-image``) so that a browser test can find them.
+"""The class explorer ↔ ``07_explore.ipynb``: one class's UMAP map, its generated outliers with
+their :data:`MEASURES` (nearest-ID distance, invariant energy), real ID images of the class, and
+any outlier's nearest real ID images. Three layers: data (:class:`ExplorerData`, :func:`class_view`,
+:func:`outlier_detail`: plain values), static twins that draw and save them under ``figures/``
+(:func:`plot_class_view`, :func:`save_class_view` …), and the ipywidgets app
+(:func:`class_explorer`), whose parts carry stable ``ncis-*`` CSS classes for the browser test.
 
 Example (not run by the doctests: it needs a run folder where stages 1-4 ran, such as ``make
 demo``'s ``outputs/demo``; ``tests/test_explorer.py`` builds a smoke one):
@@ -61,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..neighbours import nearest
 from ..runs import RunDir
 
 __all__ = [
@@ -235,7 +202,7 @@ class ExplorerData:
     Args:
         run: the run folder (stages 1, 3 and 4 done; stage 2 for the invariant energy).
         embeddings: stage 1's ``{"embeddings", "labels", "image_ids", "class_names", …}``.
-        outliers: stage 3's file (:func:`ncis_core.outliers.files.load_outliers`).
+        outliers: stage 3's file (:func:`ncis_core.embeddings_io.load_outliers`).
         index: stage 4's ``outliers/index.json``.
 
     Example (a run folder after stage 4; not run by the doctests, see the module's):
@@ -269,9 +236,8 @@ class ExplorerData:
         Raises:
             MissingArtefactError: a stage has not run; the message names it.
         """
-        from ..embeddings_io import load_embeddings
+        from ..embeddings_io import load_embeddings, load_outliers
         from ..stages.generate import load_index
-        from ..outliers.files import load_outliers
 
         embeddings = load_embeddings(run.require("embeddings"))
         outliers = load_outliers(run.require("outlier_embeddings"))
@@ -307,7 +273,7 @@ class ExplorerData:
         """``(C × M × D outlier embeddings, C × M log-densities)`` of ``method``."""
         self._check_method(method)
         if method not in self._outliers:
-            from ..outliers.sources import method_outlier_embeddings  # as `compare` renders them
+            from ..stages.sample import method_outlier_embeddings  # as `compare` renders them
 
             result = method_outlier_embeddings(self.run.cfg, self.run, method, progress=False)
             self._outliers[method] = (result["outliers"], result["log_density"])
@@ -389,10 +355,10 @@ class ExplorerData:
 
 # ----------------------------------------------------------------------------- data functions
 def nearest_id_distance(points: torch.Tensor, point_labels: torch.Tensor, embeddings: torch.Tensor,
-                        labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+                        labels: torch.Tensor) -> torch.Tensor:
     """:data:`NEAREST_ID_DISTANCE` of each point: the L2 distance (float64, embedding units) from
     ``points[i]`` to the nearest row of ``embeddings`` whose label is ``point_labels[i]``; NaN for a
-    class without embeddings. Exact (no ``‖a‖² + ‖b‖² − 2ab`` shortcut), one ``cdist`` per class.
+    class without embeddings. Exact (from the differences, not ``‖a‖² + ‖b‖² − 2ab``), per class.
 
     Example:
         >>> x = torch.tensor([[0.0, 0.0], [3.0, 0.0], [10.0, 10.0]])
@@ -404,12 +370,8 @@ def nearest_id_distance(points: torch.Tensor, point_labels: torch.Tensor, embedd
     for c in torch.unique(point_labels).tolist():
         which = (point_labels == c).nonzero().flatten()
         rows = embeddings[labels == c].to(torch.float64)
-        if not len(rows):
-            continue
-        for start in range(0, len(which), chunk):
-            part = which[start:start + chunk]
-            out[part] = torch.cdist(points[part].to(torch.float64), rows,
-                                    compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+        if len(rows):
+            out[which] = nearest(points[which].to(torch.float64), rows, 1, exact=True)[0][:, 0].sqrt()
     return out
 
 
@@ -468,15 +430,19 @@ def nearest_id_images(data: ExplorerData, outlier: OutlierImage, k: int = 5) -> 
     """The ``k`` ID training images whose stage-1 embeddings lie nearest (Euclidean, every class) to
     the outlier's embedding, nearest first (ties: embedding-file order)."""
     outliers, _ = data.outlier_embeddings(outlier.method)
-    query = outliers[outlier.class_index, outlier.embedding_index].to(torch.float64)
+    query = outliers[outlier.class_index, outlier.embedding_index].to(torch.float64)[None]
     rows = data.embeddings["embeddings"]
-    # chunked, so that a 50 000 × 768 table never needs a second full-size copy
-    distance = torch.cat([torch.linalg.vector_norm(rows[i:i + 8192].to(torch.float64) - query, dim=1)
-                          for i in range(0, len(rows), 8192)]) if len(rows) else torch.zeros(0)
-    order = torch.argsort(distance, stable=True)[:k]
+    # by slices of rows, so that a 50 000 × 768 table never needs a second full-size (float64) copy;
+    # each slice's k nearest, then the k nearest of those (ties: the lower index, as in one search)
+    starts = range(0, len(rows), 8192) if k > 0 else range(0)
+    found = [nearest(query, rows[i:i + 8192].to(torch.float64), min(k, len(rows) - i), exact=True)
+             for i in starts]
+    squared = torch.cat([d[0] for d, _ in found] + [torch.zeros(0, dtype=torch.float64)])
+    index = torch.cat([j[0] + i for i, (_, j) in zip(starts, found)] + [torch.zeros(0, dtype=torch.long)])
+    order = torch.sort(squared, stable=True).indices[:k]
     labels, ids = data.embeddings["labels"], data.embeddings["image_ids"]
-    return [Neighbour(int(ids[i]), int(labels[i]), data.class_names[int(labels[i])], float(distance[i]))
-            for i in order]
+    return [Neighbour(int(ids[i]), int(labels[i]), data.class_names[int(labels[i])], float(squared[o].sqrt()))
+            for o, i in zip(order.tolist(), index[order].tolist())]
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -1,7 +1,5 @@
 """Pictures of stage 4 (``04_generate_outliers.ipynb``): ordinary generations beside NCIS outliers.
 
-Example (two ordinary images and one outlier of one class; a notebook then saves the figure with
-``save_figure(fig, run, "04_outliers_vs_ordinary.png")``):
     >>> image = np.zeros((32, 32, 3), np.uint8)
     >>> fig = plot_outlier_rows(["bear"], [[image, image]], [[image]])
     >>> len(fig.axes), [ax.get_ylabel() for ax in fig.axes[::2]]

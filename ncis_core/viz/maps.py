@@ -1,32 +1,11 @@
 """UMAP maps of the embedding manifolds: the stage-1 embeddings of some or all classes, with the
-outlier embeddings of every outlier method of the registry (NCIS, the linear baseline, Dream-OOD's
-boundary sampler, any registered one) placed on the same map.
+outlier embeddings of every registered method that produces them placed on the same map.
+:func:`umap_map` fits umap-learn's ``UMAP`` (seeded, on scikit-learn's exact kNN graph) and places each
+method's outliers with UMAP's ``transform``; maps are cached in the run folder;
+:func:`plot_umap_map` and :func:`plot_umap_per_class` draw them (notebooks 01, 03, 07).
 
-:func:`umap_map` fits umap-learn's ``UMAP`` (seeded) on the ID embeddings of the chosen classes and
-places each method's outliers with UMAP's own ``transform``; :func:`plot_umap_map` and
-:func:`plot_umap_per_class` draw the result. Notebooks 01, 03 and 07 (the explorer) show them.
-
-Why the first map in a fresh kernel takes seconds, not a minute:
-
-* the kNN graph is computed by scikit-learn (exact, euclidean) and handed to UMAP as
-  ``precomputed_knn``, so pynndescent never builds its index (most of a minute of numba
-  compilation in a new process);
-* UMAP's ``transform`` asks its search index for the new points' neighbours; the index handed over
-  answers from the same scikit-learn neighbours (exact instead of NN-descent's approximation), and
-  the rest of the transform is UMAP's own;
-* umap-learn compiles its parallel numba kernels without ``cache=True``; :func:`umap_map` switches
-  numba's disk cache on for them, so only the first kernel ever on a machine pays ~8 s for them;
-* :func:`compile_umap_kernels` (``python -m ncis_core compile-kernels``, run by ``make setup``)
-  compiles all of them into numba's disk cache at installation, on random points: without it the
-  first map on a new installation spends ~25 s compiling (measured on a 2-core CPU);
-* the result is kept in ``RUN/cache/umap/<key>.npz`` (:func:`ncis_core.runs.cache_path`), the key
-  (:func:`ncis_core.runs.cache_key`) hashing the input files' contents, the classes, the methods, the
-  seed, the UMAP settings and the package versions: reopening a map (also from a new process) reads
-  it back.
-
-Example (not run by the doctests: it needs a run folder with stage 1's embeddings and stage 3's
-outliers, and the first UMAP fit in a process compiles numba kernels, 10 s or more;
-``tests/test_umap.py`` maps a smoke run):
+Example (not run by the doctests: it needs a run folder with stages 1 and 3; ``tests/test_umap.py``
+maps a smoke run):
     >>> run = RunDir.open("outputs/demo")                     # doctest: +SKIP
     >>> m = umap_map(run, classes=[3])                        # doctest: +SKIP
     >>> save_figure(plot_umap_map(m), run, "03_umap_c3.png")  # doctest: +SKIP
@@ -52,9 +31,9 @@ from ..embeddings_io import load_embeddings
 from ..errors import TooLittleData
 from ..progress import bar_options
 from ..runs import (MissingArtefactError, RunDir, StaleArtefactError, atomic_path, cache_key, cache_path,
-                    content_hash)
-from .. import outliers as registry
-from ..outliers.files import load_outliers
+                    content_hash, method_inputs, sampled_by_stage3)
+from ..outliers import base as registry
+from ..embeddings_io import load_outliers
 
 __all__ = ["map_methods", "MIN_POINTS", "TooFewEmbeddings", "UmapMap", "knn_graph", "umap_map", "umap_maps_per_class",
            "umap_cache_dir", "plot_umap_map", "plot_umap_per_class", "compile_umap_kernels"]
@@ -118,7 +97,8 @@ class UmapMap:
 
 # ----------------------------------------------------------------------------- kNN and UMAP
 def knn_graph(x: np.ndarray, n_neighbors: int) -> tuple[np.ndarray, np.ndarray, object]:
-    """Exact euclidean ``n_neighbors``-nearest neighbours of every row of ``x``, itself included.
+    """Exact euclidean ``n_neighbors``-nearest neighbours of every row of ``x``, itself included
+    (:func:`ncis_core.neighbours.nearest` in float64; a row's distance to itself is 0).
 
     Returns:
         ``(indices, distances, neighbours)``: ``N × n_neighbors`` int32 and float32 (UMAP's
@@ -151,7 +131,7 @@ _kernels_cached = False
 
 def _cache_umap_kernels() -> None:
     """Let numba keep umap-learn's parallel kernels on disk (umap compiles them without
-    ``cache=True``: ~8 s in every new process); harmless where no cache folder is writable."""
+    ``cache=True``, in every new process); harmless where no cache folder is writable."""
     global _kernels_cached
     if _kernels_cached:
         return
@@ -170,7 +150,7 @@ def _cache_umap_kernels() -> None:
 
 def _fit_and_place(x: np.ndarray, outliers: dict[str, np.ndarray], n_neighbors: int, min_dist: float,
                    n_epochs: int | None, seed: int, bar) -> tuple[np.ndarray, dict, dict]:
-    """Fit UMAP on ``x`` with the scikit-learn kNN graph, then ``transform`` each method's outliers."""
+    """Fit UMAP on ``x`` with the exact kNN graph, then ``transform`` each method's outliers."""
     t = time.perf_counter()
     import umap  # not at module level: reopening a cached map needs neither umap nor numba
 
@@ -208,7 +188,7 @@ def compile_umap_kernels(points: int = 300, dim: int = 16) -> float:
     with the dtypes :func:`umap_map` passes (float32 rows) — into numba's disk cache, on random
     points; later processes load them instead of compiling. What ``make setup`` runs once (numba
     compiles per argument type, not per shape, so a small map compiles what a large one needs).
-    Returns the seconds it took (~25 s on a new installation, ~2 s once cached)."""
+    Returns the seconds it took."""
     started = time.perf_counter()
     x = np.random.default_rng(0).standard_normal((points, dim)).astype(np.float32)
     with tqdm(disable=True) as bar:
@@ -239,9 +219,6 @@ def _mappable(run: RunDir, methods: Sequence[str]) -> list[str]:
     """The requested methods whose outlier embeddings the run has or can compute (stage 3's method
     once stage 3 is done; any other whose inputs exist, e.g. a cVPN for ``ncis``); the rest are
     skipped with a warning that says what is missing."""
-    from ..outliers.base import method_inputs
-    from ..outliers.sources import sampled_by_stage3
-
     known = map_methods()
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -252,7 +229,7 @@ def _mappable(run: RunDir, methods: Sequence[str]) -> list[str]:
             method_inputs(run.cfg, method)[0]
         missing = [a for a in needed if not run.path(a).exists()]
         if missing:
-            makers = ", ".join(f"stage {run._producer(a).number} ({run._producer(a).name})" for a in missing)
+            makers = ", ".join(f"stage {run.producer(a).number} ({run.producer(a).name})" for a in missing)
             warnings.warn(f"no {method} outlier embeddings to map ({', '.join(missing)} missing: run {makers} "
                           f"first); the map shows the others", stacklevel=3)
         else:
@@ -292,7 +269,7 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
     UMAP is fitted on every stage-1 embedding of the chosen classes (training and held-out rows);
     each method's outlier embeddings of those classes are placed with ``transform``: stage 3's
     ``outlier_embeddings.safetensors`` for stage 3's method, the others' computed on the same rows
-    (:func:`~ncis_core.outliers.sources.method_outlier_file`, as ``compare`` renders them). A method
+    (:func:`~ncis_core.stages.sample.method_outlier_file`, as ``compare`` renders them). A method
     whose inputs are not in the run yet, or that refuses this few rows, is skipped with a warning.
 
     Args:
@@ -340,7 +317,7 @@ def umap_map(run: RunDir, classes: Sequence[int] | None = None, methods: Sequenc
               "umap-learn": _version("umap-learn"), "scikit-learn": _version("scikit-learn")}
 
     run.require("embeddings")  # stale embeddings (edited after stage 1 wrote them) raise here
-    from ..outliers.sources import method_outlier_file
+    from ..stages.sample import method_outlier_file
 
     files = {}
     for method in list(found):
