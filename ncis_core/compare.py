@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .checkpoints import load_classifier
+from .checkpoints import delete_training_state, load_classifier
 from .config import ExperimentConfig, load_run_config, memo_by_content
 from .metrics import METRIC_KEYS
 from .outliers import base as registry
@@ -92,8 +92,7 @@ def _claim(folder: Path, fingerprint: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "config.json"
     if config.exists() and json.loads(config.read_text()).get("fingerprint") != fingerprint:
-        for name in ("last.json", "last.safetensors"):
-            (folder / name).unlink(missing_ok=True)
+        delete_training_state(folder, "last")
     atomic_write_json(config, {"fingerprint": fingerprint})
 
 

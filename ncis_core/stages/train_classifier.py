@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -49,7 +48,8 @@ from ..data.base import DataError, ImageDataset, Subset
 from ..data.folders import ImageFolderFiles
 from ..data.transforms import (Compose, Normalize, RandomChoiceResize, RandomCrop,
                                RandomHorizontalFlip, RandomResizedCrop, ToTensor)
-from ..checkpoints import ClassifierBundle, load_classifier, save_classifier  # noqa: F401 (stage 5's reader)
+from ..checkpoints import (ClassifierBundle, load_classifier, load_training_state,  # noqa: F401 (stage 5's reader)
+                           save_classifier, save_training_state)
 from ..device import resolve_device
 from ..models.resnet import MEMORY_FORMAT, EnergyHead, build_classifier, remap_ood_checkpoint
 from ..runs import (STAGES, MissingArtefactError, RunDir, atomic_path, atomic_write_json,
@@ -318,30 +318,6 @@ def cosine_lr(step: int, total: int, lr: float, final_lr: float) -> float:
     return final_lr + 0.5 * (lr - final_lr) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
-def _save_state(folder: Path, model, head, opt, epoch: int, step: int, history: list) -> None:
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"head.{k}": v.detach().cpu().contiguous() for k, v in head.state_dict().items()})
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        buf = opt.state.get(p, {}).get("momentum_buffer")
-        if buf is not None:
-            tensors[f"momentum.{i}"] = buf.detach().cpu().contiguous()
-    with atomic_path(folder / "last.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    # the JSON is written last: it is what says "this checkpoint is complete"
-    atomic_write_json(folder / "last.json", {"epoch": epoch, "step": step, "history": history})
-
-
-def _load_state(folder: Path, model, head, opt, device) -> tuple[int, int, list]:
-    info = json.loads((folder / "last.json").read_text())
-    tensors = load_file(str(folder / "last.safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    head.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("head.")})
-    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
-        if f"momentum.{i}" in tensors:
-            opt.state[p]["momentum_buffer"] = tensors[f"momentum.{i}"].to(device)
-    return info["epoch"], info["step"], info["history"]
-
-
 # ----------------------------------------------------------------------------- training
 _DREAM_OOD_INIT = ("Dream-OOD's cross-entropy-trained ImageNet-100 ResNet-34 checkpoint (CIFAR stem, "
                    "DataParallel keys module.encoder.* plus its 100-class module.fc.*; see data/README.md, "
@@ -521,10 +497,13 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
     steps_per_epoch = len(id_loader)
     total = steps_per_epoch * c.epochs
 
+    # the resumable training state (checkpoints.save_training_state): weights, head, SGD momentum
+    objects = {"model": accelerator.unwrap_model(model), "head": accelerator.unwrap_model(head),
+               "optimizer": opt}
     epoch0, step, history = 0, 0, []
-    if (folder / "last.json").exists():
-        epoch0, step, history = _load_state(folder, accelerator.unwrap_model(model),
-                                            accelerator.unwrap_model(head), opt, accelerator.device)
+    state = load_training_state(folder, "last", objects)
+    if state is not None:
+        epoch0, step, history = state["epoch"], state["step"], state["history"]
         log.info("resuming stage 5 from epoch %d of %d", epoch0, c.epochs)
 
     last = c.epochs if stop_after is None else min(c.epochs, epoch0 + stop_after)
@@ -590,8 +569,8 @@ def train(cfg: ExperimentConfig, run_dir: RunDir, folder: Path | None = None,
                         "logsumexp; stage 6 scores with sign(slope)·logsumexp", epoch + 1, slope)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _save_state(folder, accelerator.unwrap_model(model), accelerator.unwrap_model(head), opt,
-                        epoch + 1, step, history)
+            save_training_state(folder, "last", objects,
+                                {"epoch": epoch + 1, "step": step, "history": history})
         log.info("classifier epoch %d: ce %.4f, acc %.3f, slope %.3g", epoch + 1, history[-1]["ce"],
                  history[-1]["train_acc"], slope)
 
